@@ -1,0 +1,25 @@
+# The two commands of the README, and their parts. Every target sets up what it needs first.
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+export PATH := $(VENV)/bin:$(PATH)
+NP ?= 2
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?= --dataset mnist5k --model simple-cnn --sparsity 0.9 --optimizer nesterov --lr 0.05 \
+	--momentum 0.9 --batch-size 64 --max-steps 3000 --eval-every 100 --goal-error 0.05 --seed 0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup:
+	@bash launch/setup.sh
+
+## make demo: set up, then one data-parallel training run (np=2) on the bundled MNIST digits at 90% sparsity
+demo: setup
+	bash launch/hvdrun.sh -np $(NP) python -m hvd_sparse.train $(DEMO_ARGS) --out $(DEMO_OUT) --overwrite
+
+## make test: set up, then the whole test suite
+test: setup
+	python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv runs .pytest_cache

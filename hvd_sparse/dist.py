@@ -1,0 +1,125 @@
+"""The only module that imports Horovod: rank/size, collectives, and the distributed optimizer.
+
+Every collective here is called by all ranks in the same order. ``agree`` turns a failure on any
+rank into the same exception on every rank, so no rank is ever left waiting in a collective.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+import horovod.torch as hvd
+
+from hvd_sparse.mask import Mask
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """Some rank failed or ranks disagree; raised on every rank with the same message."""
+
+
+def init() -> None:
+    """hvd.init() and one share of the cores per local rank (unless OMP_NUM_THREADS says otherwise)."""
+    hvd.init()
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // hvd.local_size()))
+
+
+def rank() -> int:
+    return hvd.rank()
+
+
+def size() -> int:
+    return hvd.size()
+
+
+def local_rank() -> int:
+    return hvd.local_rank()
+
+
+def is_root() -> bool:
+    return hvd.rank() == 0
+
+
+def horovod_version() -> str:
+    import horovod
+
+    return horovod.__version__
+
+
+def allreduce_sum(t: torch.Tensor, name: str) -> torch.Tensor:
+    return hvd.allreduce(t, op=hvd.Sum, name=name)
+
+
+def allgather_object(obj: Any, name: str) -> list[Any]:
+    return hvd.allgather_object(obj, name=name)
+
+
+def broadcast_object(obj: Any, name: str, root: int = 0) -> Any:
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+
+def agree(step: Callable[[], T], what: str) -> T:
+    """Run ``step`` on every rank; if it raised anywhere, raise on every rank.
+
+    A rank's own exception is re-raised as is (so user errors keep their type); ranks that
+    succeeded raise DistributedError naming the failed rank and its message.
+    """
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 - re-raised below on this rank
+        error = e
+    reports = allgather_object(None if error is None else f"{type(error).__name__}: {error}", name=f"agree.{what}")
+    if error is not None:
+        raise error
+    for r, report in enumerate(reports):
+        if report is not None:
+            raise DistributedError(f"{what} failed on rank {r}: {report}")
+    return result
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+
+def broadcast_mask(mask: Mask | None, template: Mask) -> Mask:
+    """Rank 0's mask, on every rank, in one broadcast; then every rank's checksum is compared."""
+    flat = mask.to_flat() if is_root() and mask is not None else template.to_flat().zero_()
+    flat = hvd.broadcast(flat, root_rank=0, name="mask.broadcast")
+    received = template.from_flat(flat)
+    verify_same_everywhere(received.sha256(), "mask checksum")
+    return received
+
+
+def verify_same_everywhere(value: str, what: str) -> None:
+    values = allgather_object(value, name=f"verify.{what}")
+    if len(set(values)) != 1:
+        detail = ", ".join(f"rank {r}: {v[:16]}" for r, v in enumerate(values))
+        raise DistributedError(f"ranks disagree on the {what} ({detail})")
+
+
+def distributed_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """Horovod's DistributedOptimizer averaging gradients over ranks (ring-allreduce)."""
+    return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average)
+
+
+def synchronize(optimizer: Any) -> None:
+    """Wait for the gradient allreduce so that p.grad holds the averaged gradient."""
+    optimizer.synchronize()
+
+
+def step_without_sync(optimizer: Any) -> None:
+    """optimizer.step() after an explicit synchronize() (the hook point to mask averaged grads)."""
+    with optimizer.skip_synchronize():
+        optimizer.step()

@@ -1,0 +1,112 @@
+"""The one Mask type: boolean keep-tensors keyed by parameter name. All sparsity goes through it."""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Mask:
+    """``True`` keeps a parameter entry, ``False`` prunes it (its value and gradient are held at 0)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        for name, t in tensors.items():
+            if t.dtype != torch.bool:
+                raise TypeError(f"mask for {name} must be bool, got {t.dtype}")
+        self._tensors = dict(tensors)
+        self._pruned: dict[str, torch.Tensor] | None = None  # ~mask, built on first application
+
+    @classmethod
+    def ones(cls, model: nn.Module, names: list[str]) -> "Mask":
+        params = dict(model.named_parameters())
+        return cls({n: torch.ones_like(params[n], dtype=torch.bool) for n in names})
+
+    # -- access ----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._tensors.items())
+
+    @property
+    def num_total(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+    @property
+    def num_kept(self) -> int:
+        return sum(int(t.sum()) for t in self._tensors.values())
+
+    @property
+    def density(self) -> float:
+        return self.num_kept / max(self.num_total, 1)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mask) or list(self) != list(other):
+            return False
+        return all(torch.equal(self[n].cpu(), other[n].cpu()) for n in self)
+
+    # -- identity and serialization --------------------------------------------------------
+    def packed(self) -> dict[str, np.ndarray]:
+        """name -> np.packbits of the flattened mask (shape is recovered from the model)."""
+        return {n: np.packbits(t.detach().cpu().numpy().ravel()) for n, t in self._tensors.items()}
+
+    def sha256(self) -> str:
+        """Checksum over names, shapes and bits, in insertion (= model) order."""
+        h = hashlib.sha256()
+        for name, t in self._tensors.items():
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            h.update(np.packbits(t.detach().cpu().numpy().ravel()).tobytes())
+        return h.hexdigest()
+
+    def to_flat(self) -> torch.Tensor:
+        """All entries as one uint8 vector, in model order (for a single broadcast)."""
+        return torch.cat([t.detach().reshape(-1).to(torch.uint8) for t in self._tensors.values()])
+
+    def from_flat(self, flat: torch.Tensor) -> "Mask":
+        """A mask of this mask's names and shapes, filled from ``to_flat`` output."""
+        if flat.numel() != self.num_total:
+            raise ValueError(f"flat mask has {flat.numel()} entries, expected {self.num_total}")
+        out, offset = {}, 0
+        for name, t in self._tensors.items():
+            out[name] = flat[offset : offset + t.numel()].reshape(t.shape).to(torch.bool)
+            offset += t.numel()
+        return Mask(out)
+
+    def to(self, device: torch.device | str) -> "Mask":
+        return Mask({n: t.to(device) for n, t in self._tensors.items()})
+
+    # -- application -------------------------------------------------------------------------
+    def _pairs(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self._tensors if n not in params]
+        if missing:
+            raise KeyError(f"mask names not in the model: {missing}")
+        if self._pruned is None:
+            self._pruned = {n: ~t for n, t in self._tensors.items()}
+        for name, pruned in self._pruned.items():
+            yield params[name], pruned
+
+    # masked_fill_ rather than mul_: pruned entries become exactly +0.0 even if a value is inf/NaN
+    @torch.no_grad()
+    def apply_to_params(self, model: nn.Module) -> None:
+        for p, pruned in self._pairs(model):
+            p.masked_fill_(pruned, 0.0)
+
+    @torch.no_grad()
+    def apply_to_grads(self, model: nn.Module) -> None:
+        for p, pruned in self._pairs(model):
+            if p.grad is not None:
+                p.grad.masked_fill_(pruned, 0.0)

@@ -1,0 +1,90 @@
+"""Model registry and the reference initialization (variance scaling, fan-in; zero biases)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class SimpleCNN(nn.Module):
+    """The paper's Simple-CNN: two 5x5 VALID convs (32, 64) with ReLU and 2x2 max-pool, one FC.
+
+    62,346 parameters on 28x28x1 inputs (832 + 51,264 + 10,250); no hidden FC layer.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        c, h, w = input_shape
+        self.conv1 = nn.Conv2d(c, 32, 5)
+        self.conv2 = nn.Conv2d(32, 64, 5)
+        h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"simple-cnn needs inputs of at least 12x12, got {input_shape}")
+        self.fc = nn.Linear(64 * h * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+class MLP(nn.Module):
+    """A fully connected ReLU network; LeNet-300-100 is MLP(hidden=(300, 100))."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]):
+        super().__init__()
+        sizes = [math.prod(input_shape), *hidden, num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+
+MODELS: dict[str, ModelFactory] = {
+    "simple-cnn": SimpleCNN,
+    "lenet-300-100": lambda shape, k: MLP(shape, k, hidden=(300, 100)),
+    "mlp-tiny": lambda shape, k: MLP(shape, k, hidden=(32,)),
+}
+
+
+def get_factory(name: str) -> ModelFactory:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+# TF's variance_scaling truncates at two standard deviations; this corrects the std for that cut.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def variance_scaling_(weight: torch.Tensor, generator: torch.Generator, scale: float = 1.0) -> None:
+    """TF's variance_scaling_initializer(scale, 'fan_in', 'truncated_normal')."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(scale / fan_in) / _TRUNCATED_STD
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std, generator=generator)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """The named model with the reference initialization, identical for the same seed on any rank."""
+    model = get_factory(name)(input_shape, num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.zero_()
+            else:
+                variance_scaling_(p, generator)
+    return model
+
+
+def prunable_names(model: nn.Module, prune_biases: bool) -> list[str]:
+    """Parameters SNIP may prune: every weight, and the biases when asked (the reference does)."""
+    return [n for n, _ in model.named_parameters() if prune_biases or not n.endswith("bias")]

@@ -1,0 +1,81 @@
+"""SNIP (Lee et al. 2019): prune at initialization by connection sensitivity |dL/dc| = |w * dL/dw|.
+
+As the reference does: the *signed* dL/dc is summed over the batches (mean loss per batch), then the
+absolute value is taken, normalized by its total, and the global top-k entries across all prunable
+tensors are kept, k = round(N * (1 - sparsity)). Ties are broken by position (model order, then
+flat index), so the same scores always give the same mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from hvd_sparse.data import Split, seed_for
+from hvd_sparse.mask import Mask
+
+
+def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of a seeded permutation of the training split; num_batches=0 is one full pass."""
+    n = len(train)
+    full_pass = math.ceil(n / batch_size)
+    count = num_batches or full_pass
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "snip")))
+    for i in range(count):
+        start = (i % full_pass) * batch_size
+        idx = perm[start : start + batch_size].to(train.x.device)
+        yield train.x[idx], train.y[idx]
+
+
+def snip_scores(model: nn.Module, names: list[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Normalized |sum over batches of dL/dc| for each named parameter (sums to 1 overall)."""
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in names]
+    signed = [torch.zeros_like(p) for p in chosen]
+    was_training = model.training
+    model.eval()  # no dropout/batch-norm here, but the score must not depend on the mode
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, chosen)
+        for acc, p, g in zip(signed, chosen, grads):
+            acc.add_(g * p.detach())
+    model.train(was_training)
+    scores = [s.abs() for s in signed]
+    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
+    if total > 0:
+        scores = [s / total for s in scores]
+    return dict(zip(names, scores))
+
+
+def top_k_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
+    """Keep exactly round(N * (1 - sparsity)) entries with the highest scores, ties by position."""
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
+    k = int(round(flat.numel() * (1.0 - sparsity)))
+    order = torch.argsort(flat, descending=True, stable=True)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[:k]] = True
+    out, offset = {}, 0
+    for name, s in scores.items():
+        out[name] = keep[offset : offset + s.numel()].reshape(s.shape).to(s.device)
+        offset += s.numel()
+    return Mask(out)
+
+
+def snip(
+    model: nn.Module,
+    names: list[str],
+    train: Split,
+    sparsity: float,
+    *,
+    batch_size: int = 100,
+    num_batches: int = 0,
+    seed: int = 0,
+) -> Mask:
+    """The SNIP mask of ``model`` at its current (initial) weights."""
+    if sparsity == 0.0:
+        return Mask.ones(model, names)
+    batches = snip_batches(train, batch_size, num_batches, seed)
+    return top_k_mask(snip_scores(model, names, batches), sparsity)

@@ -1,0 +1,251 @@
+"""One trial: build, prune with SNIP on rank 0, broadcast, train data-parallel, evaluate, log.
+
+Run as ``horovodrun -np 2 python -m hvd_sparse.train --sparsity 0.9 ...`` (or under mpirun/srun).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import hvd_sparse
+from hvd_sparse import dist
+from hvd_sparse.config import Config, ConfigError, parse_config
+from hvd_sparse.data import Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
+from hvd_sparse.log import TrialLog
+from hvd_sparse.mask import Mask
+from hvd_sparse.models import build_model, get_factory, prunable_names
+from hvd_sparse.optim import OPTIMIZERS, build_optimizer
+from hvd_sparse.pruning import snip
+
+logger = logging.getLogger("hvd_sparse")
+
+PROG = "hvd_sparse.train"
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    status: str  # COMPLETE, INCOMPLETE or INFEASIBLE
+    steps_to_result: int | None
+    best_val_error: float
+    steps_done: int
+    world_size: int
+    density: float
+    mask_sha256: str
+    log_path: Path | None
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data and no ranks, so every rank fails fast and identically."""
+    check_data_dir(cfg.data)
+    get_factory(cfg.model.model)
+    if cfg.optim.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optim.optimizer!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
+
+
+def log_path(cfg: Config) -> Path:
+    c = cfg
+    name = (
+        f"{c.data.dataset}_{c.model.model}_{c.optim.optimizer}_s{c.prune.sparsity:g}"
+        f"_b{c.train.batch_size}_{c.run_hash()}.h5"
+    )
+    return Path(c.run.out) / name
+
+
+def configure_logging(level: str, is_root: bool) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        level=getattr(logging, level.upper()) if is_root else logging.WARNING,
+        force=True,
+    )
+
+
+def select_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> torch.Tensor:
+    """[errors, examples, loss sum] over this rank's disjoint slice of ``split``."""
+    model.eval()
+    part = eval_slice(len(split), dist.rank(), dist.size())
+    x, y = split.x[part], split.y[part]
+    errors = torch.zeros((), dtype=torch.float64, device=x.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        errors += (logits.argmax(dim=1) != target).sum()
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+    model.train()
+    return torch.stack([errors, torch.tensor(float(len(y)), dtype=torch.float64, device=x.device), loss_sum])
+
+
+def grads_finite(model: nn.Module) -> bool:
+    """Whether the averaged gradient is finite; the same answer on every rank (same values)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms).sum()))
+
+
+def prepare_mask(cfg: Config, model: nn.Module, data: Datasets) -> Mask:
+    """SNIP on rank 0 (other ranks do not touch the data for it), broadcast, checksum-verified."""
+    names = prunable_names(model, cfg.prune.prune_biases)
+
+    def compute() -> Mask | None:
+        if not dist.is_root():
+            return None
+        return snip(
+            model, names, data.train, cfg.prune.sparsity,
+            batch_size=cfg.prune.snip_batch_size, num_batches=cfg.prune.snip_batches,
+            seed=cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed,
+        )
+
+    mask = dist.agree(compute, "SNIP")
+    return dist.broadcast_mask(mask, Mask.ones(model, names))
+
+
+def create_log(cfg: Config, mask: Mask) -> TrialLog | None:
+    if not dist.is_root():
+        return None
+    import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
+
+    attrs = {
+        "config": cfg.to_json(),
+        "run_hash": cfg.run_hash(),
+        "world_size": dist.size(),
+        "mask_sha256": mask.sha256(),
+        "mask_density": mask.density,
+        "hvd_sparse_version": hvd_sparse.__version__,
+        "torch_version": torch.__version__,
+        "horovod_version": dist.horovod_version(),
+    }
+    return TrialLog.create(log_path(cfg), attrs, mask, overwrite=cfg.run.overwrite)
+
+
+def run(cfg: Config) -> TrialResult:
+    """One trial on all ranks of the current Horovod job."""
+    validate(cfg)
+    dist.init()
+    configure_logging(cfg.run.log_level, dist.is_root())
+    world, rank = dist.size(), dist.rank()
+    t0 = time.time()
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.train.batch_size} is not divisible by the {world} ranks")
+    device = select_device()
+    data = dist.agree(lambda: load_datasets(cfg.data).to(device), "loading the data")
+    batches = GlobalBatches(len(data.train), cfg.train.batch_size, seed_for(cfg.train.seed, "order"))
+
+    torch.manual_seed(seed_for(cfg.train.seed, "torch"))  # nothing random is drawn from it; belt and braces
+    model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")).to(device)
+    dist.broadcast_parameters(model)
+    mask = prepare_mask(cfg, model, data)
+    mask.apply_to_params(model)
+    logger.info(
+        "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)",
+        world, cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
+    )
+    optimizer = dist.distributed_optimizer(build_optimizer(model.parameters(), cfg.optim), model)
+    dist.broadcast_optimizer_state(optimizer)
+    mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
+    trial_log = dist.agree(lambda: create_log(cfg, mask), "creating the log")
+
+    status, steps_to_result, best = "INCOMPLETE", None, math.inf
+    train_loss_acc = torch.zeros(2, dtype=torch.float64)  # [sum of local batch losses, batches]
+    bar = tqdm(total=cfg.train.max_steps, disable=not (dist.is_root() and cfg.run.progress),
+               mininterval=1.0, desc="train", unit="step", file=sys.stderr)
+    step = 0
+    model.train()
+    while True:
+        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            local = evaluate(model, data.val, cfg.train.eval_batch_size).cpu()
+            totals = dist.allreduce_sum(torch.cat([local, train_loss_acc]), name="eval.totals")
+            errors, count, loss_sum, tl_sum, tl_n = totals.tolist()
+            train_loss_acc.zero_()
+            val_error = errors / count
+            row = {
+                "step": step, "val_error": val_error, "val_loss": loss_sum / count,
+                "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - t0,
+            }
+            dist.agree(lambda: trial_log.append(row) if trial_log is not None else None, "writing the log")
+            best = min(best, val_error)
+            bar.set_postfix(val_error=f"{val_error:.4f}")
+            logger.debug("step %d: %s", step, json.dumps(row))
+            if not math.isfinite(row["val_loss"]):
+                status = "INFEASIBLE"
+                break
+            if val_error <= cfg.train.goal_error:
+                status, steps_to_result = "COMPLETE", step
+                break
+        if step == cfg.train.max_steps:
+            break
+        idx = batches.shard(step, rank, world).to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+        loss.backward()
+        dist.synchronize(optimizer)
+        mask.apply_to_grads(model)
+        if not grads_finite(model):
+            status = "INFEASIBLE"
+            break
+        dist.step_without_sync(optimizer)
+        mask.apply_to_params(model)
+        train_loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        step += 1
+        bar.update(1)
+    bar.close()
+
+    def finish_log() -> None:
+        if trial_log is not None:
+            trial_log.finish(status, steps_to_result, best_val_error=best, steps_done=step)
+
+    dist.agree(finish_log, "finishing the log")
+    if cfg.run.save_model and dist.is_root():
+        torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, final_model_path(cfg))
+    return TrialResult(
+        status=status, steps_to_result=steps_to_result, best_val_error=best, steps_done=step,
+        world_size=world, density=mask.density, mask_sha256=mask.sha256(),
+        log_path=log_path(cfg) if dist.is_root() else None,
+    )
+
+
+def final_model_path(cfg: Config) -> Path:
+    return log_path(cfg).with_suffix(".final.pt")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv, PROG, __doc__.splitlines()[0])
+    try:
+        result = run(cfg)
+    except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except dist.DistributedError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if dist.is_root():
+        str_ = "-" if result.steps_to_result is None else result.steps_to_result
+        print(
+            f"{result.status}: steps_to_result={str_} best_val_error={result.best_val_error:.4f} "
+            f"steps={result.steps_done} world_size={result.world_size} density={result.density:.4f}\n"
+            f"log: {result.log_path}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

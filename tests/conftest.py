@@ -1,0 +1,51 @@
+"""Shared helpers: launching real Horovod ranks with horovodrun, and reading their output."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+_TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<std(?:out|err)>:(.*)$")
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    if os.geteuid() == 0:  # OpenMPI refuses to run as root unless told twice
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def horovodrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``horovodrun -np N python ARGS`` with real ranks; fails the test (not hangs) on timeout."""
+    cmd = [str(BIN / "horovodrun"), "-np", str(np), sys.executable, *args]
+    try:
+        return subprocess.run(cmd, env=launch_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+
+
+def run_train(np: int, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return horovodrun(np, ["-m", "hvd_sparse.train", "--no-progress", *flags], timeout=timeout)
+
+
+def rank_lines(output: str, rank: int) -> list[str]:
+    """The lines horovodrun tagged as coming from ``rank`` (``[1,R]<stdout>:`` or ``<stderr>:``)."""
+    lines = []
+    for line in output.splitlines():
+        m = _TAG.match(line)
+        if m and int(m.group(1)) == rank:
+            lines.append(m.group(2))
+    return lines
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"

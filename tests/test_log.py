@@ -1,0 +1,80 @@
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hvd_sparse.log import COLUMNS, LogError, TrialLog, read_log
+from hvd_sparse.mask import Mask
+
+ATTRS = {
+    "config": json.dumps({"train": {"seed": 0}}), "run_hash": "abc", "world_size": 2, "mask_sha256": "00",
+    "mask_density": 0.5, "hvd_sparse_version": "0", "torch_version": "0", "horovod_version": "0",
+}
+
+
+def mask():
+    return Mask({"w": torch.tensor([[True, False, True], [False, False, True]]), "b": torch.tensor([False, True])})
+
+
+def row(step):
+    return {"step": step, "val_error": 0.5 / (step + 1), "val_loss": 1.0, "train_loss": 2.0, "wall_time": 0.1 * step}
+
+
+def test_create_append_finish_read(tmp_path):
+    path = tmp_path / "sub" / "t.h5"
+    log = TrialLog.create(path, ATTRS, mask())
+    data = read_log(path)
+    assert data.status == "RUNNING" and data.steps_to_result is None
+    assert all(len(v) == 0 for v in data.measurements.values())
+    for step in (0, 10, 20):
+        log.append(row(step))
+        assert read_log(path).measurements["step"].tolist()[-1] == step  # readable after every append
+    log.finish("COMPLETE", 20, best_val_error=0.02)
+    data = read_log(path)
+    assert data.status == "COMPLETE" and data.steps_to_result == 20 and data.attrs["best_val_error"] == 0.02
+    assert data.config == {"train": {"seed": 0}} and data.attrs["world_size"] == 2
+    assert set(data.measurements) == set(COLUMNS)
+    np.testing.assert_allclose(data.measurements["val_error"], [0.5, 0.5 / 11, 0.5 / 21])
+    for name, t in mask().items():
+        assert data.mask[name].tolist() == t.tolist()
+
+
+def test_existing_log_is_not_overwritten_unless_asked(tmp_path):
+    path = tmp_path / "t.h5"
+    TrialLog.create(path, ATTRS, mask()).append(row(0))
+    before = path.read_bytes()
+    with pytest.raises(LogError, match="already exists"):
+        TrialLog.create(path, ATTRS, mask())
+    assert path.read_bytes() == before
+    TrialLog.create(path, ATTRS, mask(), overwrite=True)
+    assert len(read_log(path).measurements["step"]) == 0
+
+
+def test_unwritable_folder_is_a_log_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "file").write_text("x")
+    with pytest.raises(LogError, match="cannot write"):
+        TrialLog.create(folder / "file" / "t.h5", ATTRS, mask())  # a file where a folder should be
+
+
+def test_truncated_and_foreign_files_are_log_errors(tmp_path):
+    path = tmp_path / "t.h5"
+    TrialLog.create(path, ATTRS, mask()).append(row(0))
+    data = path.read_bytes()
+    (tmp_path / "trunc.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LogError, match="unreadable or corrupt"):
+        read_log(tmp_path / "trunc.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(LogError, match="not a trial log"):
+        read_log(tmp_path / "other.h5")
+
+
+def test_final_status_is_checked(tmp_path):
+    log = TrialLog.create(tmp_path / "t.h5", ATTRS, mask())
+    with pytest.raises(LogError):
+        log.finish("RUNNING", None)

@@ -1,0 +1,162 @@
+"""The training slice end to end, with real Horovod ranks (horovodrun -np 2 on the CPU)."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hvd_sparse.log import COLUMNS, REQUIRED_ATTRS, read_log
+from conftest import REPO, describe, horovodrun, launch_env, rank_lines, run_train
+
+COMMON = [
+    "--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.9", "--optimizer", "nesterov",
+    "--lr", "0.05", "--momentum", "0.9", "--batch-size", "32", "--max-steps", "20", "--eval-every", "10",
+    "--goal-error", "0", "--save-model", "--seed", "3",
+]
+
+
+def only_log(folder):
+    logs = sorted(folder.glob("*.h5"))
+    assert len(logs) == 1, logs
+    return logs[0]
+
+
+@pytest.fixture(scope="module")
+def np1_np2(tmp_path_factory):
+    """The same trial at np=1 and at np=2 (same global batch)."""
+    out = {}
+    for np_ in (1, 2):
+        folder = tmp_path_factory.mktemp(f"np{np_}")
+        proc = run_train(np_, *COMMON, "--out", str(folder))
+        assert proc.returncode == 0, describe(proc)
+        out[np_] = (proc, only_log(folder))
+    return out
+
+
+def test_np2_is_the_same_optimization_as_np1(np1_np2):
+    p1 = torch.load(np1_np2[1][1].with_suffix(".final.pt"))
+    p2 = torch.load(np1_np2[2][1].with_suffix(".final.pt"))
+    assert p1.keys() == p2.keys()
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(not torch.equal(p1[n], torch.zeros_like(p1[n])) for n in p1)  # it did train
+    l1, l2 = read_log(np1_np2[1][1]), read_log(np1_np2[2][1])
+    assert l1.attrs["mask_sha256"] == l2.attrs["mask_sha256"]  # rank 0's SNIP does not see the world size
+    torch.testing.assert_close(torch.tensor(l2.measurements["val_loss"]), torch.tensor(l1.measurements["val_loss"]), rtol=1e-5, atol=0)
+    assert l1.measurements["val_error"].tolist() == l2.measurements["val_error"].tolist()
+
+
+def test_pruned_weights_stay_exactly_zero_with_nesterov(np1_np2):
+    log = read_log(np1_np2[2][1])
+    params = torch.load(log.path.with_suffix(".final.pt"))
+    kept = sum(int(m.sum()) for m in log.mask.values())
+    total = sum(m.size for m in log.mask.values())
+    assert abs(kept - round(total * (1 - 0.9))) <= 1
+    assert log.attrs["mask_density"] == pytest.approx(kept / total)
+    for name, keep in log.mask.items():
+        pruned = params[name][torch.from_numpy(~keep)]
+        assert pruned.numel() > 0 and torch.count_nonzero(pruned) == 0, name
+
+
+def test_log_schema(np1_np2):
+    proc, path = np1_np2[2]
+    log = read_log(path)
+    assert set(REQUIRED_ATTRS) <= set(log.attrs)
+    assert log.attrs["world_size"] == 2 and log.status == "INCOMPLETE" and log.steps_to_result is None
+    assert log.config["train"]["batch_size"] == 32 and log.config["prune"]["sparsity"] == 0.9
+    assert log.attrs["horovod_version"] == "0.28.1" and log.attrs["torch_version"].startswith("2.")
+    assert set(log.measurements) == set(COLUMNS)
+    assert log.measurements["step"].tolist() == [0, 10, 20]
+    assert all(len(v) == 3 for v in log.measurements.values())
+    assert str(path) in proc.stdout and "INCOMPLETE" in proc.stdout
+
+
+def test_every_rank_holds_rank_0s_mask(tmp_path):
+    proc = horovodrun(2, [str(REPO / "tests" / "rank_programs" / "mask_check.py"), str(tmp_path), "agree"])
+    assert proc.returncode == 0, describe(proc)
+    m0, m1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert m0.keys() == m1.keys() and all(torch.equal(m0[n], m1[n]) for n in m0)
+    density = sum(int(t.sum()) for t in m0.values()) / sum(t.numel() for t in m0.values())
+    assert density == pytest.approx(0.2, abs=1e-4)
+
+
+def test_a_mask_mismatch_stops_every_rank(tmp_path):
+    start = time.time()
+    proc = horovodrun(2, [str(REPO / "tests" / "rank_programs" / "mask_check.py"), str(tmp_path), "mismatch"], timeout=90)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert any("ranks disagree on the mask checksum" in line for line in rank_lines(proc.stdout, rank)), describe(proc)
+    assert time.time() - start < 60
+
+
+def test_goal_reached_stops_the_trial_and_records_steps_to_result(tmp_path):
+    proc = run_train(2, "--dataset", "synthetic", "--model", "mlp-tiny", "--sparsity", "0.5", "--optimizer", "momentum",
+                     "--lr", "0.05", "--batch-size", "64", "--max-steps", "400", "--eval-every", "20",
+                     "--goal-error", "0.2", "--out", str(tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    log = read_log(only_log(tmp_path))
+    steps, errors = log.measurements["step"].tolist(), log.measurements["val_error"].tolist()
+    assert log.status == "COMPLETE" and log.steps_to_result == steps[-1] > 0
+    assert errors[-1] <= 0.2 and all(e > 0.2 for e in errors[:-1])
+    assert f"steps_to_result={steps[-1]}" in proc.stdout
+
+
+def single_rank(*flags, **kw):
+    """np=1 without any launcher: hvd.init() alone must work for quick local runs."""
+    cmd = [sys.executable, "-m", "hvd_sparse.train", "--no-progress", *flags]
+    return subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_divergence_is_infeasible_not_a_crash(tmp_path):
+    proc = single_rank("--dataset", "synthetic", "--model", "mlp-tiny", "--lr", "1e8", "--max-steps", "50",
+                       "--eval-every", "10", "--out", str(tmp_path))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    log = read_log(only_log(tmp_path))
+    assert log.status == "INFEASIBLE" and log.steps_to_result is None and "INFEASIBLE" in out
+
+
+def test_log_is_readable_while_the_run_goes_on(tmp_path):
+    proc = single_rank("--dataset", "synthetic", "--model", "simple-cnn", "--max-steps", "100000", "--eval-every", "5",
+                       "--goal-error", "0", "--out", str(tmp_path))
+    try:
+        deadline, seen = time.time() + 120, 0
+        while time.time() < deadline and seen < 4:
+            logs = list(tmp_path.glob("*.h5"))
+            if logs:
+                log = read_log(logs[0])
+                assert log.status == "RUNNING"
+                seen = len(log.measurements["step"])
+            time.sleep(0.2)
+        assert seen >= 4 and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    log = read_log(logs[0])  # killed mid-run: still readable, still RUNNING, nothing lost
+    assert log.status == "RUNNING" and len(log.measurements["step"]) >= 4
+
+
+BAD_INPUTS = [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--optimizer", "adam"], "unknown optimizer 'adam'"),
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.5"], "--sparsity must be in [0, 1)"),
+    (["--batch-size", "33"], "--batch-size 33 is not divisible by the 2 ranks"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--data-dir", "/nonexistent/data"], "no such directory"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_fails_on_every_rank_without_hanging(tmp_path, flags, message):
+    base = ["--dataset", "synthetic", "--model", "mlp-tiny", "--max-steps", "5", "--out", str(tmp_path)]
+    start = time.time()
+    proc = run_train(2, *base, *flags, timeout=60)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], describe(proc)
+    assert time.time() - start < 60
+    assert not list(tmp_path.glob("*.h5"))
