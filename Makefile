@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
 NP ?= 2
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --dataset mnist5k --model simple-cnn --sparsity 0.9 --optimizer nesterov --lr 0.05 \
@@ -15,7 +16,7 @@ setup:
 
 ## make demo: set up, then one data-parallel training run (np=2) on the bundled MNIST digits at 90% sparsity
 demo: setup
-	bash launch/hvdrun.sh -np $(NP) python -m hvd_sparse.train $(DEMO_ARGS) --out $(DEMO_OUT) --overwrite
+	horovodrun -np $(NP) python -m hvd_sparse.train $(DEMO_ARGS) --out $(DEMO_OUT) --overwrite
 
 ## make test: set up, then the whole test suite
 test: setup

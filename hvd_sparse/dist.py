@@ -6,6 +6,7 @@ rank into the same exception on every rank, so no rank is ever left waiting in a
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -28,6 +29,25 @@ def init() -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // hvd.local_size()))
+
+
+def exit_barrier(timeout: float = 10.0) -> None:
+    """Wait (at most ``timeout`` s) until every rank has reached this point, then return.
+
+    Called on the way out of an error that every rank hit (bad configuration, agreed failure):
+    without it, the launcher kills the slower ranks as soon as the first one exits non-zero,
+    before they could print their own error line. Bounded, so a lone failing rank cannot hang.
+    """
+    try:
+        if not hvd.is_initialized():
+            hvd.init()
+        if hvd.size() == 1:
+            return
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        return
+    waiter = threading.Thread(target=hvd.barrier, daemon=True)
+    waiter.start()
+    waiter.join(timeout)
 
 
 def rank() -> int:

@@ -4,14 +4,13 @@ Run as ``horovodrun -np 2 python -m hvd_sparse.train --sparsity 0.9 ...`` (or un
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,10 @@ from tqdm import tqdm
 import hvd_sparse
 from hvd_sparse import dist
 from hvd_sparse.config import Config, ConfigError, parse_config
-from hvd_sparse.data import Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
+from hvd_sparse.data import DATASETS, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
 from hvd_sparse.log import TrialLog
 from hvd_sparse.mask import Mask
-from hvd_sparse.models import build_model, get_factory, prunable_names
+from hvd_sparse.models import MODELS, build_model, get_factory, prunable_names
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer
 from hvd_sparse.pruning import snip
 
@@ -92,6 +91,29 @@ def evaluate(model: nn.Module, split: Split, batch_size: int) -> torch.Tensor:
         loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
     model.train()
     return torch.stack([errors, torch.tensor(float(len(y)), dtype=torch.float64, device=x.device), loss_sum])
+
+
+class _LinesOut:
+    """A stream for tqdm that turns each carriage-return refresh into a line of its own."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    """tqdm on a terminal; under a launcher (horovodrun, srun pipe output) a line every 30 s."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, disable=not enabled, desc="train", unit="step", mininterval=1.0, file=sys.stderr)
+    return tqdm(total=total, disable=not enabled, desc="train", unit="step", mininterval=30.0,
+                file=_LinesOut(sys.stderr), ascii=True)
 
 
 def grads_finite(model: nn.Module) -> bool:
@@ -164,15 +186,14 @@ def run(cfg: Config) -> TrialResult:
     trial_log = dist.agree(lambda: create_log(cfg, mask), "creating the log")
 
     status, steps_to_result, best = "INCOMPLETE", None, math.inf
-    train_loss_acc = torch.zeros(2, dtype=torch.float64)  # [sum of local batch losses, batches]
-    bar = tqdm(total=cfg.train.max_steps, disable=not (dist.is_root() and cfg.run.progress),
-               mininterval=1.0, desc="train", unit="step", file=sys.stderr)
+    train_loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of local batch losses, batches]
+    bar = progress_bar(cfg.train.max_steps, enabled=dist.is_root() and cfg.run.progress)
     step = 0
     model.train()
     while True:
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            local = evaluate(model, data.val, cfg.train.eval_batch_size).cpu()
-            totals = dist.allreduce_sum(torch.cat([local, train_loss_acc]), name="eval.totals")
+            local = torch.cat([evaluate(model, data.val, cfg.train.eval_batch_size), train_loss_acc]).cpu()
+            totals = dist.allreduce_sum(local, name="eval.totals")
             errors, count, loss_sum, tl_sum, tl_n = totals.tolist()
             train_loss_acc.zero_()
             val_error = errors / count
@@ -182,8 +203,11 @@ def run(cfg: Config) -> TrialResult:
             }
             dist.agree(lambda: trial_log.append(row) if trial_log is not None else None, "writing the log")
             best = min(best, val_error)
-            bar.set_postfix(val_error=f"{val_error:.4f}")
-            logger.debug("step %d: %s", step, json.dumps(row))
+            bar.set_postfix(val_error=f"{val_error:.4f}", refresh=False)
+            logger.info(
+                "step %d: val_error %.4f val_loss %.4f train_loss %.4f (%.1f s)",
+                step, val_error, row["val_loss"], row["train_loss"], row["wall_time"],
+            )
             if not math.isfinite(row["val_loss"]):
                 status = "INFEASIBLE"
                 break
@@ -203,7 +227,8 @@ def run(cfg: Config) -> TrialResult:
             break
         dist.step_without_sync(optimizer)
         mask.apply_to_params(model)
-        train_loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        train_loss_acc[0] += loss.detach()
+        train_loss_acc[1] += 1
         step += 1
         bar.update(1)
     bar.close()
@@ -226,24 +251,28 @@ def final_model_path(cfg: Config) -> Path:
     return log_path(cfg).with_suffix(".final.pt")
 
 
+def fail(error: Exception, code: int) -> int:
+    """One error line on this rank; every rank that fails together leaves together."""
+    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+    dist.exit_barrier()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv, PROG, __doc__.splitlines()[0])
+    names = {"dataset": sorted(DATASETS), "model": sorted(MODELS), "optimizer": list(OPTIMIZERS)}
     try:
-        result = run(cfg)
+        result = run(parse_config(argv, PROG, __doc__.splitlines()[0], names))
     except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(e, 2)
     except dist.DistributedError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return fail(e, 1)
     if dist.is_root():
-        str_ = "-" if result.steps_to_result is None else result.steps_to_result
+        reached = "-" if result.steps_to_result is None else result.steps_to_result
         print(
-            f"{result.status}: steps_to_result={str_} best_val_error={result.best_val_error:.4f} "
-            f"steps={result.steps_done} world_size={result.world_size} density={result.density:.4f}\n"
-            f"log: {result.log_path}",
-            flush=True,
+            f"{result.status}: steps_to_result={reached} best_val_error={result.best_val_error:.4f} "
+            f"steps={result.steps_done} world_size={result.world_size} density={result.density:.4f}"
         )
+        print(f"log: {result.log_path}", flush=True)
     return 0
 
 

@@ -17,10 +17,7 @@ _TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<std(?:out|err)>:(.*)$")
 def launch_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    if os.geteuid() == 0:  # OpenMPI refuses to run as root unless told twice
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env["PYTHONUNBUFFERED"] = "1"  # horovodrun passes --allow-run-as-root to mpirun itself
     return env
 
 

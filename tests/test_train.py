@@ -145,6 +145,7 @@ BAD_INPUTS = [
     (["--sparsity", "-0.5"], "--sparsity must be in [0, 1)"),
     (["--batch-size", "33"], "--batch-size 33 is not divisible by the 2 ranks"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--batch-size", "3.5"], "argument --batch-size: invalid int value: '3.5'"),
     (["--data-dir", "/nonexistent/data"], "no such directory"),
 ]
 

@@ -32,4 +32,5 @@ if mode == "mismatch":
         dist.verify_same_everywhere(Mask(tensors).sha256(), "mask checksum")
     except dist.DistributedError as e:
         print(f"rank {dist.rank()}: {e}", flush=True)
+        dist.exit_barrier()
         sys.exit(3)
