@@ -98,9 +98,27 @@ check_horovod_build() {
     done
 }
 
+# Base envs of other keys (older requirements) that no set-up has used for 3 days are removed;
+# the marker's mtime records the last use. Each is several GB.
+prune_stale_bases() {
+    local keep=$1 dir
+    for dir in "$CACHE"/envs/base-*/; do
+        dir=${dir%/}
+        [ "$dir" = "$keep" ] && continue
+        flock -n "$dir.lock" true 2>/dev/null || continue # being built or used for a build right now
+        if [ -z "$(find "$dir/.hvd_sparse_complete" -mtime -3 2>/dev/null)" ]; then
+            log "removing the stale environment $dir"
+            rm -rf "$dir" "$dir.lock"
+        fi
+    done
+}
+
 ensure_base_env() {
     local key=$1 base=$2 torch_version wheel_dir
-    [ -f "$base/.hvd_sparse_complete" ] && return 0
+    if [ -f "$base/.hvd_sparse_complete" ]; then
+        touch "$base/.hvd_sparse_complete"
+        return 0
+    fi
     log "building the base environment $base"
     rm -rf "$base"
     "$PYTHON" -m venv "$base"
@@ -151,6 +169,7 @@ main() {
     flock 9 # one builder at a time per key; others wait and then find it complete
     ensure_base_env "$key" "$base"
     flock -u 9
+    prune_stale_bases "$base"
     ensure_project_venv "$base"
     log "ready: $ROOT/.venv (base $base)"
 }
