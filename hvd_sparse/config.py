@@ -93,6 +93,9 @@ class TrainConfig:
     goal_error: float = _field(0.02, "validation error that ends the trial as COMPLETE")
     seed: int = _field(0, "trial seed: model initialization, batch order, and SNIP unless --snip-seed")
     eval_batch_size: int = _field(1000, "per-rank batch size of evaluation (does not change results)", identity=False)
+    report_test: bool = _field(
+        False, "at the end, also evaluate the test split (never used for the search) into attr test_error", identity=False
+    )
 
     def __post_init__(self) -> None:
         _require(_is_int(self.batch_size) and self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import math
+import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,25 +102,22 @@ def load_mnist5k(data_dir: str | None) -> RawData:
     return RawData(x, y, None, None, num_classes=10)
 
 
-SYNTHETIC_SHAPE = (1, 16, 16)
+def make_synthetic(shape: tuple[int, int, int], n_train: int = 2400, n_test: int = 400, seed: int = 20200426) -> RawData:
+    """A seeded, learnable 10-class problem: a blocky class prototype plus pixel noise.
 
-
-def load_synthetic(data_dir: str | None) -> RawData:
-    """A seeded, learnable 10-class problem of 16x16 images: a blocky class prototype plus noise.
-
-    Prototypes are 4x4 random fields upsampled to 16x16 (spatial structure a CNN can use); pixel
-    noise keeps it from being trivial (a small MLP reaches about 3% error, Simple-CNN about 5%).
-    The data never changes (fixed generator seed); it exists for fast tests and smoke runs.
+    Prototypes are random fields at 1/4 resolution upsampled 4x (spatial structure a CNN can use);
+    the noise keeps it from being trivial (on 16x16 a small MLP reaches about 3% error, Simple-CNN
+    about 5%). The data never changes (fixed seed); it exists for fast tests and smoke runs.
     """
-    rng = np.random.default_rng(20200426)
-    num_classes, n_train, n_test = 10, 2400, 400
-    c, h, w = SYNTHETIC_SHAPE
+    rng = np.random.default_rng(seed)
+    num_classes = 10
+    c, h, w = shape
     coarse = rng.normal(0, 30, size=(num_classes, c, h // 4, w // 4))
     prototypes = 128 + np.kron(coarse, np.ones((4, 4)))
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, num_classes, size=n)
-        x = prototypes[y] + rng.normal(0, 90, size=(n, *SYNTHETIC_SHAPE))
+        x = prototypes[y] + rng.normal(0, 90, size=(n, *shape))
         return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
     train_x, train_y = draw(n_train)
@@ -125,9 +125,119 @@ def load_synthetic(data_dir: str | None) -> RawData:
     return RawData(train_x, train_y, test_x, test_y, num_classes)
 
 
+# ---------------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST: IDX files, gzip-compressed or not, in the usual folder layouts
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (big-endian; magic 0x0000, type byte 0x08 = uint8, rank byte, uint32 dims)."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (expected the magic bytes 0x00 0x00, type, rank)")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x}, expected 0x08 (unsigned byte)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, expected {expected} for IDX dimensions {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_file(root: Path, name: str, subdirs: tuple[str, ...]) -> Path:
+    for sub in subdirs:
+        for candidate in (root / sub / name, root / sub / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    places = ", ".join(str(root / sub) for sub in subdirs)
+    raise DataError(f"{root / subdirs[0] / name}: file not found (looked for {name}[.gz] in {places})")
+
+
+def _read_idx_pair(root: Path, split: str, subdirs: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    images_path = _find_file(root, IDX_FILES[split][0], subdirs)
+    labels_path = _find_file(root, IDX_FILES[split][1], subdirs)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected images N x H x W, got IDX dimensions {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_path}: expected {len(images)} labels to match {images_path.name}, got {labels.shape}")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path}: labels must be in 0..9, found {labels.max()}")
+    return images[:, None, :, :].copy(), labels.astype(np.int64)
+
+
+def _idx_loader(folder: str) -> Callable[[str | None], RawData]:
+    """MNIST-format loader; ``folder`` is torchvision's sub-folder name (MNIST, FashionMNIST)."""
+    subdirs = ("", f"{folder}/raw", "raw", folder)
+
+    def load(data_dir: str | None) -> RawData:
+        if data_dir is None:
+            raise DataError(f"this dataset needs --data-dir (a folder with the four IDX files, or {folder}/raw/ under it)")
+        root = Path(data_dir)
+        train_x, train_y = _read_idx_pair(root, "train", subdirs)
+        test_x, test_y = _read_idx_pair(root, "test", subdirs)
+        return RawData(train_x, train_y, test_x, test_y, num_classes=10)
+
+    return load
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10: the python-pickle batches (torchvision's class checks md5 sums, so it is not used)
+
+
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 python batch (a pickle with b'data' and b'labels'): {e!r}") from None
+    data = np.asarray(data)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: b'data' must be uint8 N x 3072 (CHW 3x32x32), got {data.dtype} {data.shape}")
+    if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise DataError(f"{path}: b'labels' must be {len(data)} integers in 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(data_dir: str | None) -> RawData:
+    if data_dir is None:
+        raise DataError("cifar10 needs --data-dir (a folder holding cifar-10-batches-py/ or its files)")
+    root = Path(data_dir)
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    for name in (*CIFAR_TRAIN, "test_batch"):
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name}: file not found (cifar10 expects data_batch_1..5 and test_batch)")
+    parts = [_read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
+    test_x, test_y = _read_cifar_batch(folder / "test_batch")
+    return RawData(
+        np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]), test_x, test_y, num_classes=10
+    )
+
+
 DATASETS: dict[str, Callable[[str | None], RawData]] = {
     "mnist5k": load_mnist5k,
-    "synthetic": load_synthetic,
+    "mnist": _idx_loader("MNIST"),
+    "fashion-mnist": _idx_loader("FashionMNIST"),
+    "cifar10": load_cifar10,
+    "synthetic": lambda data_dir: make_synthetic((1, 16, 16)),
+    "synthetic-cifar": lambda data_dir: make_synthetic((3, 32, 32)),
 }
 
 

@@ -9,6 +9,7 @@ measurement readable. Schema (documented in README.md, checked by ``validate``):
          created, finished
   measurements/<column>  1-D datasets, one entry per evaluation (see COLUMNS)
   mask/<param name>      np.packbits of the flattened boolean mask, attr ``shape``
+                         (attr mask_names lists them in model order; read_log returns a Mask)
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class TrialLog:
                 group = f.create_group("measurements")
                 for name, dtype in COLUMNS.items():
                     group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+                f.attrs["mask_names"] = json.dumps(list(mask))
                 masks = f.create_group("mask")
                 for name, bits in mask.packed().items():
                     ds = masks.create_dataset(name, data=bits, compression="gzip")
@@ -120,7 +122,7 @@ class LogData:
     path: Path
     attrs: dict[str, Any]
     measurements: dict[str, np.ndarray]
-    mask: dict[str, np.ndarray]  # unpacked boolean arrays in their parameter shapes
+    mask: Mask | None  # None when read with with_mask=False
 
     @property
     def config(self) -> dict[str, Any]:
@@ -157,11 +159,12 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
             columns = {name: group[name][()] for name in COLUMNS if name in group}
             n = min((len(c) for c in columns.values()), default=0)
             columns = {k: v[:n] for k, v in columns.items()}  # a column may be one ahead mid-append
-            mask = {}
+            mask = None
             if with_mask and "mask" in f:
-                for name, ds in f["mask"].items():
-                    shape = tuple(ds.attrs["shape"])
-                    mask[name] = np.unpackbits(ds[()], count=int(np.prod(shape))).astype(bool).reshape(shape)
+                # insertion (model) order, which the checksum depends on; h5py lists names sorted
+                order = json.loads(attrs["mask_names"]) if "mask_names" in attrs else list(f["mask"])
+                packed = {name: f["mask"][name][()] for name in order}
+                mask = Mask.from_packed(packed, {name: tuple(f["mask"][name].attrs["shape"]) for name in order})
     except LogError:
         raise
     except (OSError, KeyError, ValueError) as e:

@@ -53,6 +53,10 @@ class Mask:
     def sparsity(self) -> float:
         return 1.0 - self.density
 
+    def layer_density(self) -> dict[str, float]:
+        """Fraction kept in each tensor, in model order."""
+        return {n: float(t.float().mean()) if t.numel() else 1.0 for n, t in self._tensors.items()}
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Mask) or list(self) != list(other):
             return False
@@ -62,6 +66,16 @@ class Mask:
     def packed(self) -> dict[str, np.ndarray]:
         """name -> np.packbits of the flattened mask (shape is recovered from the model)."""
         return {n: np.packbits(t.detach().cpu().numpy().ravel()) for n, t in self._tensors.items()}
+
+    @classmethod
+    def from_packed(cls, packed: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> "Mask":
+        """Inverse of ``packed`` (e.g. a mask read back from an HDF5 log)."""
+        out = {}
+        for name, bits in packed.items():
+            shape = tuple(shapes[name])
+            flat = np.unpackbits(np.asarray(bits, dtype=np.uint8), count=int(np.prod(shape, dtype=np.int64)))
+            out[name] = torch.from_numpy(flat.astype(bool).reshape(shape))
+        return cls(out)
 
     def sha256(self) -> str:
         """Checksum over names, shapes and bits, in insertion (= model) order."""

@@ -46,10 +46,85 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
+class LeNet5(nn.Module):
+    """LeNet-5-Caffe as in the SNIP paper: conv 5x5x20, pool, conv 5x5x50, pool, FC 500, FC 10.
+
+    431,080 parameters on 28x28x1 inputs (520 + 25,050 + 400,500 + 5,010).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        c, h, w = input_shape
+        self.conv1 = nn.Conv2d(c, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"lenet5 needs inputs of at least 12x12, got {input_shape}")
+        self.fc1 = nn.Linear(50 * h * w, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class SameConv2d(nn.Conv2d):
+    """A 3x3 convolution with TensorFlow's SAME padding (asymmetric when the stride is 2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, 3, stride=stride, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad wants (left, right, top, bottom)
+            out = math.ceil(size / self.stride[0])
+            total = max((out - 1) * self.stride[0] + 3 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class PreActBlock(nn.Module):
+    """r = relu(x); y = conv2(relu(conv1(r))); out = y + shortcut.
+
+    The shortcut is x when the channels match, else avg-pool(r, stride) with zero channels appended.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = SameConv2d(in_channels, out_channels, stride)
+        self.conv2 = SameConv2d(out_channels, out_channels)
+        self.stride, self.extra = stride, out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = F.relu(x)
+        y = self.conv2(F.relu(self.conv1(r)))
+        if self.extra == 0 and self.stride == 1:
+            return y + x
+        shortcut = F.avg_pool2d(r, self.stride) if self.stride > 1 else r
+        return y + F.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
+
+
+class ResNet8(nn.Module):
+    """The paper's ResNet-8 without batch norm: 75,050 parameters on 32x32x3 inputs."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.stem = SameConv2d(input_shape[0], 16)
+        self.blocks = nn.Sequential(PreActBlock(16, 16, 1), PreActBlock(16, 32, 2), PreActBlock(32, 64, 2))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.blocks(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 
 MODELS: dict[str, ModelFactory] = {
     "simple-cnn": SimpleCNN,
+    "resnet8": ResNet8,
+    "lenet5": LeNet5,
     "lenet-300-100": lambda shape, k: MLP(shape, k, hidden=(300, 100)),
     "mlp-tiny": lambda shape, k: MLP(shape, k, hidden=(32,)),
 }

@@ -4,6 +4,7 @@ Run as ``horovodrun -np 2 python -m hvd_sparse.train --sparsity 0.9 ...`` (or un
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import hvd_sparse
 from hvd_sparse import dist
 from hvd_sparse.config import Config, ConfigError, parse_config
-from hvd_sparse.data import DATASETS, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
+from hvd_sparse.data import DATASETS, DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
 from hvd_sparse.log import TrialLog
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import MODELS, build_model, get_factory, prunable_names
@@ -40,7 +41,9 @@ class TrialResult:
     steps_done: int
     world_size: int
     density: float
+    layer_density: dict[str, float]
     mask_sha256: str
+    test_error: float | None
     log_path: Path | None
 
 
@@ -140,6 +143,19 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets) -> Mask:
     return dist.broadcast_mask(mask, Mask.ones(model, names))
 
 
+def load_data(cfg: Config, device: torch.device) -> Datasets:
+    data = load_datasets(cfg.data)
+    if cfg.train.report_test and data.test is None:
+        raise DataError(f"--report-test: dataset {cfg.data.dataset} has no test split")
+    return data.to(device)
+
+
+def evaluate_all(model: nn.Module, split: Split, batch_size: int, name: str) -> tuple[float, float]:
+    """(error, mean loss) over the whole split, every rank evaluating a disjoint slice."""
+    errors, count, loss_sum = dist.allreduce_sum(evaluate(model, split, batch_size).cpu(), name=name).tolist()
+    return errors / count, loss_sum / count
+
+
 def create_log(cfg: Config, mask: Mask) -> TrialLog | None:
     if not dist.is_root():
         return None
@@ -151,6 +167,7 @@ def create_log(cfg: Config, mask: Mask) -> TrialLog | None:
         "world_size": dist.size(),
         "mask_sha256": mask.sha256(),
         "mask_density": mask.density,
+        "mask_layer_density": json.dumps(mask.layer_density()),
         "hvd_sparse_version": hvd_sparse.__version__,
         "torch_version": torch.__version__,
         "horovod_version": dist.horovod_version(),
@@ -168,7 +185,7 @@ def run(cfg: Config) -> TrialResult:
     if cfg.train.batch_size % world:
         raise ConfigError(f"--batch-size {cfg.train.batch_size} is not divisible by the {world} ranks")
     device = select_device()
-    data = dist.agree(lambda: load_datasets(cfg.data).to(device), "loading the data")
+    data = dist.agree(lambda: load_data(cfg, device), "loading the data")
     batches = GlobalBatches(len(data.train), cfg.train.batch_size, seed_for(cfg.train.seed, "order"))
 
     torch.manual_seed(seed_for(cfg.train.seed, "torch"))  # nothing random is drawn from it; belt and braces
@@ -233,17 +250,23 @@ def run(cfg: Config) -> TrialResult:
         bar.update(1)
     bar.close()
 
+    extra: dict[str, float | int] = {"best_val_error": best, "steps_done": step}
+    test_error = None
+    if cfg.train.report_test and data.test is not None:
+        test_error, extra["test_loss"] = evaluate_all(model, data.test, cfg.train.eval_batch_size, "eval.test")
+        extra["test_error"] = test_error
+
     def finish_log() -> None:
         if trial_log is not None:
-            trial_log.finish(status, steps_to_result, best_val_error=best, steps_done=step)
+            trial_log.finish(status, steps_to_result, **extra)
 
     dist.agree(finish_log, "finishing the log")
     if cfg.run.save_model and dist.is_root():
         torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, final_model_path(cfg))
     return TrialResult(
         status=status, steps_to_result=steps_to_result, best_val_error=best, steps_done=step,
-        world_size=world, density=mask.density, mask_sha256=mask.sha256(),
-        log_path=log_path(cfg) if dist.is_root() else None,
+        world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask.sha256(),
+        test_error=test_error, log_path=log_path(cfg) if dist.is_root() else None,
     )
 
 
@@ -251,9 +274,16 @@ def final_model_path(cfg: Config) -> Path:
     return log_path(cfg).with_suffix(".final.pt")
 
 
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Whole lines in one write: launchers tag and interleave ranks' output per write() chunk."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def fail(error: Exception, code: int) -> int:
     """One error line on this rank; every rank that fails together leaves together."""
-    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+    say(f"{PROG}: error: {error}", sys.stderr)
     dist.exit_barrier()
     return code
 
@@ -268,11 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(e, 1)
     if dist.is_root():
         reached = "-" if result.steps_to_result is None else result.steps_to_result
-        print(
-            f"{result.status}: steps_to_result={reached} best_val_error={result.best_val_error:.4f} "
-            f"steps={result.steps_done} world_size={result.world_size} density={result.density:.4f}"
+        test = "" if result.test_error is None else f" test_error={result.test_error:.4f}"
+        say(
+            f"{result.status}: steps_to_result={reached} best_val_error={result.best_val_error:.4f}{test} "
+            f"steps={result.steps_done} world_size={result.world_size} density={result.density:.4f}\n"
+            "layer density: " + " ".join(f"{n}={d:.3f}" for n, d in result.layer_density.items()) + "\n"
+            f"log: {result.log_path}"
         )
-        print(f"log: {result.log_path}", flush=True)
     return 0
 
 

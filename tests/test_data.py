@@ -72,7 +72,7 @@ def test_malformed_mnist5k_names_the_file(tmp_path, content, fragment):
 def test_missing_data_dir_and_unknown_dataset():
     with pytest.raises(DataError, match="no such directory"):
         check_data_dir(DataConfig(dataset="mnist5k", data_dir="/nonexistent/dir"))
-    with pytest.raises(ValueError, match="valid: mnist5k, synthetic"):
+    with pytest.raises(ValueError, match="valid: cifar10, fashion-mnist, mnist, mnist5k, synthetic, synthetic-cifar"):
         check_data_dir(DataConfig(dataset="imagenet"))
 
 
@@ -104,3 +104,150 @@ def test_batch_larger_than_the_data_is_an_error():
 def test_eval_slices_cover_every_example_once(n, world):
     covered = [i for r in range(world) for i in range(n)[eval_slice(n, r, world)]]
     assert covered == list(range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# real formats, written small
+
+
+def write_idx(path, array):
+    import struct
+
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def write_mnist(folder, n_train=40, n_test=10, gz=False, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        suffix = ".gz" if gz else ""
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("dataset, layout, gz", [
+    ("mnist", "", True), ("mnist", "MNIST/raw", False), ("fashion-mnist", "FashionMNIST/raw", True),
+    ("fashion-mnist", "", False),
+])
+def test_idx_datasets_load_gz_or_raw_in_either_layout(tmp_path, dataset, layout, gz):
+    from hvd_sparse.data import get_loader
+
+    arrays = write_mnist(tmp_path / layout, gz=gz)
+    raw = get_loader(dataset)(str(tmp_path))
+    assert raw.train_x.shape == (40, 1, 28, 28) and raw.test_x.shape == (10, 1, 28, 28)
+    assert np.array_equal(raw.train_x[:, 0], arrays["train"][0]) and np.array_equal(raw.test_y, arrays["t10k"][1])
+    data = load_datasets(DataConfig(dataset=dataset, data_dir=str(tmp_path)))
+    assert len(data.train) == 36 and len(data.val) == 4 and len(data.test) == 10
+
+
+def test_idx_reader_agrees_with_torchvision(tmp_path):
+    import torchvision
+
+    from hvd_sparse.data import get_loader
+
+    write_mnist(tmp_path / "MNIST" / "raw", gz=False)
+    ours = get_loader("mnist")(str(tmp_path))
+    for train, x, y in ((True, ours.train_x, ours.train_y), (False, ours.test_x, ours.test_y)):
+        tv = torchvision.datasets.MNIST(str(tmp_path), train=train, download=False)
+        assert np.array_equal(tv.data.numpy(), x[:, 0]) and np.array_equal(tv.targets.numpy(), y)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("missing", "file not found"),
+    ("magic", "not an IDX file"),
+    ("truncated", "expected"),
+    ("labels", "expected 40 labels"),
+])
+def test_malformed_idx_files_name_the_file(tmp_path, damage, fragment):
+    from hvd_sparse.data import get_loader
+
+    write_mnist(tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte"
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    target = images
+    if damage == "missing":
+        images.unlink()
+    elif damage == "magic":
+        images.write_bytes(b"\x01\x02" + images.read_bytes()[2:])
+    elif damage == "truncated":
+        images.write_bytes(images.read_bytes()[:-5])
+    else:
+        write_idx(labels, np.zeros(39, dtype=np.uint8))
+        target = labels
+    with pytest.raises(DataError, match=fragment) as exc:
+        get_loader("mnist")(str(tmp_path))
+    assert str(target) in str(exc.value)
+
+
+def write_cifar(folder, per_batch=6, seed=0):
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+        written[name] = (data, labels)
+    return written
+
+
+def test_cifar10_reads_the_python_batches(tmp_path):
+    from hvd_sparse.data import load_cifar10
+
+    written = write_cifar(tmp_path / "cifar-10-batches-py")
+    raw = load_cifar10(str(tmp_path))
+    assert raw.train_x.shape == (30, 3, 32, 32) and raw.test_x.shape == (6, 3, 32, 32)
+    assert np.array_equal(raw.train_x[6].reshape(-1), written["data_batch_2"][0][0])  # CHW order kept
+    assert raw.test_y.tolist() == written["test_batch"][1]
+    data = load_datasets(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+    assert data.input_shape == (3, 32, 32) and len(data.train) + len(data.val) == 30
+    assert (data.train.x.mean(dim=(0, 2, 3)).abs() < 1e-5).all()  # per-channel normalization
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("missing", "file not found"), ("garbage", "not a CIFAR-10 python batch"), ("shape", "must be uint8 N x 3072"),
+])
+def test_malformed_cifar_names_the_file(tmp_path, damage, fragment):
+    import pickle
+
+    from hvd_sparse.data import load_cifar10
+
+    write_cifar(tmp_path)
+    target = tmp_path / "data_batch_3"
+    if damage == "missing":
+        target.unlink()
+    elif damage == "garbage":
+        target.write_bytes(b"not a pickle")
+    else:
+        with open(target, "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 100), dtype=np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(DataError, match=fragment) as exc:
+        load_cifar10(str(tmp_path))
+    assert str(target) in str(exc.value)
+
+
+def test_datasets_that_need_a_folder_say_so():
+    from hvd_sparse.data import get_loader
+
+    for name in ("mnist", "fashion-mnist", "cifar10"):
+        with pytest.raises(DataError, match="needs --data-dir"):
+            get_loader(name)(None)
+
+
+def test_synthetic_cifar_is_cifar_shaped():
+    data = load_datasets(DataConfig(dataset="synthetic-cifar"))
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 10 and data.test is not None

@@ -43,3 +43,63 @@ def test_prunable_names_follow_the_bias_option():
     model = build_model("simple-cnn", (1, 28, 28), 10, seed=0)
     assert prunable_names(model, True) == [n for n, _ in model.named_parameters()]
     assert prunable_names(model, False) == ["conv1.weight", "conv2.weight", "fc.weight"]
+
+
+def test_resnet8_parameter_count_by_hand():
+    stem = 3 * 16 * 9 + 16  # 448
+    stage1 = 2 * (16 * 16 * 9 + 16)  # 4,640
+    stage2 = (16 * 32 * 9 + 32) + (32 * 32 * 9 + 32)  # 13,888
+    stage3 = (32 * 64 * 9 + 64) + (64 * 64 * 9 + 64)  # 55,424
+    fc = 64 * 10 + 10  # 650
+    assert count(build_model("resnet8", (3, 32, 32), 10, seed=0)) == stem + stage1 + stage2 + stage3 + fc == 75_050
+
+
+def test_lenet5_caffe_parameter_count():
+    # conv 5x5x1x20 + 20, conv 5x5x20x50 + 50, fc 800x500 + 500, fc 500x10 + 10
+    assert count(build_model("lenet5", (1, 28, 28), 10, seed=0)) == 520 + 25_050 + 400_500 + 5_010 == 431_080
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("simple-cnn", (1, 28, 28)), ("resnet8", (3, 32, 32)), ("lenet5", (1, 28, 28)),
+    ("lenet-300-100", (1, 28, 28)), ("mlp-tiny", (1, 16, 16)), ("simple-cnn", (1, 16, 16)),
+])
+def test_every_model_maps_a_batch_to_logits_and_trains(name, shape):
+    model = build_model(name, shape, 10, seed=0)
+    x, y = torch.randn(4, *shape), torch.tensor([0, 1, 2, 3])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert model(x).shape == (4, 10)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_stride_two_convolution_pads_like_tensorflow_same():
+    from hvd_sparse.models import SameConv2d
+
+    conv = SameConv2d(1, 1, stride=2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = 1.0  # the kernel's top-left tap
+        conv.bias.zero_()
+    x = torch.arange(1.0, 1.0 + 32 * 32).reshape(1, 1, 32, 32)
+    y = conv(x)
+    assert y.shape == (1, 1, 16, 16)
+    # TF SAME pads 0 before and 1 after for 32 -> 16, so the top-left tap sees x[2i, 2j]
+    assert torch.equal(y[0, 0], x[0, 0, ::2, ::2])
+
+
+def test_resnet_block_shortcut_is_avg_pool_with_zero_channels():
+    from hvd_sparse.models import PreActBlock
+
+    block = PreActBlock(16, 32, stride=2)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()  # residual branch outputs 0, leaving the shortcut
+    x = torch.randn(2, 16, 8, 8)
+    out = block(x)
+    expected = torch.nn.functional.avg_pool2d(torch.relu(x), 2)
+    assert torch.allclose(out[:, :16], expected) and torch.count_nonzero(out[:, 16:]) == 0
+    same = PreActBlock(16, 16, stride=1)
+    with torch.no_grad():
+        for p in same.parameters():
+            p.zero_()
+    assert torch.equal(same(x), x)  # identity shortcut takes x itself, not relu(x)

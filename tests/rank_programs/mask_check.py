@@ -31,6 +31,7 @@ if mode == "mismatch":
     try:
         dist.verify_same_everywhere(Mask(tensors).sha256(), "mask checksum")
     except dist.DistributedError as e:
-        print(f"rank {dist.rank()}: {e}", flush=True)
+        sys.stdout.write(f"rank {dist.rank()}: {e}\n")  # one write: mpirun interleaves per chunk
+        sys.stdout.flush()
         dist.exit_barrier()
         sys.exit(3)
