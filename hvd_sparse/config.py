@@ -85,6 +85,25 @@ class OptimConfig:
         _require(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
 
 
+GRAD_COMPRESSIONS = ("none", "fp16", "mask", "mask-fp16")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    grad_compression: str = _field(
+        "none",
+        "gradient allreduce: none (dense, per tensor), fp16 (dense, half precision on the wire), "
+        "mask (only the unpruned entries, one packed buffer), mask-fp16 (both)",
+        choices=GRAD_COMPRESSIONS,
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.grad_compression in GRAD_COMPRESSIONS,
+            f"--grad-compression must be one of {', '.join(GRAD_COMPRESSIONS)}, got {self.grad_compression!r}",
+        )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = _field(64, "GLOBAL batch size, split evenly across the ranks")
@@ -124,6 +143,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -161,7 +181,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "prune": PruneConfig,
-    "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
+    "optim": OptimConfig, "dist": DistConfig, "train": TrainConfig, "run": RunConfig,
 }
 
 

@@ -30,6 +30,7 @@ COLUMNS: dict[str, type] = {
     "val_loss": np.float64,
     "train_loss": np.float64,
     "wall_time": np.float64,
+    "allreduce_bytes": np.int64,  # cumulative payload of the gradient allreduces up to this step
 }
 STATUSES = ("RUNNING", "COMPLETE", "INCOMPLETE", "INFEASIBLE")
 REQUIRED_ATTRS = (

@@ -156,7 +156,7 @@ def evaluate_all(model: nn.Module, split: Split, batch_size: int, name: str) -> 
     return errors / count, loss_sum / count
 
 
-def create_log(cfg: Config, mask: Mask) -> TrialLog | None:
+def create_log(cfg: Config, mask: Mask, bytes_per_step: int) -> TrialLog | None:
     if not dist.is_root():
         return None
     import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
@@ -168,6 +168,7 @@ def create_log(cfg: Config, mask: Mask) -> TrialLog | None:
         "mask_sha256": mask.sha256(),
         "mask_density": mask.density,
         "mask_layer_density": json.dumps(mask.layer_density()),
+        "allreduce_bytes_per_step": bytes_per_step,
         "hvd_sparse_version": hvd_sparse.__version__,
         "torch_version": torch.__version__,
         "horovod_version": dist.horovod_version(),
@@ -197,10 +198,10 @@ def run(cfg: Config) -> TrialResult:
         "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)",
         world, cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
     )
-    optimizer = dist.distributed_optimizer(build_optimizer(model.parameters(), cfg.optim), model)
-    dist.broadcast_optimizer_state(optimizer)
+    sync = dist.gradient_sync(cfg.dist.grad_compression, build_optimizer(model.parameters(), cfg.optim), model, mask)
+    dist.broadcast_optimizer_state(sync.optimizer)
     mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
-    trial_log = dist.agree(lambda: create_log(cfg, mask), "creating the log")
+    trial_log = dist.agree(lambda: create_log(cfg, mask, sync.bytes_per_step), "creating the log")
 
     status, steps_to_result, best = "INCOMPLETE", None, math.inf
     train_loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of local batch losses, batches]
@@ -217,6 +218,7 @@ def run(cfg: Config) -> TrialResult:
             row = {
                 "step": step, "val_error": val_error, "val_loss": loss_sum / count,
                 "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - t0,
+                "allreduce_bytes": step * sync.bytes_per_step,
             }
             dist.agree(lambda: trial_log.append(row) if trial_log is not None else None, "writing the log")
             best = min(best, val_error)
@@ -234,15 +236,14 @@ def run(cfg: Config) -> TrialResult:
         if step == cfg.train.max_steps:
             break
         idx = batches.shard(step, rank, world).to(device)
-        optimizer.zero_grad()
+        sync.zero_grad()
         loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
         loss.backward()
-        dist.synchronize(optimizer)
-        mask.apply_to_grads(model)
+        sync.synchronize()  # p.grad: the average over ranks, masked
         if not grads_finite(model):
             status = "INFEASIBLE"
             break
-        dist.step_without_sync(optimizer)
+        sync.step()
         mask.apply_to_params(model)
         train_loss_acc[0] += loss.detach()
         train_loss_acc[1] += 1

@@ -20,7 +20,8 @@ def mask():
 
 
 def row(step):
-    return {"step": step, "val_error": 0.5 / (step + 1), "val_loss": 1.0, "train_loss": 2.0, "wall_time": 0.1 * step}
+    return {"step": step, "val_error": 0.5 / (step + 1), "val_loss": 1.0, "train_loss": 2.0, "wall_time": 0.1 * step,
+            "allreduce_bytes": 400 * step}
 
 
 def test_create_append_finish_read(tmp_path):

@@ -102,6 +102,28 @@ def test_goal_reached_stops_the_trial_and_records_steps_to_result(tmp_path):
     assert f"steps_to_result={steps[-1]}" in proc.stdout
 
 
+@pytest.mark.parametrize("dataset, model", [("mnist5k", "simple-cnn"), ("synthetic-cifar", "resnet8")])
+def test_the_papers_workloads_train_under_horovodrun(tmp_path, dataset, model):
+    proc = run_train(2, "--dataset", dataset, "--model", model, "--sparsity", "0.5", "--optimizer", "nesterov",
+                     "--lr", "0.02", "--batch-size", "32", "--max-steps", "30", "--eval-every", "30",
+                     "--goal-error", "0", "--snip-batches", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    log = read_log(only_log(tmp_path))
+    assert log.attrs["world_size"] == 2 and log.status == "INCOMPLETE"
+    val_loss = log.measurements["val_loss"].tolist()
+    assert val_loss[-1] < val_loss[0]  # it learns
+    assert "layer density:" in proc.stdout and abs(log.mask.density - 0.5) < 1e-4
+
+
+def test_report_test_evaluates_the_test_split_at_the_end(tmp_path):
+    proc = run_train(2, "--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "40",
+                     "--eval-every", "20", "--goal-error", "0", "--report-test", "--out", str(tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    log = read_log(only_log(tmp_path))
+    assert 0.0 <= log.attrs["test_error"] < 0.5 and log.attrs["test_loss"] > 0
+    assert f"test_error={log.attrs['test_error']:.4f}" in proc.stdout
+
+
 def single_rank(*flags, **kw):
     """np=1 without any launcher: hvd.init() alone must work for quick local runs."""
     cmd = [sys.executable, "-m", "hvd_sparse.train", "--no-progress", *flags]
@@ -147,6 +169,8 @@ BAD_INPUTS = [
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--batch-size", "3.5"], "argument --batch-size: invalid int value: '3.5'"),
     (["--data-dir", "/nonexistent/data"], "no such directory"),
+    (["--dataset", "mnist", "--data-dir", "/tmp"], "train-images-idx3-ubyte: file not found"),
+    (["--dataset", "mnist5k", "--report-test"], "dataset mnist5k has no test split"),
 ]
 
 

@@ -1,0 +1,118 @@
+"""Gradient synchronization schemes: packed mask allreduce vs Horovod's dense one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hvd_sparse import dist
+from hvd_sparse.log import read_log
+from hvd_sparse.mask import Mask
+from hvd_sparse.models import build_model
+from conftest import describe, run_train
+
+
+@pytest.fixture(scope="module")
+def hvd_single():
+    dist.init()  # np=1 in this process: collectives are local
+
+
+def model_and_mask(sparsity=0.8):
+    model = build_model("simple-cnn", (1, 16, 16), 10, seed=0)
+    g = torch.Generator().manual_seed(1)
+    mask = Mask({n: torch.rand(p.shape, generator=g) >= sparsity for n, p in model.named_parameters()})
+    mask.apply_to_params(model)
+    return model, mask
+
+
+def backward(model, sync):
+    g = torch.Generator().manual_seed(2)
+    sync.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 1, 16, 16, generator=g)), torch.arange(8)).backward()
+
+
+@pytest.mark.parametrize("scheme, element_bytes", [("mask", 4), ("mask-fp16", 2)])
+def test_packed_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, element_bytes):
+    model, mask = model_and_mask()
+    reference, _ = model_and_mask()
+    dense = dist.gradient_sync("none", torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)
+    packed = dist.gradient_sync(scheme, torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
+    assert packed.bytes_per_step == mask.num_kept * element_bytes
+    assert dense.bytes_per_step == mask.num_total * 4
+    for _ in range(2):  # twice: the flat buffer must be reused and re-zeroed
+        backward(model, packed)
+        packed.synchronize()
+        backward(reference, dense)
+        dense.synchronize()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), name  # np=1: no wire, so no fp16 rounding either
+            assert torch.count_nonzero(p.grad[~mask[name]]) == 0
+
+
+def test_packed_sync_survives_replaced_gradients(hvd_single):
+    model, mask = model_and_mask()
+    sync = dist.gradient_sync("mask", torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # what Horovod's optimizer-state broadcast does
+    backward(model, sync)
+    sync.synchronize()
+    assert any(torch.count_nonzero(p.grad) for p in model.parameters())
+
+
+def test_unknown_scheme_is_refused(hvd_single):
+    model, mask = model_and_mask()
+    with pytest.raises(ValueError, match="valid: none, fp16, mask, mask-fp16"):
+        dist.gradient_sync("topk", torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
+
+
+FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.9", "--optimizer", "momentum",
+         "--lr", "0.05", "--batch-size", "32", "--max-steps", "20", "--eval-every", "10", "--goal-error", "0",
+         "--save-model", "--seed", "4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same trial at np=2 with each gradient compression."""
+    out = {}
+    for scheme in ("none", "mask", "fp16", "mask-fp16"):
+        folder = tmp_path_factory.mktemp(scheme)
+        proc = run_train(2, *FLAGS, "--grad-compression", scheme, "--out", str(folder))
+        assert proc.returncode == 0, describe(proc)
+        (path,) = folder.glob("*.h5")
+        out[scheme] = (read_log(path), torch.load(path.with_suffix(".final.pt")))
+    return out
+
+
+def test_mask_is_bitwise_the_same_optimization_as_none_at_np2(runs):
+    (log_none, p_none), (log_mask, p_mask) = runs["none"], runs["mask"]
+    assert log_none.attrs["world_size"] == log_mask.attrs["world_size"] == 2
+    for name in p_none:  # two summands: a + b == b + a, so packing changes no bit
+        assert torch.equal(p_none[name], p_mask[name]), name
+    assert log_none.measurements["val_loss"].tolist() == log_mask.measurements["val_loss"].tolist()
+
+
+def test_fp16_schemes_stay_close_to_fp32(runs):
+    # fp16 rounds each averaged gradient to ~3 significant digits; over 20 momentum steps a few
+    # weights drift more, so the whole parameter vector is compared, and the validation loss
+    flat = lambda params: torch.cat([v.reshape(-1) for v in params.values()])  # noqa: E731
+    p_none, loss_none = flat(runs["none"][1]), runs["none"][0].measurements["val_loss"]
+    for scheme in ("fp16", "mask-fp16"):
+        p = flat(runs[scheme][1])
+        assert not torch.equal(p, p_none)  # it really went through half precision
+        assert (p - p_none).norm() / p_none.norm() < 1e-2, scheme
+        assert abs(runs[scheme][0].measurements["val_loss"][-1] / loss_none[-1] - 1) < 1e-2, scheme
+
+
+def test_logged_bytes_are_density_times_dense(runs):
+    log, _ = runs["none"]
+    mask = log.mask
+    dense = mask.num_total  # every parameter of simple-cnn is prunable by default
+    expected = {"none": dense * 4, "fp16": dense * 2, "mask": mask.num_kept * 4, "mask-fp16": mask.num_kept * 2}
+    for scheme, (log, _) in runs.items():
+        assert log.attrs["allreduce_bytes_per_step"] == expected[scheme], scheme
+        assert log.measurements["allreduce_bytes"].tolist() == [s * expected[scheme] for s in log.measurements["step"]]
+    assert expected["mask"] == pytest.approx(0.1 * dense * 4, abs=4)  # density x dense x 4, to one weight
+
+
+def test_pruned_entries_stay_exactly_zero_with_every_scheme(runs):
+    for scheme, (log, params) in runs.items():
+        for name, keep in log.mask.items():
+            assert torch.count_nonzero(params[name][~keep]) == 0, f"{scheme} {name}"
