@@ -73,16 +73,28 @@ class PruneConfig:
         _require(_is_int(self.snip_batch_size) and self.snip_batch_size > 0, "--snip-batch-size must be > 0")
 
 
+SCHEDULES = ("constant", "linear")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = _field("sgd", "optimizer (momentum is heavy ball)")
-    lr: float = _field(0.1, "learning rate")
+    lr: float = _field(0.1, "learning rate (the initial one with --schedule linear)")
     momentum: float = _field(0.9, "momentum (momentum and nesterov only)")
+    schedule: str = _field(
+        "constant", "learning-rate schedule: constant, or linear decay from lr to lr * end_factor over "
+        "decay_steps (polynomial, power 1), constant after", choices=SCHEDULES,
+    )
+    decay_steps: int = _field(0, "steps of the linear decay (0: the whole --max-steps)")
+    end_factor: float = _field(0.01, "final learning rate of the linear decay, as a fraction of --lr")
 
     def __post_init__(self) -> None:
         _require(bool(self.optimizer), "--optimizer must not be empty")
         _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _require(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
+        _require(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _require(_is_int(self.decay_steps) and self.decay_steps >= 0, f"--decay-steps must be >= 0, got {self.decay_steps}")
+        _require(0.0 < self.end_factor <= 1.0, f"--end-factor must be in (0, 1], got {self.end_factor}")
 
 
 GRAD_COMPRESSIONS = ("none", "fp16", "mask", "mask-fp16")

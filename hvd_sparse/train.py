@@ -25,7 +25,7 @@ from hvd_sparse.data import DATASETS, DataError, Datasets, GlobalBatches, Split,
 from hvd_sparse.log import TrialLog
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import MODELS, build_model, get_factory, prunable_names
-from hvd_sparse.optim import OPTIMIZERS, build_optimizer
+from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import snip
 
 logger = logging.getLogger("hvd_sparse")
@@ -243,6 +243,7 @@ def run(cfg: Config) -> TrialResult:
         if not grads_finite(model):
             status = "INFEASIBLE"
             break
+        set_learning_rate(sync.optimizer, learning_rate(cfg.optim, step, cfg.train.max_steps))
         sync.step()
         mask.apply_to_params(model)
         train_loss_acc[0] += loss.detach()

@@ -159,10 +159,28 @@ def test_log_is_readable_while_the_run_goes_on(tmp_path):
     assert log.status == "RUNNING" and len(log.measurements["step"]) >= 4
 
 
+def test_linear_schedule_is_applied_in_the_loop(tmp_path):
+    """Decay to lr * 1e-6 after one step: 40 steps then end (almost) where 2 steps do."""
+    def final_params(name, *flags):
+        proc = single_rank("--dataset", "synthetic", "--model", "mlp-tiny", "--lr", "0.1", "--eval-every", "50",
+                           "--goal-error", "0", "--save-model", "--out", str(tmp_path / name), *flags)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return torch.load(only_log(tmp_path / name).with_suffix(".final.pt"))
+
+    decay = ["--schedule", "linear", "--decay-steps", "1", "--end-factor", "1e-6"]
+    two, forty = final_params("two", "--max-steps", "2", *decay), final_params("forty", "--max-steps", "40", *decay)
+    constant = final_params("constant", "--max-steps", "40")
+    for name in two:
+        torch.testing.assert_close(forty[name], two[name], rtol=0, atol=1e-5)
+    assert max((constant[n] - two[n]).abs().max().item() for n in two) > 1e-2
+
+
 BAD_INPUTS = [
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--model", "vgg"], "unknown model 'vgg'"),
     (["--optimizer", "adam"], "unknown optimizer 'adam'"),
+    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "-0.5"], "--sparsity must be in [0, 1)"),
     (["--batch-size", "33"], "--batch-size 33 is not divisible by the 2 ranks"),
