@@ -142,7 +142,13 @@ class RunConfig:
     """Operational settings: where and how, never what. None of them enters the run identity."""
 
     out: str = _field("runs", "folder the HDF5 log (and --save-model weights) go to", identity=False)
-    overwrite: bool = _field(False, "replace an existing log of the same run instead of refusing", identity=False)
+    overwrite: bool = _field(
+        False, "start over even if a log of the same run exists (finished, or interrupted with a checkpoint)",
+        identity=False,
+    )
+    checkpoint: bool = _field(
+        True, "checkpoint after every evaluation; a rerun of an interrupted run resumes from it", identity=False
+    )
     save_model: bool = _field(False, "also save the final parameters next to the log (<log>.final.pt)", identity=False)
     progress: bool = _field(True, "tqdm progress bar on rank 0", identity=False)
     log_level: str = _field("info", "logging level on rank 0 (other ranks log warnings only)", identity=False,

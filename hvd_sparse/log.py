@@ -107,6 +107,15 @@ class TrialLog:
                 group[name].resize((n + 1,))
                 group[name][n] = row[name]
 
+    def truncate(self, last_step: int) -> None:
+        """Drop evaluations after ``last_step`` (written after the checkpoint a run resumes from)."""
+        with _open(self.path, "a") as f:
+            group = f["measurements"]
+            keep = int(np.searchsorted(group["step"][()], last_step, side="right"))
+            for name in COLUMNS:
+                group[name].resize((min(keep, group[name].shape[0]),))
+            f.attrs["resumes"] = int(f.attrs.get("resumes", 0)) + 1
+
     def finish(self, status: str, steps_to_result: int | None, **extra: Any) -> None:
         if status not in STATUSES[1:]:
             raise LogError(f"final status must be one of {STATUSES[1:]}, got {status!r}")

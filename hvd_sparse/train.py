@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import hvd_sparse
 from hvd_sparse import dist
+from hvd_sparse.checkpoint import RunLock, Start, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, parse_config
 from hvd_sparse.data import DATASETS, DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
 from hvd_sparse.log import TrialLog
@@ -126,13 +127,18 @@ def grads_finite(model: nn.Module) -> bool:
     return bool(torch.isfinite(torch.stack(norms).sum()))
 
 
-def prepare_mask(cfg: Config, model: nn.Module, data: Datasets) -> Mask:
-    """SNIP on rank 0 (other ranks do not touch the data for it), broadcast, checksum-verified."""
+def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | None) -> Mask:
+    """Rank 0's mask on every rank, checksum-verified: ``known`` (a resumed run's) or SNIP's.
+
+    SNIP runs on rank 0 only; the other ranks do not touch the data for it.
+    """
     names = prunable_names(model, cfg.prune.prune_biases)
 
     def compute() -> Mask | None:
         if not dist.is_root():
             return None
+        if known is not None:
+            return known.to(next(model.parameters()).device)
         return snip(
             model, names, data.train, cfg.prune.sparsity,
             batch_size=cfg.prune.snip_batch_size, num_batches=cfg.prune.snip_batches,
@@ -173,43 +179,74 @@ def create_log(cfg: Config, mask: Mask, bytes_per_step: int) -> TrialLog | None:
         "torch_version": torch.__version__,
         "horovod_version": dist.horovod_version(),
     }
-    return TrialLog.create(log_path(cfg), attrs, mask, overwrite=cfg.run.overwrite)
+    # plan_start has ruled out a finished log unless --overwrite; a RUNNING one without checkpoint restarts
+    return TrialLog.create(log_path(cfg), attrs, mask, overwrite=True)
 
 
 def run(cfg: Config) -> TrialResult:
-    """One trial on all ranks of the current Horovod job."""
+    """One trial on all ranks of the current Horovod job (resumed if it was interrupted)."""
     validate(cfg)
     dist.init()
     configure_logging(cfg.run.log_level, dist.is_root())
+    if cfg.train.batch_size % dist.size():
+        raise ConfigError(f"--batch-size {cfg.train.batch_size} is not divisible by the {dist.size()} ranks")
+    lock = RunLock(log_path(cfg))
+    dist.agree(lambda: lock.acquire() if dist.is_root() else None, "locking the run")
+    try:
+        return run_locked(cfg)
+    finally:
+        lock.release()
+
+
+def run_locked(cfg: Config) -> TrialResult:
     world, rank = dist.size(), dist.rank()
-    t0 = time.time()
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.train.batch_size} is not divisible by the {world} ranks")
+    t_init = time.time()
     device = select_device()
     data = dist.agree(lambda: load_data(cfg, device), "loading the data")
     batches = GlobalBatches(len(data.train), cfg.train.batch_size, seed_for(cfg.train.seed, "order"))
+    path = log_path(cfg)
+    ckpt = dist.agree(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite) if dist.is_root() else None,
+                      "reading the earlier log")
+    start: Start = dist.broadcast_object(ckpt.start if ckpt else Start(), name="start")
 
-    torch.manual_seed(seed_for(cfg.train.seed, "torch"))  # nothing random is drawn from it; belt and braces
     model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model)
     dist.broadcast_parameters(model)
-    mask = prepare_mask(cfg, model, data)
+    mask = prepare_mask(cfg, model, data, ckpt.mask if ckpt else None)
     mask.apply_to_params(model)
     logger.info(
-        "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)",
+        "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)%s",
         world, cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
+        f", resuming at step {start.step}" if start.resumed else "",
     )
     sync = dist.gradient_sync(cfg.dist.grad_compression, build_optimizer(model.parameters(), cfg.optim), model, mask)
+    if ckpt is not None:
+        sync.optimizer.load_state_dict(ckpt.optimizer)
     dist.broadcast_optimizer_state(sync.optimizer)
     mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
-    trial_log = dist.agree(lambda: create_log(cfg, mask, sync.bytes_per_step), "creating the log")
 
-    status, steps_to_result, best = "INCOMPLETE", None, math.inf
+    def open_log() -> TrialLog | None:
+        if not dist.is_root():
+            return None
+        if start.resumed:
+            trial_log = TrialLog(path)
+            trial_log.truncate(start.step)  # evaluations logged after the checkpoint are redone
+            return trial_log
+        return create_log(cfg, mask, sync.bytes_per_step)
+
+    trial_log = dist.agree(open_log, "opening the log")
+
+    status, steps_to_result, best = "INCOMPLETE", None, start.best_val_error
+    t0 = time.time() - start.wall_time if start.resumed else t_init  # wall time continues across resumes
     train_loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of local batch losses, batches]
     bar = progress_bar(cfg.train.max_steps, enabled=dist.is_root() and cfg.run.progress)
-    step = 0
+    bar.update(start.step)
+    step = start.step
     model.train()
     while True:
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+        due = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
+        if due and not (start.resumed and step == start.step):  # the resume step's evaluation is logged
             local = torch.cat([evaluate(model, data.val, cfg.train.eval_batch_size), train_loss_acc]).cpu()
             totals = dist.allreduce_sum(local, name="eval.totals")
             errors, count, loss_sum, tl_sum, tl_n = totals.tolist()
@@ -220,8 +257,18 @@ def run(cfg: Config) -> TrialResult:
                 "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - t0,
                 "allreduce_bytes": step * sync.bytes_per_step,
             }
-            dist.agree(lambda: trial_log.append(row) if trial_log is not None else None, "writing the log")
             best = min(best, val_error)
+            reached = val_error <= cfg.train.goal_error or not math.isfinite(row["val_loss"])
+
+            def record() -> None:
+                if trial_log is None:
+                    return
+                trial_log.append(row)
+                if cfg.run.checkpoint and not reached and step < cfg.train.max_steps:
+                    save_checkpoint(path, Start(step, best, row["wall_time"], resumed=True), model,
+                                    sync.optimizer, cfg.run_hash(), mask.sha256())
+
+            dist.agree(record, "writing the log")
             bar.set_postfix(val_error=f"{val_error:.4f}", refresh=False)
             logger.info(
                 "step %d: val_error %.4f val_loss %.4f train_loss %.4f (%.1f s)",
@@ -261,6 +308,7 @@ def run(cfg: Config) -> TrialResult:
     def finish_log() -> None:
         if trial_log is not None:
             trial_log.finish(status, steps_to_result, **extra)
+            checkpoint_path(path).unlink(missing_ok=True)  # an ended trial is never resumed
 
     dist.agree(finish_log, "finishing the log")
     if cfg.run.save_model and dist.is_root():
@@ -268,7 +316,7 @@ def run(cfg: Config) -> TrialResult:
     return TrialResult(
         status=status, steps_to_result=steps_to_result, best_val_error=best, steps_done=step,
         world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask.sha256(),
-        test_error=test_error, log_path=log_path(cfg) if dist.is_root() else None,
+        test_error=test_error, log_path=path if dist.is_root() else None,
     )
 
 

@@ -22,7 +22,7 @@ cfg = Config(data=DataConfig(dataset="synthetic"), model=ModelConfig("simple-cnn
 data = load_datasets(cfg.data)
 model = build_model("simple-cnn", data.input_shape, data.num_classes, seed=100 + dist.rank())
 dist.broadcast_parameters(model)
-mask = prepare_mask(cfg, model, data)
+mask = prepare_mask(cfg, model, data, known=None)
 torch.save({n: t for n, t in mask.items()}, out / f"rank{dist.rank()}.pt")
 if mode == "mismatch":
     tensors = {n: t.clone() for n, t in mask.items()}

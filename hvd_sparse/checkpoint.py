@@ -1,0 +1,112 @@
+"""Trial checkpoints and the decision where a run starts: fresh, or from its last checkpoint.
+
+Rank 0 writes ``<log>.ckpt.pt`` atomically after every evaluation it logged; a run whose log says
+RUNNING (it was killed or preempted) and has a checkpoint resumes from it, and loses only the steps
+since that evaluation. Batches are a pure function of the step and the model and optimizer state
+are restored exactly, so the resumed run measures exactly what an uninterrupted one would have.
+A lock file keeps two processes from running the same trial at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hvd_sparse.log import LogError, read_log
+from hvd_sparse.mask import Mask
+
+
+def checkpoint_path(log: Path) -> Path:
+    return log.with_suffix(".ckpt.pt")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run begins; the same on every rank (the heavy state stays on rank 0)."""
+
+    step: int = 0
+    best_val_error: float = float("inf")
+    wall_time: float = 0.0
+    resumed: bool = False
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    start: Start
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    mask: Mask
+
+
+def save_checkpoint(log: Path, start: Start, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    run_hash: str, mask_sha256: str) -> None:
+    """Write the checkpoint so that a reader sees the old one or the new one, never a mix."""
+    path = checkpoint_path(log)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {
+        "step": start.step, "best_val_error": start.best_val_error, "wall_time": start.wall_time,
+        "run_hash": run_hash, "mask_sha256": mask_sha256,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LogError(f"{path}: cannot write the checkpoint: {e.strerror or e}") from None
+
+
+def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
+    """The checkpoint to resume from, or None to start fresh; LogError if the run already ended.
+
+    No log, ``overwrite``, or a RUNNING log without a checkpoint (killed before its first one):
+    fresh. A RUNNING log with a checkpoint of the same run: resume. A finished log: refuse.
+    """
+    if overwrite or not log.exists():
+        return None
+    data = read_log(log)
+    if data.status != "RUNNING":
+        raise LogError(f"{log}: this run already ended ({data.status}); pass --overwrite to run it again")
+    path = checkpoint_path(log)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); remove it or pass --overwrite") from None
+    if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"]:
+        raise LogError(f"{path}: checkpoint of another run or mask; remove it or pass --overwrite")
+    assert data.mask is not None
+    start = Start(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), resumed=True)
+    return Checkpoint(start, state["model"], state["optimizer"], data.mask)
+
+
+class RunLock:
+    """An exclusive lock on ``<log>.lock`` for as long as a process runs the trial."""
+
+    def __init__(self, log: Path):
+        self.path = log.with_suffix(".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LogError(f"{self.path}: cannot create the run's lock file: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LogError(f"{self.path}: another process is running this trial right now") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

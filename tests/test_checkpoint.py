@@ -1,0 +1,110 @@
+"""Interrupted runs resume from their last checkpoint and measure exactly what an uninterrupted run does."""
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from hvd_sparse.checkpoint import checkpoint_path
+from hvd_sparse.log import COLUMNS, read_log
+from conftest import BIN, REPO, describe, launch_env
+
+FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--optimizer", "momentum",
+         "--lr", "0.02", "--batch-size", "32", "--max-steps", "1500", "--eval-every", "100", "--goal-error", "0",
+         "--save-model", "--no-progress"]
+
+
+def command(np_, out):
+    train = [sys.executable, "-m", "hvd_sparse.train", *FLAGS, "--out", str(out)]
+    return train if np_ == 1 else [str(BIN / "horovodrun"), "-np", str(np_), *train]
+
+
+def run(np_, out, *extra, timeout=300):
+    proc = subprocess.run(command(np_, out) + list(extra), env=launch_env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def the_log(out):
+    (path,) = out.glob("*.h5")
+    return path
+
+
+def wait_for_evaluations(out, proc, count, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = list(out.glob("*.h5"))
+        if logs and checkpoint_path(logs[0]).exists() and len(read_log(logs[0]).measurements["step"]) >= count:
+            return logs[0]
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.1)
+    pytest.fail("no checkpointed evaluations appeared")
+
+
+def assert_same_measurements(a, b):
+    la, lb = read_log(a), read_log(b)
+    for column in COLUMNS:
+        if column != "wall_time":
+            np.testing.assert_array_equal(la.measurements[column], lb.measurements[column], err_msg=column)
+    assert la.status == lb.status and la.attrs["mask_sha256"] == lb.attrs["mask_sha256"]
+    pa, pb = torch.load(a.with_suffix(".final.pt")), torch.load(b.with_suffix(".final.pt"))
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+@pytest.mark.parametrize("np_", [1, 2])
+def test_killed_run_resumes_with_identical_measurements(tmp_path, np_):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = run(np_, whole)
+    assert proc.returncode == 0, describe(proc)
+
+    victim = subprocess.Popen(command(np_, cut), env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        log = wait_for_evaluations(cut, victim, count=4)
+        # SIGKILL a training rank (for np=2 the one of rank 1, as a node failure would)
+        family = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
+        ranks = [p for p in family if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]]
+        assert len(ranks) == np_
+        ranks[-1].send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+        assert victim.returncode != 0
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+    interrupted = read_log(log)
+    assert interrupted.status == "RUNNING" and checkpoint_path(log).exists()
+
+    proc = run(np_, cut)
+    assert proc.returncode == 0, describe(proc)
+    assert "resuming at step" in proc.stderr + proc.stdout
+    resumed = read_log(log)
+    assert resumed.attrs["resumes"] == 1 and not checkpoint_path(log).exists()
+    assert_same_measurements(the_log(whole), log)
+
+
+def test_a_finished_run_is_not_run_again_unless_asked(tmp_path):
+    short = ["--max-steps", "20", "--eval-every", "10"]
+    assert run(1, tmp_path, *short).returncode == 0
+    before = the_log(tmp_path).read_bytes()
+    proc = run(1, tmp_path, *short)
+    assert proc.returncode == 2 and "already ended (INCOMPLETE); pass --overwrite" in proc.stderr
+    assert the_log(tmp_path).read_bytes() == before
+    assert run(1, tmp_path, *short, "--overwrite").returncode == 0
+    assert read_log(the_log(tmp_path)).status == "INCOMPLETE"
+
+
+def test_a_trial_already_running_elsewhere_is_refused(tmp_path):
+    short = ["--max-steps", "20", "--eval-every", "10"]
+    assert run(1, tmp_path, *short).returncode == 0
+    lock_path = the_log(tmp_path).with_suffix(".lock")
+    with open(lock_path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run(1, tmp_path, *short, "--overwrite")
+    assert proc.returncode == 2 and "another process is running this trial" in proc.stderr
