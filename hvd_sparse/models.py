@@ -9,26 +9,37 @@ from torch import nn
 import torch.nn.functional as F
 
 
-class SimpleCNN(nn.Module):
+class _TwoConvTrunk(nn.Module):
+    """Two blocks of 5x5 VALID conv + ReLU + 2x2 max-pool: the trunk of Simple-CNN and LeNet-5."""
+
+    def __init__(self, input_shape: tuple[int, ...], channels: tuple[int, int], name: str):
+        super().__init__()
+        c, h, w = input_shape
+        self.conv1 = nn.Conv2d(c, channels[0], 5)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], 5)
+        h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"{name} needs inputs of at least 12x12, got {input_shape}")
+        self.num_features = channels[1] * h * w
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return torch.flatten(x, 1)
+
+
+class SimpleCNN(_TwoConvTrunk):
     """The paper's Simple-CNN: two 5x5 VALID convs (32, 64) with ReLU and 2x2 max-pool, one FC.
 
     62,346 parameters on 28x28x1 inputs (832 + 51,264 + 10,250); no hidden FC layer.
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int):
-        super().__init__()
-        c, h, w = input_shape
-        self.conv1 = nn.Conv2d(c, 32, 5)
-        self.conv2 = nn.Conv2d(32, 64, 5)
-        h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
-        if h < 1 or w < 1:
-            raise ValueError(f"simple-cnn needs inputs of at least 12x12, got {input_shape}")
-        self.fc = nn.Linear(64 * h * w, num_classes)
+        super().__init__(input_shape, (32, 64), "simple-cnn")
+        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc(torch.flatten(x, 1))
+        return self.fc(self.features(x))
 
 
 class MLP(nn.Module):
@@ -46,27 +57,19 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
-class LeNet5(nn.Module):
+class LeNet5(_TwoConvTrunk):
     """LeNet-5-Caffe as in the SNIP paper: conv 5x5x20, pool, conv 5x5x50, pool, FC 500, FC 10.
 
     431,080 parameters on 28x28x1 inputs (520 + 25,050 + 400,500 + 5,010).
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int):
-        super().__init__()
-        c, h, w = input_shape
-        self.conv1 = nn.Conv2d(c, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
-        h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
-        if h < 1 or w < 1:
-            raise ValueError(f"lenet5 needs inputs of at least 12x12, got {input_shape}")
-        self.fc1 = nn.Linear(50 * h * w, 500)
+        super().__init__(input_shape, (20, 50), "lenet5")
+        self.fc1 = nn.Linear(self.num_features, 500)
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+        return self.fc2(F.relu(self.fc1(self.features(x))))
 
 
 class SameConv2d(nn.Conv2d):
