@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hvd_sparse.data import Split
 from hvd_sparse.models import build_model, prunable_names
