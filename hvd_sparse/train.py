@@ -215,9 +215,10 @@ def run_locked(cfg: Config) -> TrialResult:
     dist.broadcast_parameters(model)
     mask = prepare_mask(cfg, model, data, ckpt.mask if ckpt else None)
     mask.apply_to_params(model)
+    mask_sha256, run_hash = mask.sha256(), cfg.run_hash()  # fixed for the run; not recomputed per evaluation
     logger.info(
         "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)%s",
-        world, cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
+        world, cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask_sha256[:12],
         f", resuming at step {start.step}" if start.resumed else "",
     )
     sync = dist.gradient_sync(cfg.dist.grad_compression, build_optimizer(model.parameters(), cfg.optim), model, mask)
@@ -266,7 +267,7 @@ def run_locked(cfg: Config) -> TrialResult:
                 trial_log.append(row)
                 if cfg.run.checkpoint and not reached and step < cfg.train.max_steps:
                     save_checkpoint(path, Start(step, best, row["wall_time"], resumed=True), model,
-                                    sync.optimizer, cfg.run_hash(), mask.sha256())
+                                    sync.optimizer, run_hash, mask_sha256)
 
             dist.agree(record, "writing the log")
             bar.set_postfix(val_error=f"{val_error:.4f}", refresh=False)
@@ -315,7 +316,7 @@ def run_locked(cfg: Config) -> TrialResult:
         torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, final_model_path(cfg))
     return TrialResult(
         status=status, steps_to_result=steps_to_result, best_val_error=best, steps_done=step,
-        world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask.sha256(),
+        world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask_sha256,
         test_error=test_error, log_path=path if dist.is_root() else None,
     )
 
