@@ -8,8 +8,10 @@ DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --dataset mnist5k --model simple-cnn --sparsity 0.9 --optimizer nesterov --lr 0.05 \
 	--momentum 0.9 --batch-size 64 --max-steps 3000 --eval-every 100 --goal-error 0.05 --seed 0
 PYTEST_ARGS ?=
+STUDY ?= studies/mini-mnist5k.yaml
+STUDY_OUT ?= runs/studies
 
-.PHONY: setup demo test clean
+.PHONY: setup demo replicate test clean
 
 setup:
 	@bash launch/setup.sh
@@ -17,6 +19,10 @@ setup:
 ## make demo: set up, then one data-parallel training run (np=2) on the bundled MNIST digits at 90% sparsity
 demo: setup
 	horovodrun -np $(NP) python -m hvd_sparse.train $(DEMO_ARGS) --out $(DEMO_OUT) --overwrite
+
+## make replicate: set up, then the mini study (every trial of the grid in one horovodrun job, resumable)
+replicate: setup
+	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT)
 
 ## make test: set up, then the whole test suite
 test: setup

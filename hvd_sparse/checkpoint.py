@@ -93,6 +93,11 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        if not self.try_acquire():
+            raise LogError(f"{self.path}: another process is running this trial right now")
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process holds it; False if one does."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -102,8 +107,9 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LogError(f"{self.path}: another process is running this trial right now") from None
+            return False
         self._fd = fd
+        return True
 
     def release(self) -> None:
         if self._fd is not None:

@@ -24,7 +24,12 @@ class DistributedError(RuntimeError):
 
 
 def init() -> None:
-    """hvd.init() and one share of the cores per local rank (unless OMP_NUM_THREADS says otherwise)."""
+    """hvd.init() and one share of the cores per local rank (unless OMP_NUM_THREADS says otherwise).
+
+    Idempotent: a study calls it once and then runs many trials in the same job.
+    """
+    if hvd.is_initialized():
+        return
     hvd.init()
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -103,6 +108,15 @@ def agree(step: Callable[[], T], what: str) -> T:
         if report is not None:
             raise DistributedError(f"{what} failed on rank {r}: {report}")
     return result
+
+
+def root_decides(decide: Callable[[], T], what: str) -> T:
+    """``decide()`` run on rank 0 only, its answer (a small picklable value) returned on every rank.
+
+    A failure on rank 0 is raised on every rank, as with ``agree``.
+    """
+    answer = agree(lambda: decide() if is_root() else None, what)
+    return broadcast_object(answer, name=f"decide.{what}")
 
 
 def broadcast_parameters(model: nn.Module) -> None:

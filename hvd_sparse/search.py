@@ -88,10 +88,11 @@ class SearchSpace:
         params = []
         for name, spec in d.items():
             try:
-                low, high = spec["range"]
-                params.append(Param(name, float(low), float(high), str(spec["scale"])))
+                low, high = (float(v) for v in spec["range"])
+                scale = str(spec["scale"])
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(f"search space entry {name!r} must look like {{range: [low, high], scale: log}}") from None
+            params.append(Param(name, low, high, scale))
         return cls(tuple(params))
 
 

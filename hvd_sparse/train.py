@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -162,12 +162,14 @@ def evaluate_all(model: nn.Module, split: Split, batch_size: int, name: str) -> 
     return errors / count, loss_sum / count
 
 
-def create_log(cfg: Config, mask: Mask, bytes_per_step: int) -> TrialLog | None:
+def create_log(cfg: Config, path: Path, mask: Mask, bytes_per_step: int,
+               extra_attrs: Mapping[str, Any]) -> TrialLog | None:
     if not dist.is_root():
         return None
     import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
 
     attrs = {
+        **extra_attrs,
         "config": cfg.to_json(),
         "run_hash": cfg.run_hash(),
         "world_size": dist.size(),
@@ -180,31 +182,45 @@ def create_log(cfg: Config, mask: Mask, bytes_per_step: int) -> TrialLog | None:
         "horovod_version": dist.horovod_version(),
     }
     # plan_start has ruled out a finished log unless --overwrite; a RUNNING one without checkpoint restarts
-    return TrialLog.create(log_path(cfg), attrs, mask, overwrite=True)
+    return TrialLog.create(path, attrs, mask, overwrite=True)
+
+
+def start_job(cfg: Config) -> None:
+    """Checks before any collective, then Horovod, logging and the checks that need the world size."""
+    validate(cfg)
+    dist.init()
+    configure_logging(cfg.run.log_level, dist.is_root())
+    check_divisible(cfg.train.batch_size)
+
+
+def check_divisible(batch_size: int) -> None:
+    if batch_size % dist.size():
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the {dist.size()} ranks")
 
 
 def run(cfg: Config) -> TrialResult:
     """One trial on all ranks of the current Horovod job (resumed if it was interrupted)."""
-    validate(cfg)
-    dist.init()
-    configure_logging(cfg.run.log_level, dist.is_root())
-    if cfg.train.batch_size % dist.size():
-        raise ConfigError(f"--batch-size {cfg.train.batch_size} is not divisible by the {dist.size()} ranks")
-    lock = RunLock(log_path(cfg))
+    start_job(cfg)
+    device = select_device()
+    data = dist.agree(lambda: load_data(cfg, device), "loading the data")
+    path = log_path(cfg)
+    lock = RunLock(path)
     dist.agree(lambda: lock.acquire() if dist.is_root() else None, "locking the run")
     try:
-        return run_locked(cfg)
+        return run_trial(cfg, path, data)
     finally:
         lock.release()
 
 
-def run_locked(cfg: Config) -> TrialResult:
+def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] | None = None) -> TrialResult:
+    """Train one trial whose log is ``path`` on data already on the device; the caller holds its lock.
+
+    ``attrs`` are stored in the log (a study's trial id and metaparameters).
+    """
     world, rank = dist.size(), dist.rank()
     t_init = time.time()
-    device = select_device()
-    data = dist.agree(lambda: load_data(cfg, device), "loading the data")
+    device = data.train.x.device
     batches = GlobalBatches(len(data.train), cfg.train.batch_size, seed_for(cfg.train.seed, "order"))
-    path = log_path(cfg)
     ckpt = dist.agree(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite) if dist.is_root() else None,
                       "reading the earlier log")
     start: Start = dist.broadcast_object(ckpt.start if ckpt else Start(), name="start")
@@ -234,7 +250,7 @@ def run_locked(cfg: Config) -> TrialResult:
             trial_log = TrialLog(path)
             trial_log.truncate(start.step)  # evaluations logged after the checkpoint are redone
             return trial_log
-        return create_log(cfg, mask, sync.bytes_per_step)
+        return create_log(cfg, path, mask, sync.bytes_per_step, attrs or {})
 
     trial_log = dist.agree(open_log, "opening the log")
 
@@ -313,7 +329,7 @@ def run_locked(cfg: Config) -> TrialResult:
 
     dist.agree(finish_log, "finishing the log")
     if cfg.run.save_model and dist.is_root():
-        torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, final_model_path(cfg))
+        torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, final_model_path(path))
     return TrialResult(
         status=status, steps_to_result=steps_to_result, best_val_error=best, steps_done=step,
         world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask_sha256,
@@ -321,8 +337,8 @@ def run_locked(cfg: Config) -> TrialResult:
     )
 
 
-def final_model_path(cfg: Config) -> Path:
-    return log_path(cfg).with_suffix(".final.pt")
+def final_model_path(log: Path) -> Path:
+    return log.with_suffix(".final.pt")
 
 
 def say(text: str, stream: TextIO | None = None) -> None:
@@ -332,9 +348,9 @@ def say(text: str, stream: TextIO | None = None) -> None:
     stream.flush()
 
 
-def fail(error: Exception, code: int) -> int:
+def fail(error: Exception, code: int, prog: str = PROG) -> int:
     """One error line on this rank; every rank that fails together leaves together."""
-    say(f"{PROG}: error: {error}", sys.stderr)
+    say(f"{prog}: error: {error}", sys.stderr)
     dist.exit_barrier()
     return code
 

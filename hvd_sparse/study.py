@@ -1,0 +1,455 @@
+"""A study grid in one Horovod job: every (optimizer, sparsity, batch size) x Sobol trials, resumable.
+
+Run as ``horovodrun -np 2 python -m hvd_sparse.study studies/mini-mnist5k.yaml --out runs``.
+
+The spec (YAML or JSON) names the workload, the grid, the trial budget and the search space; the
+study directory ``<out>/<name>-<hash>`` is named by a hash of everything that changes results, and
+holds ``study.json`` (the spec) and one HDF5 log per trial, in the layout
+``<dataset>/<model>/<optimizer>/sparsity-<s>/batch-<B>/trial-<NNN>.h5``. Rerunning the same spec
+skips the trials that ended and resumes an interrupted one from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+import hvd_sparse
+from hvd_sparse.config import SCHEDULES, Config, ConfigError
+from hvd_sparse.log import LogError, read_log
+from hvd_sparse.search import SearchSpace, reference_space
+
+PROG = "hvd_sparse.study"
+SPEC_FILE = "study.json"
+
+# config fields the grid sets itself; a spec's ``config`` section may not override them
+GRID_FIELDS = {
+    "data": {"dataset", "data_dir"}, "model": {"model"}, "prune": {"sparsity"},
+    "optim": {"optimizer", "schedule", "lr", "momentum", "decay_steps", "end_factor"},
+    "train": {"batch_size", "max_steps", "eval_every", "goal_error", "seed"}, "run": None,  # None: the whole section
+}
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"study spec: {what} must be a non-empty list")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ConfigError(f"study spec: {what} must be positive integers, got {list(values)}")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A study grid. Every field but ``data_dir`` enters the study hash."""
+
+    name: str
+    dataset: str
+    model: str
+    sparsities: tuple[float, ...]
+    optimizers: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    trials: int
+    goal_error: float
+    max_steps: int
+    eval_every: int
+    schedule: str = "constant"
+    search: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # overrides of the reference space
+    sobol_skip: int = 1
+    sobol_seed: int | None = None
+    seed: int = 0
+    config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # fixed settings of every trial
+    data_dir: str | None = None  # where the data is, not what it is: kept out of the hash
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"study spec: name must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise ConfigError(f"study spec: trials must be a positive integer, got {self.trials!r}")
+        if not isinstance(self.sparsities, tuple) or not self.sparsities:
+            raise ConfigError("study spec: sparsities must be a non-empty list")
+        for what in ("sparsities", "optimizers", "batch_sizes"):
+            values = getattr(self, what)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"study spec: {what} lists a value twice: {list(values)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"study spec: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not isinstance(self.sobol_skip, int) or self.sobol_skip < 0:
+            raise ConfigError(f"study spec: sobol.skip must be a non-negative integer, got {self.sobol_skip!r}")
+        for section, values in self.config.items():
+            fixed = GRID_FIELDS.get(section, set())
+            clash = set(values) if fixed is None else set(values) & fixed
+            if clash:
+                raise ConfigError(f"study spec: config.{section} may not set {', '.join(sorted(clash))} (the grid sets it)")
+        for optimizer in self.optimizers:
+            self.space(optimizer)  # unknown search names, bad ranges
+            for sparsity in self.sparsities:
+                for batch_size in self.batch_sizes:  # every other field, by the config's own checks
+                    self.trial_config(optimizer, sparsity, batch_size, 0)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StudySpec":
+        if not isinstance(d, Mapping):
+            raise ConfigError("study spec: expected a mapping of keys (name, dataset, model, ...)")
+        d = dict(d)
+        sobol = d.pop("sobol", None) or {}
+        if not isinstance(sobol, Mapping) or set(sobol) - {"skip", "seed"}:
+            raise ConfigError("study spec: sobol must look like {skip: 1, seed: null}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"sobol_skip", "sobol_seed"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"study spec: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known | {'sobol'}))}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"study spec: missing key(s) {', '.join(missing)}")
+        for key in ("search", "config"):
+            if not isinstance(d.get(key, {}), Mapping) or not all(isinstance(v, Mapping) for v in d.get(key, {}).values()):
+                raise ConfigError(f"study spec: {key} must map names to mappings")
+        sparsities = d["sparsities"]
+        if not isinstance(sparsities, (list, tuple)) or not all(isinstance(s, (int, float)) for s in sparsities):
+            raise ConfigError(f"study spec: sparsities must be a list of numbers, got {sparsities!r}")
+        optimizers = d["optimizers"]
+        if not isinstance(optimizers, (list, tuple)) or not optimizers or not all(isinstance(o, str) for o in optimizers):
+            raise ConfigError(f"study spec: optimizers must be a non-empty list of names, got {optimizers!r}")
+        try:
+            return cls(
+                **{**d, "sparsities": tuple(float(s) for s in sparsities), "optimizers": tuple(optimizers),
+                   "batch_sizes": _ints(d["batch_sizes"], "batch_sizes"),
+                   "search": {k: dict(v) for k, v in d.get("search", {}).items()},
+                   "config": {k: dict(v) for k, v in d.get("config", {}).items()}},
+                sobol_skip=sobol.get("skip", 1), sobol_seed=sobol.get("seed"),
+            )
+        except TypeError as e:
+            raise ConfigError(f"study spec: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StudySpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the study spec: {e.strerror or e}") from None
+        try:
+            d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix == '.json' else 'YAML'} study spec: {first}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sobol"] = {"skip": d.pop("sobol_skip"), "seed": d.pop("sobol_seed")}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        d.pop("data_dir")
+        return d
+
+    def study_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    # -- the grid ----------------------------------------------------------------------------
+
+    def space(self, optimizer: str) -> SearchSpace:
+        """The reference space of this optimizer and schedule, with the spec's overrides."""
+        base = reference_space(optimizer, self.schedule).to_dict()
+        searchable = set(reference_space("momentum", self.schedule).names)
+        unknown = set(self.search) - searchable
+        if unknown:
+            raise ConfigError(
+                f"study spec: search names {', '.join(sorted(unknown))}, not searched with schedule {self.schedule} "
+                f"(searched: {', '.join(sorted(searchable))})"
+            )
+        merged = {name: dict(self.search.get(name, spec)) for name, spec in base.items()}
+        return SearchSpace.from_dict(merged)
+
+    def points(self, optimizer: str) -> list[dict[str, float | int]]:
+        """The trials' metaparameters; the same list for every sparsity and batch size."""
+        return self.space(optimizer).points(self.trials, skip=self.sobol_skip, seed=self.sobol_seed)
+
+    def trial_config(self, optimizer: str, sparsity: float, batch_size: int, trial_id: int,
+                     point: Mapping[str, float | int] | None = None) -> Config:
+        sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.config.items()}
+
+        def put(section: str, **values: Any) -> None:
+            sections.setdefault(section, {}).update(values)
+
+        put("data", dataset=self.dataset, data_dir=self.data_dir)
+        put("model", model=self.model)
+        put("prune", sparsity=sparsity)
+        put("optim", optimizer=optimizer, schedule=self.schedule, **(point or {}))
+        put("train", batch_size=batch_size, max_steps=self.max_steps, eval_every=self.eval_every,
+            goal_error=self.goal_error, seed=self.seed + trial_id)
+        put("run", progress=False, checkpoint=True)
+        return Config.from_dict(sections)
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int  # position in the canonical order of the grid
+    optimizer: str
+    sparsity: float
+    batch_size: int
+    trial_id: int
+    params: dict[str, float | int]
+    config: Config
+
+    def relpath(self) -> Path:
+        c = self.config
+        return (Path(c.data.dataset) / c.model.model / self.optimizer / f"sparsity-{self.sparsity:g}"
+                / f"batch-{self.batch_size}" / f"trial-{self.trial_id:03d}.h5")
+
+    def label(self) -> str:
+        return f"{self.optimizer} sparsity={self.sparsity:g} batch={self.batch_size} trial={self.trial_id}"
+
+    def attrs(self, spec: StudySpec) -> dict[str, Any]:
+        return {"study_name": spec.name, "study_hash": spec.study_hash(), "trial_id": self.trial_id,
+                "search_params": json.dumps(self.params, sort_keys=True)}
+
+
+def grid(spec: StudySpec) -> list[Trial]:
+    """Every trial of the study, in the canonical order: optimizer, sparsity, batch size, trial id."""
+    trials = []
+    for optimizer in spec.optimizers:
+        points = spec.points(optimizer)
+        for sparsity in spec.sparsities:
+            for batch_size in spec.batch_sizes:
+                for trial_id, point in enumerate(points):
+                    cfg = spec.trial_config(optimizer, sparsity, batch_size, trial_id, point)
+                    trials.append(Trial(len(trials), optimizer, sparsity, batch_size, trial_id, dict(point), cfg))
+    return trials
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def shard(trials: Sequence[Trial], i: int, n: int) -> list[Trial]:
+    """Shard i of n: the trials whose grid index is i modulo n (n shards partition the grid)."""
+    return [t for t in trials if t.index % n == i]
+
+
+# -- the study directory ---------------------------------------------------------------------
+
+
+def study_dir(spec: StudySpec, out: str | Path) -> Path:
+    return Path(out) / f"{spec.name}-{spec.study_hash()}"
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if saved.get(k) != current.get(k)]
+
+
+def prepare_dir(spec: StudySpec, directory: Path) -> None:
+    """Create the study directory with its spec, or check that it holds this very spec."""
+    saved_path = directory / SPEC_FILE
+    if saved_path.exists():
+        try:
+            saved = json.loads(saved_path.read_text())["spec"]
+            saved.pop("data_dir", None)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{saved_path}: unreadable study spec ({type(e).__name__}); not touching this directory") from None
+        diff = _differences(saved, spec.identity())
+        if diff:
+            raise ConfigError(
+                f"{directory} holds a different study (spec differs in: {', '.join(diff)}); "
+                "use another --out or --study-dir, or restore the original spec"
+            )
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = saved_path.with_name(SPEC_FILE + ".tmp")
+        record = {"spec": spec.to_dict(), "study_hash": spec.study_hash(),
+                  "hvd_sparse_version": hvd_sparse.__version__, "created": time.time()}
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, saved_path)
+    except OSError as e:
+        raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    trial: Trial
+    action: str  # ran, resumed, skipped (ended before), busy (another process runs it)
+    status: str
+    steps_to_result: int | None
+    best_val_error: float
+    seconds: float
+
+
+def ended_outcome(trial: Trial, path: Path) -> Outcome | None:
+    """The outcome of a trial whose log says it ended, None if it still needs running."""
+    if not path.exists():
+        return None
+    log = read_log(path, with_mask=False)  # a corrupt log is a LogError: reported, never overwritten
+    if log.status == "RUNNING":
+        return None
+    best = float(log.attrs.get("best_val_error", math.nan))
+    return Outcome(trial, "skipped", log.status, log.steps_to_result, best, 0.0)
+
+
+def decide(trial: Trial, path: Path, lock: Any) -> tuple:
+    """Rank 0's plan for one trial, as plain data (it is broadcast; a class defined in ``__main__``
+    would arrive on the other ranks as a different class): ("skipped", status, steps, best),
+    ("busy",), ("resume",) or ("run",). Takes the trial's lock for "resume" and "run"."""
+    ended = ended_outcome(trial, path)
+    if ended is not None:
+        return ("skipped", ended.status, ended.steps_to_result, ended.best_val_error)
+    if not lock.try_acquire():
+        return ("busy",)
+    return ("resume",) if path.exists() else ("run",)
+
+
+def format_outcome(o: Outcome, done: int, total: int) -> str:
+    params = " ".join(f"{k}={v:.4g}" for k, v in o.trial.params.items())
+    reached = "-" if o.steps_to_result is None else str(o.steps_to_result)
+    width = len(str(total))
+    return (f"[{done:>{width}}/{total}] {o.trial.label()} {params}: {o.status} steps_to_result={reached} "
+            f"best_val_error={o.best_val_error:.4f} ({o.action}, {o.seconds:.1f} s)")
+
+
+def summary_table(outcomes: Sequence[Outcome]) -> str:
+    """Steps-to-result (min over COMPLETE trials) per optimizer/sparsity row and batch-size column."""
+    batch_sizes = sorted({o.trial.batch_size for o in outcomes})
+    rows: dict[tuple[str, float], dict[int, list[Outcome]]] = {}
+    for o in outcomes:
+        rows.setdefault((o.trial.optimizer, o.trial.sparsity), {}).setdefault(o.trial.batch_size, []).append(o)
+    head = f"{'optimizer':<10} {'sparsity':>8} " + " ".join(f"{'B=' + str(b):>10}" for b in batch_sizes)
+    lines = ["steps-to-result (min over COMPLETE trials; complete/total in brackets)", head]
+    for (optimizer, sparsity), cells in rows.items():
+        parts = []
+        for b in batch_sizes:
+            found = cells.get(b, [])
+            steps = [o.steps_to_result for o in found if o.status == "COMPLETE" and o.steps_to_result is not None]
+            complete = sum(o.status == "COMPLETE" for o in found)
+            best = str(min(steps)) if steps else "-"
+            parts.append(f"{best + f' ({complete}/{len(found)})':>10}")
+        lines.append(f"{optimizer:<10} {sparsity:>8g} " + " ".join(parts))
+    return "\n".join(lines)
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 1), verbose: bool = False) -> list[Outcome]:
+    """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress."""
+    from hvd_sparse import dist
+    from hvd_sparse.checkpoint import RunLock
+    from hvd_sparse.train import check_divisible, configure_logging, load_data, run_trial, say, select_device, validate
+
+    everything = grid(spec)
+    for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
+        validate(next(t.config for t in everything if t.optimizer == optimizer))
+    trials = shard(everything, *shard_of)
+    dist.init()
+    configure_logging("info" if verbose else "warning", dist.is_root())
+    for b in spec.batch_sizes:
+        check_divisible(b)
+    dist.agree(lambda: prepare_dir(spec, directory) if dist.is_root() else None, "preparing the study directory")
+    device = select_device()
+    data = dist.agree(lambda: load_data(everything[0].config, device), "loading the data")
+    if dist.is_root():
+        say(f"study {directory} ({len(trials)} trials{'' if shard_of == (0, 1) else f', shard {shard_of[0]}/{shard_of[1]}'}"
+            f", world size {dist.size()})")
+
+    outcomes = []
+    for done, trial in enumerate(trials, start=1):
+        path = directory / trial.relpath()
+        lock = RunLock(path)
+
+        decision = dist.root_decides(lambda: decide(trial, path, lock), "deciding a trial")
+        if decision[0] == "skipped":
+            outcome = Outcome(trial, *decision, 0.0)
+        elif decision[0] == "busy":
+            outcome = Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0)
+        else:
+            t0 = time.time()
+            try:
+                result = run_trial(trial.config, path, data, trial.attrs(spec))
+            finally:
+                lock.release()
+            action = "resumed" if decision[0] == "resume" else "ran"
+            outcome = Outcome(trial, action, result.status, result.steps_to_result, result.best_val_error, time.time() - t0)
+        outcomes.append(outcome)
+        if dist.is_root():
+            say(format_outcome(outcome, done, len(trials)))
+    if dist.is_root():
+        say(summary_table(outcomes))
+    return outcomes
+
+
+def list_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial]) -> None:
+    """Print the study's trials (this shard's) and where their logs go, without running anything."""
+    from hvd_sparse.train import say
+
+    lines = [f"study {directory}: {len(trials)} trials"]
+    for t in trials:
+        params = " ".join(f"{k}={v:.6g}" for k, v in t.params.items())
+        lines.append(f"{t.index:>5} {t.label()} seed={t.config.train.seed} {params} -> {t.relpath()}")
+    say("\n".join(lines))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from hvd_sparse.config import _RaisingParser
+
+    parser = _RaisingParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("spec", help="study spec, YAML or JSON (see studies/mini-mnist5k.yaml)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default="runs", help="root folder; the study goes to OUT/<name>-<hash> (default: runs)")
+    where.add_argument("--study-dir", help="use exactly this study directory instead of OUT/<name>-<hash>")
+    parser.add_argument("--shard", default="0/1", help="run only shard i of n of the grid (i/n, e.g. a SLURM array task)")
+    parser.add_argument("--data-dir", help="root folder of the dataset files (overrides the spec's data_dir)")
+    parser.add_argument("--list", action="store_true", help="print the trials and their log paths, run nothing")
+    parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
+    return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from hvd_sparse import dist
+    from hvd_sparse.train import fail
+
+    try:
+        args = parse_args(argv)
+        spec = StudySpec.load(args.spec)
+        if args.data_dir:
+            spec = dataclasses.replace(spec, data_dir=args.data_dir)
+        directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
+        shard_of = parse_shard(args.shard)
+        if args.list:
+            list_trials(spec, directory, shard(grid(spec), *shard_of))
+            return 0
+        run_study(spec, directory, shard_of, verbose=args.verbose)
+    except (ValueError, LogError) as e:  # ConfigError, DataError, LogError
+        return fail(e, 2, PROG)
+    except dist.DistributedError as e:
+        return fail(e, 1, PROG)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Study grids: spec, search points, shards, the study directory; then whole studies with real ranks."""
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hvd_sparse.config import ConfigError
+from hvd_sparse.log import COLUMNS, read_log
+from hvd_sparse.study import StudySpec, grid, parse_shard, prepare_dir, shard, study_dir
+from conftest import BIN, REPO, describe, horovodrun, launch_env, rank_lines
+
+SPEC = {
+    "name": "tiny", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.0, 0.8],
+    "optimizers": ["sgd", "nesterov"], "batch_sizes": [16, 32, 64], "trials": 3, "goal_error": 0.0,
+    "max_steps": 40, "eval_every": 10,
+    "search": {"lr": {"range": [0.01, 1.0], "scale": "log"}, "momentum": {"range": [0.9, 0.99], "scale": "reverse-log"}},
+}
+
+
+def spec(**changes):
+    return StudySpec.from_dict({**SPEC, **changes})
+
+
+# -- the grid ------------------------------------------------------------------------------------
+
+
+def test_points_by_hand_and_shared_by_every_batch_size_and_sparsity():
+    trials = grid(spec())
+    assert len(trials) == 2 * 2 * 3 * 3
+    # unscrambled 2-D Sobol after the skipped origin: (0.5, 0.5), (0.75, 0.25), (0.25, 0.75)
+    lr = [0.1, 0.01 * 100 ** 0.75, 0.01 * 100 ** 0.25]
+    momentum = [1 - 0.1 * 0.1 ** 0.5, 1 - 0.1 * 0.1 ** 0.25, 1 - 0.1 * 0.1 ** 0.75]
+    for t in trials:
+        assert t.config.optim.lr == pytest.approx(lr[t.trial_id])
+        assert t.config.train.seed == t.trial_id  # the trial's seed: init, batch order, SNIP
+        if t.optimizer == "nesterov":
+            assert t.config.optim.momentum == pytest.approx(momentum[t.trial_id])
+            assert set(t.params) == {"lr", "momentum"}
+        else:
+            assert set(t.params) == {"lr"}  # 1-D Sobol for plain SGD: 0.5, 0.75, 0.25 as well
+    for t in trials:
+        same = [u for u in trials if (u.optimizer, u.trial_id) == (t.optimizer, t.trial_id)]
+        assert len(same) == 6 and all(u.params == t.params for u in same)
+    assert [t.index for t in trials] == list(range(len(trials)))
+
+
+def test_grid_fields_reach_every_trial_config():
+    s = spec(config={"prune": {"snip_batches": 2}, "dist": {"grad_compression": "mask"}}, seed=10)
+    for t in grid(s):
+        c = t.config
+        assert (c.data.dataset, c.model.model, c.train.batch_size, c.prune.sparsity) == ("synthetic", "mlp-tiny", t.batch_size, t.sparsity)
+        assert (c.train.max_steps, c.train.eval_every, c.train.goal_error) == (40, 10, 0.0)
+        assert c.prune.snip_batches == 2 and c.dist.grad_compression == "mask" and c.train.seed == 10 + t.trial_id
+        assert t.relpath().as_posix() == (
+            f"synthetic/mlp-tiny/{t.optimizer}/sparsity-{t.sparsity:g}/batch-{t.batch_size}/trial-{t.trial_id:03d}.h5")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 40])
+def test_shards_partition_the_grid_exactly(n):
+    trials = grid(spec())
+    parts = [shard(trials, i, n) for i in range(n)]
+    indices = sorted(t.index for part in parts for t in part)
+    assert indices == list(range(len(trials)))  # every trial in exactly one shard
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("text", ["1", "2/2", "-1/2", "a/b", "1/0"])
+def test_bad_shard_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="--shard"):
+        parse_shard(text)
+
+
+def test_the_hash_follows_results_not_paths():
+    base = spec()
+    assert spec(data_dir="/elsewhere").study_hash() == base.study_hash()
+    for change in ({"goal_error": 0.1}, {"trials": 4}, {"batch_sizes": [16, 32]}, {"sobol": {"skip": 2}},
+                   {"config": {"prune": {"snip_batches": 1}}}, {"seed": 1}):
+        assert spec(**change).study_hash() != base.study_hash(), change
+    assert study_dir(base, "runs").name == f"tiny-{base.study_hash()}"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 3}, "unknown key"),
+    ({"sobol": {"skip": 1, "scramble": True}}, "sobol must look like"),
+    ({"config": {"train": {"batch_size": 8}}}, "may not set batch_size"),
+    ({"config": {"run": {"out": "x"}}}, "may not set out"),
+    ({"config": {"nonsense": {"x": 1}}}, "unknown config section"),
+    ({"search": {"decay_steps": {"range": [1, 2], "scale": "int"}}}, "not searched with schedule constant"),
+    ({"search": {"lr": {"range": [0, 1], "scale": "log"}}}, "log scale needs low > 0"),
+    ({"sparsities": [0.5, 1.0]}, "--sparsity must be in"),
+    ({"batch_sizes": [16, 0]}, "positive integers"),
+    ({"batch_sizes": [16, 16]}, "twice"),
+    ({"trials": 0}, "trials must be"),
+    ({"name": "a/b"}, "name must be"),
+    ({"schedule": "cosine"}, "schedule must be"),
+])
+def test_bad_specs_are_one_line_config_errors(change, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        spec(**change)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_key_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="missing key.*goal_error"):
+        StudySpec.from_dict({k: v for k, v in SPEC.items() if k != "goal_error"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not a valid YAML study spec"):
+        StudySpec.load(bad)
+    with pytest.raises(ConfigError, match="cannot read the study spec"):
+        StudySpec.load(tmp_path / "absent.yaml")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(SPEC))
+    assert StudySpec.load(good) == spec()
+
+
+def test_shipped_mini_spec_is_valid():
+    s = StudySpec.load(REPO / "studies" / "mini-mnist5k.yaml")
+    assert s.dataset == "mnist5k" and s.model == "simple-cnn" and s.optimizers == ("nesterov",)
+    assert s.sparsities == (0.0, 0.5, 0.9) and s.batch_sizes == (16, 32, 64, 128, 256, 512)
+
+
+def test_study_dir_refuses_a_different_spec(tmp_path):
+    directory = tmp_path / "study"
+    prepare_dir(spec(), directory)
+    prepare_dir(spec(data_dir="/moved"), directory)  # same study, data elsewhere: fine
+    before = (directory / "study.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"different study \(spec differs in: goal_error, max_steps\)"):
+        prepare_dir(spec(goal_error=0.5, max_steps=80), directory)
+    assert (directory / "study.json").read_bytes() == before
+    (directory / "study.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable study spec"):
+        prepare_dir(spec(), directory)
+
+
+# -- whole studies, real ranks --------------------------------------------------------------------
+
+RUN_SPEC = {**SPEC, "sparsities": [0.8], "optimizers": ["nesterov"], "batch_sizes": [16, 32], "trials": 2,
+            "max_steps": 300, "eval_every": 50}
+
+
+def write_spec(tmp_path, **changes):
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps({**RUN_SPEC, **changes}))  # JSON is YAML
+    return path
+
+
+def study_cmd(np_, spec_path, root, *extra):
+    args = ["-m", "hvd_sparse.study", str(spec_path), "--out", str(root), *extra]
+    return [sys.executable, *args] if np_ == 1 else [str(BIN / "horovodrun"), "-np", str(np_), sys.executable, *args]
+
+
+def run_study(np_, spec_path, root, *extra, timeout=400):
+    if np_ == 1:
+        return subprocess.run(study_cmd(1, spec_path, root, *extra), env=launch_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+    return horovodrun(np_, study_cmd(np_, spec_path, root, *extra)[4:], timeout=timeout)
+
+
+def logs_of(root):
+    (directory,) = [p for p in root.iterdir() if p.is_dir()]
+    return directory, sorted(directory.rglob("trial-*.h5"))
+
+
+def measurements(path):
+    log = read_log(path)
+    return {c: v for c, v in log.measurements.items() if c != "wall_time"}, log.status, log.attrs["mask_sha256"]
+
+
+def assert_same_study(a_root, b_root):
+    (da, la), (db, lb) = logs_of(a_root), logs_of(b_root)
+    assert [p.relative_to(da) for p in la] == [p.relative_to(db) for p in lb]
+    for pa, pb in zip(la, lb):
+        (ma, sa, ka), (mb, sb, kb) = measurements(pa), measurements(pb)
+        assert (sa, ka) == (sb, kb), pa
+        for column in ma:
+            np.testing.assert_array_equal(ma[column], mb[column], err_msg=f"{pa}: {column}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_study(2, write_spec(tmp), tmp / "runs")
+    assert proc.returncode == 0, describe(proc)
+    return tmp / "runs", proc
+
+
+def test_a_study_runs_every_trial_once_in_one_job(uninterrupted):
+    root, proc = uninterrupted
+    directory, logs = logs_of(root)
+    assert len(logs) == 4
+    saved = json.loads((directory / "study.json").read_text())
+    assert saved["spec"]["name"] == "tiny" and directory.name == f"tiny-{saved['study_hash']}"
+    for path in logs:
+        log = read_log(path)
+        assert log.status == "INCOMPLETE" and log.attrs["world_size"] == 2
+        assert list(log.measurements["step"]) == list(range(0, 301, 50))
+        assert log.attrs["trial_id"] == int(path.stem.split("-")[1])
+        assert set(json.loads(log.attrs["search_params"])) == {"lr", "momentum"}
+        assert not path.with_suffix(".ckpt.pt").exists()
+    out = "\n".join(rank_lines(proc.stdout, 0))
+    assert out.count("(ran,") == 4 and "steps-to-result" in out
+    assert not rank_lines(proc.stdout, 1)  # rank 1 prints nothing
+
+
+def test_rerun_skips_ended_trials_and_leaves_their_logs_alone(uninterrupted, tmp_path):
+    root, _ = uninterrupted
+    _, logs = logs_of(root)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in logs}
+    proc = run_study(2, write_spec(tmp_path), root, timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    assert "\n".join(rank_lines(proc.stdout, 0)).count("(skipped,") == 4
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in logs} == before
+
+
+def test_sigkill_mid_study_then_rerun_measures_exactly_the_uninterrupted_study(uninterrupted, tmp_path):
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(study_cmd(2, write_spec(tmp_path), root), env=launch_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    victim = None
+    while time.time() < deadline and victim is None:  # the second trial, after its first checkpoint
+        ckpts = list(root.rglob("trial-001.ckpt.pt")) if root.exists() else []
+        victim = ckpts[0] if ckpts else None
+        assert proc.poll() is None, "the study ended before it could be killed"
+        time.sleep(0.05)
+    assert victim is not None, "no checkpoint of the second trial appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    log = read_log(victim.with_name("trial-001.h5"))
+    assert log.status == "RUNNING"
+    rerun = run_study(2, write_spec(tmp_path), root)
+    assert rerun.returncode == 0, describe(rerun)
+    out = "\n".join(rank_lines(rerun.stdout, 0))
+    assert out.count("(skipped,") == 1 and out.count("(resumed,") == 1 and out.count("(ran,") == 2, out
+    assert_same_study(uninterrupted[0], root)
+    assert read_log(victim.with_name("trial-001.h5")).attrs["resumes"] == 1
+
+
+def test_changed_spec_in_an_existing_study_dir_is_refused_on_every_rank(uninterrupted, tmp_path):
+    root, _ = uninterrupted
+    directory, logs = logs_of(root)
+    before = {p: p.read_bytes() for p in logs}
+    cmd = ["-m", "hvd_sparse.study", str(write_spec(tmp_path, goal_error=0.3)), "--study-dir", str(directory)]
+    proc = horovodrun(2, cmd, timeout=60)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "error:" in line]
+        assert len(errors) == 1 and "spec differs in: goal_error" in errors[0], describe(proc)
+    assert {p: p.read_bytes() for p in logs} == before
+
+
+def test_diverging_trials_are_infeasible_and_the_study_goes_on(tmp_path):
+    spec_path = write_spec(tmp_path, search={"lr": {"range": [1e4, 1e6], "scale": "log"}}, optimizers=["sgd"])
+    proc = run_study(1, spec_path, tmp_path / "runs", timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    _, logs = logs_of(tmp_path / "runs")
+    assert len(logs) == 4 and all(read_log(p).status == "INFEASIBLE" for p in logs)
+    assert proc.stdout.count(": INFEASIBLE") == 4
+
+
+def test_a_trial_locked_by_another_process_is_left_to_it(tmp_path):
+    spec_path = write_spec(tmp_path, max_steps=20, eval_every=10)
+    s = StudySpec.load(spec_path)
+    target = study_dir(s, tmp_path / "runs") / grid(s)[1].relpath()
+    target.parent.mkdir(parents=True)
+    with open(target.with_suffix(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_study(1, spec_path, tmp_path / "runs", timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.count("(ran,") == 3 and proc.stdout.count("(busy,") == 1
+    assert not target.exists()
+
+
+def test_list_prints_the_trials_without_running(tmp_path):
+    spec_path = write_spec(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "hvd_sparse.study", str(spec_path), "--out", str(tmp_path / "runs"),
+                           "--list", "--shard", "1/2"], env=launch_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, describe(proc)
+    lines = proc.stdout.splitlines()
+    assert "2 trials" in lines[0] and len(lines) == 3 and not (tmp_path / "runs").exists()
+    assert "trial-001.h5" in lines[1]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name: [unclosed\n", "not a valid YAML study spec"),
+    (json.dumps({**RUN_SPEC, "dataset": "nope"}), "unknown dataset"),
+    (json.dumps({**RUN_SPEC, "batch_sizes": [15]}), "not divisible by the 2 ranks"),
+])
+def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(content)
+    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(path), "--out", str(tmp_path / "runs")], timeout=60)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "hvd_sparse.study: error:" in line]
+        assert len(errors) == 1 and message in errors[0], describe(proc)
+    assert not list(tmp_path.rglob("*.h5"))
