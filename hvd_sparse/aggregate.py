@@ -1,0 +1,297 @@
+"""From a folder of trial logs to the paper's scaling curves: tables, regimes and plots.
+
+    python -m hvd_sparse.aggregate RUNS_DIR --out OUT_DIR [--max-trials 100]
+
+Every ``*.h5`` trial log under RUNS_DIR becomes one row of a tidy table (``trials.csv``). A *study*
+is one (dataset, model, optimizer, schedule, goal error, sparsity, batch size); its steps-to-result
+is the minimum over its COMPLETE trials (``studies.csv``). A *curve* is steps-to-result against batch
+size for one workload and sparsity; ``curves.csv`` holds its regime boundaries:
+
+- critical batch size: the largest batch size B_k such that every batch size up to it needs at most
+  ``(1 + tolerance)`` times the steps of perfect scaling from the smallest one, S_0 * B_0 / B_j;
+- diminishing-returns batch size: the first B_k from which going to the next batch size saves less
+  than ``min_saving`` of the steps per doubling, 1 - (S_k+1 / S_k) ** (1 / log2(B_k+1 / B_k)).
+
+Aggregation is a pure function of the trials table; plotting (``hvd_sparse.plots``) is a layer on top.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from hvd_sparse.log import LogError, read_log
+
+PROG = "hvd_sparse.aggregate"
+WORKLOAD = ["dataset", "model", "optimizer", "schedule", "goal_error"]
+CURVE = WORKLOAD + ["sparsity"]
+STUDY = CURVE + ["batch_size"]
+ENDED = ("COMPLETE", "INCOMPLETE", "INFEASIBLE")
+
+
+class AggregateError(ValueError):
+    """Nothing to aggregate (no folder, no logs); reported as one line."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The regime rules' thresholds (see the module docstring)."""
+
+    tolerance: float = 0.25  # departure from perfect scaling that ends the linear regime
+    min_saving: float = 0.10  # saving per doubling below which returns have diminished
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def trial_row(path: Path, root: Path) -> dict:
+    """One log as one flat row; LogError if it is not a readable trial log."""
+    log = read_log(path, with_mask=False)
+    try:
+        cfg = log.config
+        data, model, prune, optim, train = cfg["data"], cfg["model"], cfg["prune"], cfg["optim"], cfg["train"]
+    except (ValueError, KeyError, TypeError):
+        raise LogError(f"{path}: its config attribute is not a trial config") from None
+    m = log.measurements
+    has_momentum = optim["optimizer"] in ("momentum", "nesterov")
+    return {
+        "path": str(path.relative_to(root)),
+        "study": log.attrs.get("study_name", ""),
+        "dataset": data["dataset"], "model": model["model"], "optimizer": optim["optimizer"],
+        "schedule": optim["schedule"], "goal_error": float(train["goal_error"]),
+        "sparsity": float(prune["sparsity"]), "batch_size": int(train["batch_size"]),
+        "trial_id": int(log.attrs.get("trial_id", -1)), "seed": int(train["seed"]),
+        "lr": float(optim["lr"]), "momentum": float(optim["momentum"]) if has_momentum else math.nan,
+        "decay_steps": int(optim["decay_steps"]) if optim["schedule"] == "linear" else math.nan,
+        "end_factor": float(optim["end_factor"]) if optim["schedule"] == "linear" else math.nan,
+        "max_steps": int(train["max_steps"]), "eval_every": int(train["eval_every"]),
+        "status": log.status,
+        "steps_to_result": math.nan if log.steps_to_result is None else log.steps_to_result,
+        "best_val_error": float(np.min(m["val_error"])) if len(m.get("val_error", [])) else math.nan,
+        "evaluations": int(len(m.get("step", []))),
+        "steps_done": int(m["step"][-1]) if len(m.get("step", [])) else 0,
+        "wall_time": float(m["wall_time"][-1]) if len(m.get("wall_time", [])) else math.nan,
+        "world_size": int(log.attrs["world_size"]),
+        "density": float(log.attrs.get("mask_density", math.nan)),
+        "grad_compression": cfg.get("dist", {}).get("grad_compression", "none"),
+    }
+
+
+def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """Every trial log under ``root`` as a table, and one line per file that could not be used."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AggregateError(f"{root}: no such folder")
+    paths = sorted(p for p in root.rglob("*.h5") if not p.name.endswith(".tmp"))
+    if not paths:
+        raise AggregateError(f"{root}: no trial logs (*.h5) found")
+    rows, problems = [], []
+    for path in paths:
+        try:
+            rows.append(trial_row(path, root))
+        except LogError as e:
+            problems.append(f"skipped {e}")
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise AggregateError(f"{root}: none of the {len(paths)} *.h5 files is a readable trial log")
+    running = table[table.status == "RUNNING"]
+    if len(running):
+        problems.append(f"{len(running)} trial(s) still running or interrupted (status RUNNING), not counted: "
+                        + ", ".join(running.path.head(3)) + (" ..." if len(running) > 3 else ""))
+    goals = sorted(table.goal_error.unique())
+    if len(goals) > 1:
+        problems.append(f"logs with {len(goals)} goal errors ({', '.join(f'{g:g}' for g in goals)}): "
+                        "their studies and curves are kept apart")
+    return table.sort_values(STUDY + ["trial_id", "seed", "path"]).reset_index(drop=True), problems
+
+
+# -- aggregation: pure functions of the trials table -----------------------------------------------
+
+
+def first_trials(trials: pd.DataFrame, max_trials: int | None) -> pd.DataFrame:
+    """The ended trials, only the first ``max_trials`` (by trial id) of each study if given."""
+    ended = trials[trials.status.isin(ENDED)].sort_values(STUDY + ["trial_id", "seed", "path"])
+    if max_trials is None:
+        return ended
+    return ended.groupby(STUDY, sort=False).head(max_trials)
+
+
+def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataFrame:
+    """One row per study: trial counts, steps-to-result (min over COMPLETE) and the best trial."""
+    rows = []
+    running = trials[trials.status == "RUNNING"].groupby(STUDY).size()
+    for key, group in first_trials(trials, max_trials).groupby(STUDY, sort=True):
+        counts = group.status.value_counts()
+        complete = group[group.status == "COMPLETE"].sort_values(["steps_to_result", "trial_id"])
+        best = complete.iloc[0] if len(complete) else None
+        rows.append({
+            **dict(zip(STUDY, key)),
+            "trials": len(group), **{s.lower(): int(counts.get(s, 0)) for s in ENDED},
+            "running": int(running.get(key, 0)),
+            "steps_to_result": float(best.steps_to_result) if best is not None else math.nan,
+            "best_trial": int(best.trial_id) if best is not None else -1,
+            "best_lr": float(best.lr) if best is not None else math.nan,
+            "best_momentum": float(best.momentum) if best is not None else math.nan,
+            "best_val_error": float(group.best_val_error.min()),
+        })
+    return pd.DataFrame(rows, columns=STUDY + ["trials", "complete", "incomplete", "infeasible", "running",
+                                               "steps_to_result", "best_trial", "best_lr", "best_momentum",
+                                               "best_val_error"])
+
+
+def regimes(batch_sizes: Sequence[int], steps: Sequence[float], rules: Rules) -> tuple[float, float]:
+    """(critical batch size, diminishing-returns batch size) of one curve; NaN where undetermined.
+
+    Only batch sizes with a finite steps-to-result count; the rules are in the module docstring.
+    """
+    points = sorted((int(b), float(s)) for b, s in zip(batch_sizes, steps) if math.isfinite(s) and s > 0)
+    if not points:
+        return math.nan, math.nan
+    b0, s0 = points[0]
+    critical = float(b0)
+    for b, s in points:
+        if s > (1 + rules.tolerance) * s0 * b0 / b:
+            break
+        critical = float(b)
+    diminishing = math.nan
+    for (b1, s1), (b2, s2) in zip(points, points[1:]):
+        saving = 1 - (s2 / s1) ** (1 / math.log2(b2 / b1))
+        if saving < rules.min_saving:
+            diminishing = float(b1)
+            break
+    return critical, diminishing
+
+
+def curve_table(studies: pd.DataFrame, rules: Rules = Rules()) -> pd.DataFrame:
+    """One row per (workload, sparsity): its regime boundaries and the points it has."""
+    rows = []
+    for key, group in studies.groupby(CURVE, sort=True):
+        group = group.sort_values("batch_size")
+        reached = group[np.isfinite(group.steps_to_result)]
+        critical, diminishing = regimes(group.batch_size, group.steps_to_result, rules)
+        rows.append({
+            **dict(zip(CURVE, key)),
+            "batch_sizes": len(group), "reached": len(reached),
+            "smallest_batch": int(reached.batch_size.min()) if len(reached) else -1,
+            "steps_at_smallest": float(reached.steps_to_result.iloc[0]) if len(reached) else math.nan,
+            "critical_batch_size": critical,
+            "critical_at_largest": bool(len(reached)) and critical == float(reached.batch_size.max()),
+            "diminishing_batch_size": diminishing,
+            "tolerance": rules.tolerance, "min_saving": rules.min_saving,
+        })
+    return pd.DataFrame(rows)
+
+
+def optimizer_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Critical batch size per sparsity (rows) and optimizer (columns), per dataset/model/schedule/goal."""
+    if curves.empty:
+        return pd.DataFrame()
+    keys = ["dataset", "model", "schedule", "goal_error", "sparsity"]
+    return curves.pivot_table(index=keys, columns="optimizer", values="critical_batch_size", aggfunc="first")
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def format_studies(studies: pd.DataFrame, curves: pd.DataFrame) -> str:
+    """The terminal table: steps-to-result per curve (rows) and batch size (columns)."""
+    lines = []
+    for workload, group in studies.groupby(WORKLOAD, sort=True):
+        batch_sizes = sorted(group.batch_size.unique())
+        dataset, model, optimizer, schedule, goal = workload
+        lines.append(f"{dataset} {model} {optimizer} ({schedule}), goal error {goal:g}: "
+                     "steps-to-result, complete/trials in brackets")
+        lines.append(f"{'sparsity':>8} " + " ".join(f"{'B=' + str(b):>11}" for b in batch_sizes)
+                     + f" {'critical':>9} {'diminish':>9}")
+        for sparsity, rows in group.groupby("sparsity", sort=True):
+            cells = []
+            for b in batch_sizes:
+                row = rows[rows.batch_size == b]
+                if row.empty:
+                    cells.append(f"{'':>11}")
+                    continue
+                r = row.iloc[0]
+                steps = "-" if not math.isfinite(r.steps_to_result) else f"{r.steps_to_result:.0f}"
+                cells.append(f"{steps + f' ({r.complete}/{r.trials})':>11}")
+            c = curves[(curves[WORKLOAD] == pd.Series(dict(zip(WORKLOAD, workload)))).all(axis=1)
+                       & (curves.sparsity == sparsity)]
+            crit, dim = (c.iloc[0].critical_batch_size, c.iloc[0].diminishing_batch_size) if len(c) else (math.nan, math.nan)
+            fmt = lambda v: "-" if not math.isfinite(v) else f"{v:.0f}"  # noqa: E731
+            lines.append(f"{sparsity:>8g} " + " ".join(cells) + f" {fmt(crit):>9} {fmt(dim):>9}")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, trials: pd.DataFrame, studies: pd.DataFrame, curves: pd.DataFrame) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in (("trials", trials), ("studies", studies), ("curves", curves)):
+        path = out / f"{name}.csv"
+        table.to_csv(path, index=False, float_format="%.6g")
+        written.append(path)
+    optimizers = optimizer_table(curves)
+    if not optimizers.empty:
+        path = out / "critical_by_optimizer.csv"
+        optimizers.to_csv(path, float_format="%.6g")
+        written.append(path)
+    return written
+
+
+def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, rules: Rules = Rules(),
+              plots: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+    """Read, aggregate, write the CSVs (and plots); returns (trials, studies, curves, problems)."""
+    trials, problems = read_trials(root)
+    studies = study_table(trials, max_trials)
+    curves = curve_table(studies, rules)
+    write_outputs(Path(out), trials, studies, curves)
+    if plots and not studies.empty:
+        from hvd_sparse.plots import plot_all
+
+        plot_all(studies, curves, Path(out))
+    return trials, studies, curves, problems
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from hvd_sparse.config import _RaisingParser
+
+    parser = _RaisingParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir", help="folder searched recursively for trial logs (*.h5)")
+    parser.add_argument("--out", default=None, help="folder for the CSVs and plots (default: RUNS_DIR/aggregate)")
+    parser.add_argument("--max-trials", type=int, default=None,
+                        help="count only the first N trials (by trial id) of each study, for equal budgets")
+    parser.add_argument("--tolerance", type=float, default=Rules.tolerance,
+                        help="critical batch size: the last one within (1 + tolerance) x perfect scaling (default: %(default)s)")
+    parser.add_argument("--min-saving", type=float, default=Rules.min_saving,
+                        help="diminishing returns: doubling saves less than this fraction of steps (default: %(default)s)")
+    parser.add_argument("--no-plots", action="store_true", help="write the CSVs only")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.max_trials is not None and args.max_trials < 1:
+        parser.error("--max-trials must be >= 1")
+    if args.tolerance < 0 or not 0 < args.min_saving < 1:
+        parser.error("need --tolerance >= 0 and 0 < --min-saving < 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        out = Path(args.out) if args.out else Path(args.runs_dir) / "aggregate"
+        trials, studies, curves, problems = aggregate(
+            args.runs_dir, out, args.max_trials, Rules(args.tolerance, args.min_saving), plots=not args.no_plots)
+    except (AggregateError, ValueError) as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    for line in problems:
+        sys.stderr.write(f"{PROG}: {line}\n")
+    report = format_studies(studies, curves) if not studies.empty else "no ended trials to aggregate"
+    sys.stdout.write(f"{len(trials)} trial logs, {len(studies)} studies, {len(curves)} curves -> {out}\n{report}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

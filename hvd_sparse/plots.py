@@ -1,0 +1,128 @@
+"""Figures of the aggregated studies (matplotlib, PNG and PDF); no aggregation happens here.
+
+One figure set per (dataset, model, schedule, goal error), one panel per optimizer, one line per
+sparsity:
+- ``steps_*``: steps-to-result vs batch size, log2-log2, with each curve's dashed perfect-scaling
+  line from its smallest batch size; o marks the critical batch size, x the diminishing-returns one;
+- ``normalized_*``: the same curves divided by their value at the smallest batch size;
+- ``metaparams_*``: the best trial's learning rate (and momentum) vs batch size.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+FIGURE_KEYS = ["dataset", "model", "schedule", "goal_error"]
+
+
+def _name(key: tuple) -> str:
+    dataset, model, schedule, goal = key
+    return f"{dataset}_{model}_{schedule}_goal{goal:g}"
+
+
+def _log2_axes(ax: plt.Axes, batch_sizes: np.ndarray) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(batch_sizes)
+    ax.set_xticklabels([str(int(b)) for b in batch_sizes], rotation=45)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("batch size")
+
+
+def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _curve_row(curves: pd.DataFrame, optimizer: str, sparsity: float, key: tuple) -> pd.Series | None:
+    match = curves[(curves.optimizer == optimizer) & (curves.sparsity == sparsity)]
+    for column, value in zip(FIGURE_KEYS, key):
+        match = match[match[column] == value]
+    return match.iloc[0] if len(match) else None
+
+
+def _mark(ax: plt.Axes, x: np.ndarray, y: np.ndarray, at: float, marker: str, color: str) -> None:
+    if math.isfinite(at) and at in set(x.tolist()):
+        ax.plot([at], [y[list(x).index(at)]], marker=marker, markersize=11, markerfacecolor="none",
+                markeredgewidth=1.6, color=color, linestyle="none")
+
+
+def plot_steps(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
+    written = []
+    for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
+        optimizers = sorted(fig_group.optimizer.unique())
+        fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
+        all_b = np.array(sorted(fig_group.batch_size.unique()), dtype=float)
+        for ax, optimizer in zip(axes[0], optimizers):
+            group = fig_group[fig_group.optimizer == optimizer]
+            for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
+                rows = rows[np.isfinite(rows.steps_to_result)].sort_values("batch_size")
+                if rows.empty:
+                    continue
+                color = f"C{i}"
+                x, y = rows.batch_size.to_numpy(float), rows.steps_to_result.to_numpy(float)
+                if normalized:
+                    y = y / y[0]
+                ax.plot(x, y, marker=".", color=color, label=f"sparsity {sparsity:g}")
+                ax.plot(x, y[0] * x[0] / x, linestyle="--", color=color, alpha=0.6, linewidth=1)
+                curve = _curve_row(curves, optimizer, sparsity, key)
+                if curve is not None:
+                    _mark(ax, x, y, float(curve.critical_batch_size), "o", color)
+                    _mark(ax, x, y, float(curve.diminishing_batch_size), "X", color)
+            _log2_axes(ax, all_b)
+            ax.set_title(optimizer)
+            ax.set_ylabel("steps / steps at smallest batch" if normalized else "steps to result")
+            ax.legend(fontsize=8, title="dashed: perfect scaling\no critical, x diminishing", title_fontsize=7)
+        fig.suptitle(f"{key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        written += _save(fig, out, ("normalized_" if normalized else "steps_") + _name(key))
+    return written
+
+
+def plot_metaparams(studies: pd.DataFrame, out: Path) -> list[Path]:
+    written = []
+    for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
+        optimizers = sorted(fig_group.optimizer.unique())
+        has_momentum = bool(np.isfinite(fig_group.best_momentum).any())
+        rows_n = 2 if has_momentum else 1
+        fig, axes = plt.subplots(rows_n, len(optimizers), figsize=(4.6 * len(optimizers), 3.6 * rows_n), squeeze=False)
+        all_b = np.array(sorted(fig_group.batch_size.unique()), dtype=float)
+        for col, optimizer in enumerate(optimizers):
+            group = fig_group[fig_group.optimizer == optimizer]
+            for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
+                rows = rows[np.isfinite(rows.steps_to_result)].sort_values("batch_size")
+                axes[0][col].plot(rows.batch_size, rows.best_lr, marker="o", color=f"C{i}", label=f"sparsity {sparsity:g}")
+                if has_momentum:
+                    axes[1][col].plot(rows.batch_size, 1 - rows.best_momentum, marker="o", color=f"C{i}")
+            axes[0][col].set_title(optimizer)
+            axes[0][col].set_ylabel("best learning rate")
+            axes[0][col].legend(fontsize=8)
+            panels = [axes[0][col]]
+            if has_momentum and np.isfinite(group.best_momentum).any():
+                axes[1][col].set_ylabel("1 - best momentum")
+                panels.append(axes[1][col])
+            elif has_momentum:
+                axes[1][col].axis("off")  # plain SGD has no momentum
+            for ax in panels:
+                if ax.has_data():
+                    _log2_axes(ax, all_b)
+                    ax.set_yscale("log")
+        fig.suptitle(f"best metaparameters: {key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        written += _save(fig, out, "metaparams_" + _name(key))
+    return written
+
+
+def plot_all(studies: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return (plot_steps(studies, curves, out, normalized=False) + plot_steps(studies, curves, out, normalized=True)
+            + plot_metaparams(studies, out))

@@ -1,0 +1,156 @@
+"""The aggregator on hand-built logs with known answers, corrupt files included."""
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from hvd_sparse.aggregate import Rules, aggregate, curve_table, read_trials, regimes, study_table
+from hvd_sparse.config import Config
+from hvd_sparse.log import TrialLog
+from hvd_sparse.mask import Mask
+from conftest import REPO, launch_env
+
+MASK = Mask({"w": torch.tensor([True, False, True, True])})
+
+
+def write_log(root, optimizer, sparsity, batch, trial_id, status, steps, lr=0.1, momentum=0.9, goal=0.1):
+    cfg = Config.from_dict({
+        "data": {"dataset": "synthetic"}, "model": {"model": "mlp-tiny"}, "prune": {"sparsity": sparsity},
+        "optim": {"optimizer": optimizer, "lr": lr, "momentum": momentum},
+        "train": {"batch_size": batch, "goal_error": goal, "seed": trial_id, "max_steps": 1000, "eval_every": 10},
+    })
+    path = root / optimizer / f"s{sparsity:g}" / f"b{batch}" / f"trial-{trial_id:03d}.h5"
+    attrs = {"config": cfg.to_json(), "run_hash": cfg.run_hash(), "world_size": 2, "mask_sha256": MASK.sha256(),
+             "mask_density": MASK.density, "hvd_sparse_version": "t", "torch_version": "t", "horovod_version": "t",
+             "trial_id": trial_id, "study_name": "known"}
+    log = TrialLog.create(path, attrs, MASK)
+    last = steps if steps is not None else 1000
+    for step in range(0, last + 1, 10):
+        error = goal if steps is not None and step == steps else 0.5
+        log.append({"step": step, "val_error": error, "val_loss": 1.0, "train_loss": 1.0, "wall_time": step / 100,
+                    "allreduce_bytes": 0})
+    if status != "RUNNING":
+        log.finish(status, steps if status == "COMPLETE" else None)
+    return path
+
+
+# Steps-to-result by hand: sparsity 0 scales perfectly to B=64 (800/400/200), then 160 (saves 20% on
+# the doubling), 142 (saves 11.25%), 140 (saves 1.4%).
+CURVE_0 = {16: 800, 32: 400, 64: 200, 128: 160, 256: 142, 512: 140}
+# sparsity 0.9: twice the steps at every batch size until B=64, then 1.5x slower scaling
+CURVE_9 = {16: 1600, 32: 800, 64: 480, 128: 400, 256: 390, 512: 380}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for sparsity, curve in ((0.0, CURVE_0), (0.9, CURVE_9)):
+        for batch, best in curve.items():
+            write_log(root, "nesterov", sparsity, batch, 0, "COMPLETE", best + 40, lr=0.2)
+            write_log(root, "nesterov", sparsity, batch, 1, "COMPLETE", best, lr=0.05 * batch / 16, momentum=0.95)
+            write_log(root, "nesterov", sparsity, batch, 2, "INCOMPLETE", None)
+            write_log(root, "nesterov", sparsity, batch, 3, "INFEASIBLE", 0)
+    # a study whose best trial is trial 3: --max-trials 2 must not see it
+    write_log(root, "sgd", 0.0, 16, 0, "COMPLETE", 500)
+    write_log(root, "sgd", 0.0, 16, 1, "INCOMPLETE", None)
+    write_log(root, "sgd", 0.0, 16, 3, "COMPLETE", 300)
+    write_log(root, "sgd", 0.0, 32, 0, "COMPLETE", 260)
+    write_log(root, "sgd", 0.0, 32, 9, "RUNNING", None)  # still running, or crashed: not counted
+    (root / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # a truncated HDF5 file
+    (root / "empty.h5").write_bytes(b"")
+    return root
+
+
+def test_trials_table_one_row_per_readable_log_and_one_line_per_bad_file(runs):
+    trials, problems = read_trials(runs)
+    assert len(trials) == 2 * 6 * 4 + 5
+    assert {"dataset", "model", "optimizer", "sparsity", "batch_size", "trial_id", "lr", "momentum", "status",
+            "steps_to_result", "best_val_error", "wall_time", "world_size"} <= set(trials.columns)
+    bad = [p for p in problems if p.startswith("skipped")]
+    assert len(bad) == 2 and any("corrupt.h5" in p for p in bad) and any("empty.h5" in p for p in bad)
+    assert all("\n" not in p for p in problems)
+    assert any("1 trial(s) still running" in p for p in problems)
+    assert trials[trials.optimizer == "sgd"].momentum.isna().all()
+
+
+def test_study_steps_is_the_min_over_complete_trials_with_its_metaparameters(runs):
+    studies = study_table(read_trials(runs)[0])
+    row = studies[(studies.optimizer == "nesterov") & (studies.sparsity == 0.9) & (studies.batch_size == 64)].iloc[0]
+    assert row.steps_to_result == 480 and row.best_trial == 1
+    assert row.best_lr == pytest.approx(0.2) and row.best_momentum == pytest.approx(0.95)
+    assert (row.trials, row.complete, row.incomplete, row.infeasible, row.running) == (4, 2, 1, 1, 0)
+    sgd32 = studies[(studies.optimizer == "sgd") & (studies.batch_size == 32)].iloc[0]
+    assert (sgd32.trials, sgd32.running, sgd32.steps_to_result) == (1, 1, 260)
+    sgd16 = studies[(studies.optimizer == "sgd") & (studies.batch_size == 16)]
+    assert sgd16.iloc[0].steps_to_result == 300
+    capped = study_table(read_trials(runs)[0], max_trials=2)
+    row = capped[(capped.optimizer == "sgd") & (capped.batch_size == 16)].iloc[0]
+    assert (row.steps_to_result, row.trials, row.complete) == (500, 2, 1)
+
+
+def test_regime_rule_by_hand():
+    rules = Rules(tolerance=0.25, min_saving=0.10)
+    # perfect to 64; 160 at 128 is 1.6x perfect (100) -> critical 64; savings 50%, 50%, 20%, 11.25%, 1.4%
+    # -> diminishing 256
+    assert regimes(list(CURVE_0), list(CURVE_0.values()), rules) == (64.0, 256.0)
+    # 480 at 64 is 1.2x the perfect 400: within 25%; 400 at 128 is 2x perfect -> critical 64;
+    # savings 50%, 40%, 16.7%, 2.5% -> diminishing 128
+    assert regimes(list(CURVE_9), list(CURVE_9.values()), rules) == (64.0, 128.0)
+    # tolerance 10%: 480 at 64 is out -> critical 32; min saving 20%: 16.7% at 64 -> diminishing 64
+    assert regimes(list(CURVE_9), list(CURVE_9.values()), Rules(tolerance=0.1, min_saving=0.2)) == (32.0, 64.0)
+    # a gap (no COMPLETE trial at 32) uses the ratio over two doublings: (100 / 400) ** 0.5 -> saving 50%
+    critical, diminishing = regimes([16, 32, 64], [400, math.nan, 100], rules)
+    assert critical == 64.0 and math.isnan(diminishing)
+    assert all(math.isnan(v) for v in regimes([16, 32], [math.nan, math.nan], rules))
+
+
+def test_curves_and_csvs_and_plots(runs, tmp_path):
+    out = tmp_path / "out"
+    trials, studies, curves, problems = aggregate(runs, out)
+    nesterov = curves[curves.optimizer == "nesterov"].set_index("sparsity")
+    assert nesterov.loc[0.0, "critical_batch_size"] == 64 and nesterov.loc[0.9, "diminishing_batch_size"] == 128
+    for name in ("trials.csv", "studies.csv", "curves.csv", "critical_by_optimizer.csv"):
+        assert (out / name).stat().st_size > 0
+    back = pd.read_csv(out / "studies.csv")
+    assert len(back) == len(studies) == 2 * 6 + 2
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == ["metaparams_synthetic_mlp-tiny_constant_goal0.1.png", "normalized_synthetic_mlp-tiny_constant_goal0.1.png",
+                       "steps_synthetic_mlp-tiny_constant_goal0.1.png"]
+    assert all((out / f).stat().st_size > 10_000 for f in figures)
+    assert len(list(out.glob("*.pdf"))) == 3
+
+
+def test_mixed_goal_errors_are_kept_apart(tmp_path):
+    write_log(tmp_path, "sgd", 0.0, 16, 0, "COMPLETE", 100, goal=0.1)
+    write_log(tmp_path / "other", "sgd", 0.0, 16, 0, "COMPLETE", 300, goal=0.05)
+    trials, problems = read_trials(tmp_path)
+    assert any("2 goal errors (0.05, 0.1)" in p for p in problems)
+    studies = study_table(trials)
+    assert sorted(studies.steps_to_result) == [100, 300]
+    assert len(curve_table(studies)) == 2
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "hvd_sparse.aggregate", *map(str, args)], env=launch_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_the_table_and_reports_bad_files_in_one_line_each(runs, tmp_path):
+    proc = cli(runs, "--out", tmp_path / "agg", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 3  # 2 corrupt + running
+    assert "synthetic mlp-tiny nesterov (constant), goal error 0.1" in proc.stdout
+    line = next(l for l in proc.stdout.splitlines() if l.strip().startswith("0.9 "))
+    assert line.split()[1] == "1600" and line.split()[-2:] == ["64", "128"]
+
+
+@pytest.mark.parametrize("make", [lambda p: None, lambda p: p.mkdir(), lambda p: (p.mkdir(), (p / "x.h5").write_bytes(b""))])
+def test_cli_with_nothing_to_aggregate_is_a_clear_error(tmp_path, make):
+    folder = tmp_path / "runs"
+    make(folder)
+    proc = cli(folder)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "hvd_sparse.aggregate: error:" in proc.stderr
