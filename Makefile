@@ -10,6 +10,7 @@ DEMO_ARGS ?= --dataset mnist5k --model simple-cnn --sparsity 0.9 --optimizer nes
 PYTEST_ARGS ?=
 STUDY ?= studies/mini-mnist5k.yaml
 STUDY_OUT ?= runs/studies
+FIGURES ?= docs/mini-study
 
 .PHONY: setup demo replicate test clean
 
@@ -20,9 +21,11 @@ setup:
 demo: setup
 	horovodrun -np $(NP) python -m hvd_sparse.train $(DEMO_ARGS) --out $(DEMO_OUT) --overwrite
 
-## make replicate: set up, then the mini study (every trial of the grid in one horovodrun job, resumable)
+## make replicate: set up, run the mini study (every trial in one horovodrun job; rerun to resume),
+## then aggregate its logs into tables and the scaling-curve plots in $(FIGURES)
 replicate: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT)
+	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) --print-dir)" --out $(FIGURES)
 
 ## make test: set up, then the whole test suite
 test: setup

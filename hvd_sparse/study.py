@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pandas as pd
 import yaml
 
 import hvd_sparse
@@ -334,23 +335,22 @@ def format_outcome(o: Outcome, done: int, total: int) -> str:
 
 
 def summary_table(outcomes: Sequence[Outcome]) -> str:
-    """Steps-to-result (min over COMPLETE trials) per optimizer/sparsity row and batch-size column."""
-    batch_sizes = sorted({o.trial.batch_size for o in outcomes})
-    rows: dict[tuple[str, float], dict[int, list[Outcome]]] = {}
+    """The aggregator's steps-to-result table (with regime boundaries) over these trials."""
+    from hvd_sparse.aggregate import curve_table, format_studies, study_table
+
+    rows = []
     for o in outcomes:
-        rows.setdefault((o.trial.optimizer, o.trial.sparsity), {}).setdefault(o.trial.batch_size, []).append(o)
-    head = f"{'optimizer':<10} {'sparsity':>8} " + " ".join(f"{'B=' + str(b):>10}" for b in batch_sizes)
-    lines = ["steps-to-result (min over COMPLETE trials; complete/total in brackets)", head]
-    for (optimizer, sparsity), cells in rows.items():
-        parts = []
-        for b in batch_sizes:
-            found = cells.get(b, [])
-            steps = [o.steps_to_result for o in found if o.status == "COMPLETE" and o.steps_to_result is not None]
-            complete = sum(o.status == "COMPLETE" for o in found)
-            best = str(min(steps)) if steps else "-"
-            parts.append(f"{best + f' ({complete}/{len(found)})':>10}")
-        lines.append(f"{optimizer:<10} {sparsity:>8g} " + " ".join(parts))
-    return "\n".join(lines)
+        c = o.trial.config
+        rows.append({
+            "dataset": c.data.dataset, "model": c.model.model, "optimizer": c.optim.optimizer,
+            "schedule": c.optim.schedule, "goal_error": c.train.goal_error, "sparsity": c.prune.sparsity,
+            "batch_size": c.train.batch_size, "trial_id": o.trial.trial_id, "seed": c.train.seed, "path": "",
+            "lr": c.optim.lr, "momentum": c.optim.momentum if "momentum" in o.trial.params else math.nan,
+            "status": o.status, "best_val_error": o.best_val_error,
+            "steps_to_result": math.nan if o.steps_to_result is None else o.steps_to_result,
+        })
+    studies = study_table(pd.DataFrame(rows)) if rows else pd.DataFrame()
+    return format_studies(studies, curve_table(studies)) if len(studies) else "no trial of this shard has ended"
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -425,13 +425,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard", default="0/1", help="run only shard i of n of the grid (i/n, e.g. a SLURM array task)")
     parser.add_argument("--data-dir", help="root folder of the dataset files (overrides the spec's data_dir)")
     parser.add_argument("--list", action="store_true", help="print the trials and their log paths, run nothing")
+    parser.add_argument("--print-dir", action="store_true", help="print the study directory, run nothing")
     parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
     return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from hvd_sparse import dist
-    from hvd_sparse.train import fail
+    from hvd_sparse.train import fail, say
 
     try:
         args = parse_args(argv)
@@ -440,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = dataclasses.replace(spec, data_dir=args.data_dir)
         directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
         shard_of = parse_shard(args.shard)
+        if args.print_dir:
+            say(str(directory))
+            return 0
         if args.list:
             list_trials(spec, directory, shard(grid(spec), *shard_of))
             return 0

@@ -143,7 +143,7 @@ def test_cli_prints_the_table_and_reports_bad_files_in_one_line_each(runs, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 3  # 2 corrupt + running
     assert "synthetic mlp-tiny nesterov (constant), goal error 0.1" in proc.stdout
-    line = next(l for l in proc.stdout.splitlines() if l.strip().startswith("0.9 "))
+    line = next(text for text in proc.stdout.splitlines() if text.strip().startswith("0.9 "))
     assert line.split()[1] == "1600" and line.split()[-2:] == ["64", "128"]
 
 

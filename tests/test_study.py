@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hvd_sparse.config import ConfigError
-from hvd_sparse.log import COLUMNS, read_log
+from hvd_sparse.log import read_log
 from hvd_sparse.study import StudySpec, grid, parse_shard, prepare_dir, shard, study_dir
 from conftest import BIN, REPO, describe, horovodrun, launch_env, rank_lines
 
@@ -287,6 +287,9 @@ def test_list_prints_the_trials_without_running(tmp_path):
     lines = proc.stdout.splitlines()
     assert "2 trials" in lines[0] and len(lines) == 3 and not (tmp_path / "runs").exists()
     assert "trial-001.h5" in lines[1]
+    proc = subprocess.run([sys.executable, "-m", "hvd_sparse.study", str(spec_path), "--out", str(tmp_path / "runs"),
+                           "--print-dir"], env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == str(study_dir(StudySpec.load(spec_path), tmp_path / "runs"))
 
 
 @pytest.mark.parametrize("content, message", [
