@@ -1,13 +1,13 @@
 """Study grids: spec, search points, shards, the study directory; then whole studies with real ranks."""
 import fcntl
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from hvd_sparse.config import ConfigError
@@ -226,12 +226,14 @@ def test_sigkill_mid_study_then_rerun_measures_exactly_the_uninterrupted_study(u
     deadline = time.time() + 240
     victim = None
     while time.time() < deadline and victim is None:  # the second trial, after its first checkpoint
-        ckpts = list(root.rglob("trial-001.ckpt.pt")) if root.exists() else []
+        ckpts = list(root.rglob("batch-16/trial-001.ckpt.pt")) if root.exists() else []
         victim = ckpts[0] if ckpts else None
         assert proc.poll() is None, "the study ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert victim is not None, "no checkpoint of the second trial appeared"
-    os.killpg(proc.pid, signal.SIGKILL)
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:  # the whole job at once, ranks included, as a node failure would
+        p.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     log = read_log(victim.with_name("trial-001.h5"))
     assert log.status == "RUNNING"
