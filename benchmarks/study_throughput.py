@@ -1,9 +1,9 @@
 """Trials per hour: a study's trials inside one Horovod job vs one horovodrun launch per trial.
 
-    python benchmarks/study_throughput.py [--np 2] [--trials 4] [--steps 200] [--batch-size 32]
+    python benchmarks/study_throughput.py [--np 2] [--trials 12] [--steps 200] [--batch-size 32] [--snip-batches 0]
 
 Both sides run the same short trials (Simple-CNN on mnist5k, sparsity 0.9, Nesterov, goal error 0
-so every trial runs its whole step budget, evaluation every 100 steps) through the real CLIs:
+so every trial runs its whole step budget, evaluation every 100 steps, SNIP over ``--snip-batches``) through the real CLIs:
 ``horovodrun -np N python -m hvd_sparse.study SPEC`` once, and ``horovodrun -np N python -m
 hvd_sparse.train ...`` once per trial with the same configuration. Wall time of each side, whole
 commands included (launch, imports, Horovod start-up, data loading, SNIP). The two sides alternate
@@ -26,12 +26,13 @@ from hvd_sparse.study import StudySpec, grid
 BIN = Path(sys.executable).parent
 
 
-def spec_dict(trials: int, steps: int, batch_size: int) -> dict:
+def spec_dict(trials: int, steps: int, batch_size: int, snip_batches: int) -> dict:
     return {
         "name": "throughput", "dataset": "mnist5k", "model": "simple-cnn", "sparsities": [0.9],
         "optimizers": ["nesterov"], "batch_sizes": [batch_size], "trials": trials, "goal_error": 0.0,
         "max_steps": steps, "eval_every": 100,
         "search": {"lr": {"range": [0.005, 0.1], "scale": "log"}, "momentum": {"range": [0.9, 0.99], "scale": "reverse-log"}},
+        "config": {"prune": {"snip_batches": snip_batches}},
     }
 
 
@@ -56,7 +57,7 @@ def one_launch_per_trial(np_: int, spec: StudySpec, out: Path) -> float:
             "--optimizer", c.optim.optimizer, "--lr", repr(c.optim.lr), "--momentum", repr(c.optim.momentum),
             "--batch-size", str(c.train.batch_size), "--max-steps", str(c.train.max_steps),
             "--eval-every", str(c.train.eval_every), "--goal-error", str(c.train.goal_error),
-            "--seed", str(c.train.seed), "--no-progress", "--log-level", "warning", "--out", str(out),
+            "--seed", str(c.train.seed), "--snip-batches", str(c.prune.snip_batches), "--no-progress", "--log-level", "warning", "--out", str(out),
         ]
         total += timed([str(BIN / "horovodrun"), "-np", str(np_), sys.executable, "-m", "hvd_sparse.train", *flags])
     return total
@@ -65,12 +66,13 @@ def one_launch_per_trial(np_: int, spec: StudySpec, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--np", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--snip-batches", type=int, default=0, help="SNIP batches of 100 (0: a full pass, the reference)")
     args = parser.parse_args()
-    spec_d = spec_dict(args.trials, args.steps, args.batch_size)
+    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches)
     spec = StudySpec.from_dict(spec_d)
     inside, launched = [], []
     for _ in range(args.repeats):
@@ -81,7 +83,7 @@ def main() -> None:
             launched.append(one_launch_per_trial(args.np, spec, Path(tmp) / "single"))
     a, b = statistics.median(inside), statistics.median(launched)
     print(f"{args.trials} trials of {args.steps} steps, Simple-CNN on mnist5k, sparsity 0.9, global batch "
-          f"{args.batch_size}, np={args.np}, {os.cpu_count()} cores, median of {args.repeats}")
+          f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}, np={args.np}, {os.cpu_count()} cores, median of {args.repeats}")
     print(f"{'scheme':<28} {'wall s':>8} {'s/trial':>8} {'trials/hour':>12}")
     for name, t in (("one horovodrun per trial", b), ("all trials in one job", a)):
         print(f"{name:<28} {t:8.1f} {t / args.trials:8.1f} {3600 * args.trials / t:12.0f}")
