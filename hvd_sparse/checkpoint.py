@@ -32,6 +32,8 @@ class Start:
     best_val_error: float = float("inf")
     wall_time: float = 0.0
     resumed: bool = False
+    # per rank [sum of batch losses, batches] since the last evaluation; empty at an evaluation
+    train_loss: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ def save_checkpoint(log: Path, start: Start, model: torch.nn.Module, optimizer: 
     tmp = path.with_name(path.name + ".tmp")
     state = {
         "step": start.step, "best_val_error": start.best_val_error, "wall_time": start.wall_time,
+        "train_loss": [list(pair) for pair in start.train_loss],
         "run_hash": run_hash, "mask_sha256": mask_sha256,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -81,7 +84,9 @@ def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
     if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"]:
         raise LogError(f"{path}: checkpoint of another run or mask; remove it or pass --overwrite")
     assert data.mask is not None
-    start = Start(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), resumed=True)
+    train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))
+    start = Start(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), resumed=True,
+                  train_loss=train_loss)
     return Checkpoint(start, state["model"], state["optimizer"], data.mask)
 
 

@@ -81,6 +81,11 @@ def allreduce_sum(t: torch.Tensor, name: str) -> torch.Tensor:
     return hvd.allreduce(t, op=hvd.Sum, name=name)
 
 
+def any_rank(flag: bool, name: str) -> bool:
+    """Whether ``flag`` is set on any rank (one one-element allreduce)."""
+    return bool(hvd.allreduce(torch.tensor([1 if flag else 0], dtype=torch.int32), op=hvd.Sum, name=name).item())
+
+
 def allgather_object(obj: Any, name: str) -> list[Any]:
     return hvd.allgather_object(obj, name=name)
 

@@ -116,6 +116,12 @@ class TrialLog:
                 group[name].resize((min(keep, group[name].shape[0]),))
             f.attrs["resumes"] = int(f.attrs.get("resumes", 0)) + 1
 
+    def interrupted(self, why: str) -> None:
+        """Record a stop signal; the status stays RUNNING, so a rerun resumes from the checkpoint."""
+        with _open(self.path, "a") as f:
+            f.attrs["interrupted"] = why
+            f.attrs["interruptions"] = int(f.attrs.get("interruptions", 0)) + 1
+
     def finish(self, status: str, steps_to_result: int | None, **extra: Any) -> None:
         if status not in STATUSES[1:]:
             raise LogError(f"final status must be one of {STATUSES[1:]}, got {status!r}")

@@ -432,8 +432,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from hvd_sparse import dist
-    from hvd_sparse.train import fail, say
+    from hvd_sparse.train import Interrupted, fail, install_stop_handlers, say
 
+    install_stop_handlers()
     try:
         args = parse_args(argv)
         spec = StudySpec.load(args.spec)
@@ -448,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             list_trials(spec, directory, shard(grid(spec), *shard_of))
             return 0
         run_study(spec, directory, shard_of, verbose=args.verbose)
+    except Interrupted as e:
+        if dist.is_root():
+            say(f"INTERRUPTED: {e}")
+        return 0
     except (ValueError, LogError) as e:  # ConfigError, DataError, LogError
         return fail(e, 2, PROG)
     except dist.DistributedError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,20 @@ from hvd_sparse.pruning import snip
 logger = logging.getLogger("hvd_sparse")
 
 PROG = "hvd_sparse.train"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_CHECK_EVERY = 10  # steps between the collective checks for a stop signal
+_received: list[int] = []  # stop signals this process received
+
+
+class Interrupted(Exception):
+    """A stop signal reached a rank: the trial checkpointed at an agreed step and the job should end
+    (exit 0, so that a scheduler can requeue it); running the same command again resumes."""
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warnings) stop training cleanly."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _received.append(signum))
 
 
 @dataclass(frozen=True)
@@ -257,6 +272,11 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
     status, steps_to_result, best = "INCOMPLETE", None, start.best_val_error
     t0 = time.time() - start.wall_time if start.resumed else t_init  # wall time continues across resumes
     train_loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of local batch losses, batches]
+    if len(start.train_loss) == world:  # resumed between two evaluations: each rank's own sums
+        train_loss_acc += torch.tensor(start.train_loss[rank], dtype=torch.float64, device=device)
+    elif start.train_loss and rank == 0:  # another world size: the total on rank 0
+        train_loss_acc += torch.tensor([sum(a for a, _ in start.train_loss), sum(b for _, b in start.train_loss)],
+                                       dtype=torch.float64, device=device)
     bar = progress_bar(cfg.train.max_steps, enabled=dist.is_root() and cfg.run.progress)
     bar.update(start.step)
     step = start.step
@@ -299,6 +319,9 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
                 break
         if step == cfg.train.max_steps:
             break
+        if step % STOP_CHECK_EVERY == 0 and dist.any_rank(bool(_received), "stop.check"):
+            stop_here(cfg, path, trial_log, model, sync.optimizer, train_loss_acc,
+                      Start(step, best, time.time() - t0, resumed=True), run_hash, mask_sha256)
         idx = batches.shard(step, rank, world).to(device)
         sync.zero_grad()
         loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
@@ -337,6 +360,27 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
     )
 
 
+def stop_here(cfg: Config, path: Path, trial_log: TrialLog | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+              train_loss_acc: torch.Tensor, start: Start, run_hash: str, mask_sha256: str) -> None:
+    """A stop signal reached some rank: checkpoint this step (with every rank's training-loss sums,
+    so the resumed run measures exactly the same), mark the log, raise Interrupted on every rank."""
+    pairs = dist.allgather_object(tuple(train_loss_acc.tolist()), name="stop.train_loss")
+    names = sorted({signal.Signals(s).name for s in _received}) or ["a stop signal on another rank"]
+    why = f"{'/'.join(names)} at step {start.step}"
+
+    def record() -> None:
+        if trial_log is None:
+            return
+        if cfg.run.checkpoint:
+            save_checkpoint(path, Start(start.step, start.best_val_error, start.wall_time, True, tuple(pairs)),
+                            model, optimizer, run_hash, mask_sha256)
+        trial_log.interrupted(why)
+
+    dist.agree(record, "checkpointing on a stop signal")
+    resume = "run the same command again to resume" if cfg.run.checkpoint else "not checkpointed (--no-checkpoint)"
+    raise Interrupted(f"stopped by {why}: {resume}")
+
+
 def final_model_path(log: Path) -> Path:
     return log.with_suffix(".final.pt")
 
@@ -357,8 +401,13 @@ def fail(error: Exception, code: int, prog: str = PROG) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     names = {"dataset": sorted(DATASETS), "model": sorted(MODELS), "optimizer": list(OPTIMIZERS)}
+    install_stop_handlers()
     try:
         result = run(parse_config(argv, PROG, __doc__.splitlines()[0], names))
+    except Interrupted as e:
+        if dist.is_root():
+            say(f"INTERRUPTED: {e}")
+        return 0
     except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
         return fail(e, 2)
     except dist.DistributedError as e:

@@ -308,3 +308,31 @@ def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, me
         errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "hvd_sparse.study: error:" in line]
         assert len(errors) == 1 and message in errors[0], describe(proc)
     assert not list(tmp_path.rglob("*.h5"))
+
+
+@pytest.mark.parametrize("sig, ranks", [(signal.SIGUSR1, "all"), (signal.SIGTERM, "rank 1")])
+def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_measures_the_same(uninterrupted, tmp_path, sig, ranks):
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(study_cmd(2, write_spec(tmp_path), root), env=launch_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (root.exists() and list(root.rglob("batch-16/trial-001.ckpt.pt"))) and time.time() < deadline:
+        assert proc.poll() is None, "the study ended before the signal"
+        time.sleep(0.02)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    workers = [p for p in family if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
+    assert len(workers) == 2
+    for p in workers if ranks == "all" else workers[-1:]:  # as srun, or a signal to one node only
+        p.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "INTERRUPTED: stopped by" in out and "run the same command again to resume" in out
+    (log_path,) = root.rglob("batch-16/trial-001.h5")
+    log = read_log(log_path)
+    assert log.status == "RUNNING" and log.attrs["interruptions"] == 1
+    assert log_path.with_suffix(".ckpt.pt").exists()
+    rerun = run_study(2, write_spec(tmp_path), root)
+    assert rerun.returncode == 0, describe(rerun)
+    out = "\n".join(rank_lines(rerun.stdout, 0))
+    assert out.count("(skipped,") == 1 and out.count("(resumed,") == 1 and out.count("(ran,") == 2, out
+    assert_same_study(uninterrupted[0], root)
