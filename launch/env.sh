@@ -1,0 +1,16 @@
+# Sourced by the launch/ wrappers and slurm/ scripts: where the project and its environment are.
+# HVD_SPARSE_HOME: the checkout (default: the folder above launch/; inside a batch job, whose script
+# SLURM copies to a spool folder, the folder sbatch ran in). HVD_SPARSE_VENV: the environment
+# (default: $HVD_SPARSE_HOME/.venv, which `make setup` creates).
+if [[ -z ${HVD_SPARSE_HOME:-} ]]; then
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    if [[ -f $here/setup.cfg ]]; then HVD_SPARSE_HOME=$here; else HVD_SPARSE_HOME=${SLURM_SUBMIT_DIR:-$PWD}; fi
+fi
+export HVD_SPARSE_HOME
+export HVD_SPARSE_VENV=${HVD_SPARSE_VENV:-$HVD_SPARSE_HOME/.venv}
+if [[ ! -x $HVD_SPARSE_VENV/bin/python ]]; then
+    echo "hvd_sparse: no environment at $HVD_SPARSE_VENV (run 'make setup' in $HVD_SPARSE_HOME, or set HVD_SPARSE_VENV)" >&2
+    exit 2
+fi
+export PATH="$HVD_SPARSE_VENV/bin:$PATH"
+export PYTHONUNBUFFERED=1

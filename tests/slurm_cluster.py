@@ -1,0 +1,119 @@
+"""A private single-node SLURM cluster (munged + slurmctld + slurmd) for the tests, as root.
+
+Installs Debian's slurm-wlm and munge with apt if they are missing, writes its own slurm.conf,
+munge socket, spool and state folders under a fresh temporary folder, listens on free ports, waits
+until the node is idle, and shuts everything down on ``stop()``. Clients find it through the
+``SLURM_CONF`` of ``env()``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PACKAGES = ["slurm-wlm", "munge"]
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, capture_output=True).returncode:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], env=env, capture_output=True, check=True)
+
+
+class SlurmCluster:
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="hvd-sparse-slurm-"))
+        self.root.chmod(0o755)  # munged, running as the munge user, must reach its socket folder
+        self.conf = self.root / "slurm.conf"
+        self.host = socket.gethostname()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
+
+    def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=kw.pop("env", self.env()), capture_output=True, text=True, check=check, **kw)
+
+    def start(self, timeout: float = 60) -> None:
+        ensure_installed()
+        munge = self.root / "munge"
+        munge.mkdir()
+        shutil.chown(munge, "munge", "munge")
+        munge.chmod(0o711)
+        self.socket = munge / "munge.socket"
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.socket}",
+                        "--key-file=/etc/munge/munge.key", f"--pid-file={munge}/munged.pid",
+                        f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"], check=True)
+        for name in ("state", "spool"):
+            (self.root / name).mkdir()
+        cpus = len(os.sched_getaffinity(0))
+        self.conf.write_text("\n".join([
+            "ClusterName=hvdsparsetest", f"SlurmctldHost={self.host}",
+            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge", f"AuthInfo=socket={self.socket}", "CredType=cred/munge",
+            "SlurmUser=root", "SlurmdUser=root",
+            f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
+            f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd.pid",
+            f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd.log",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "ReturnToService=2",
+            "MpiDefault=none", "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
+            "SchedulerParameters=sched_interval=2", "MinJobAge=600",
+            f"NodeName={self.host} CPUs={cpus} State=UNKNOWN",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n")
+        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env(), check=True)
+        subprocess.run(["slurmd", "-f", str(self.conf)], env=self.env(), check=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
+            if state == "idle":
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the SLURM node did not become idle within {timeout} s (state {state!r}); "
+                           f"see {self.root}/slurmctld.log and slurmd.log")
+
+    def stop(self) -> None:
+        self.run("scontrol", "shutdown", check=False)
+        for pidfile in (self.root / "slurmd.pid", self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"):
+            try:
+                os.kill(int(pidfile.read_text().split()[0]), 15)
+            except (OSError, ValueError):
+                pass
+        time.sleep(1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+        proc = self.run("sbatch", "--parsable", *args, cwd=cwd, env=env or self.env(), check=False)
+        if proc.returncode:
+            raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout.strip().split(";")[0]
+
+    def jobs(self, job_id: str) -> list[dict[str, str]]:
+        """One dict of scontrol's fields per job (per array task)."""
+        out = self.run("scontrol", "-o", "show", "job", job_id, check=False).stdout
+        return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]
+
+    def wait(self, job_id: str, timeout: float, until: tuple[str, ...] = ENDED) -> list[dict[str, str]]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            jobs = self.jobs(job_id)
+            if jobs and all(j.get("JobState") in until for j in jobs):
+                return jobs
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} not in {until} within {timeout} s: {self.jobs(job_id)}")

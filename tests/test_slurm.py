@@ -1,0 +1,140 @@
+"""The SLURM scripts against a real single-node SLURM cluster (slurmctld + slurmd + munge), and the
+launch helpers. The cluster is private to this module: own config, ports, state and munge socket."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hvd_sparse.log import read_log
+from conftest import BIN, REPO, horovodrun
+
+sys.path.insert(0, str(REPO / "launch"))
+from slurm_hosts import expand_hostlist, expand_tasks, hosts_with_slots  # noqa: E402
+from slurm_cluster import SlurmCluster  # noqa: E402
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("node01", ["node01"]),
+    ("node[01-03,07],gpu-a[1-2]", ["node01", "node02", "node03", "node07", "gpu-a1", "gpu-a2"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+    ("a,b[1,3],c", ["a", "b1", "b3", "c"]),
+    ("gpu-a100-[1-2].cluster", ["gpu-a100-1.cluster", "gpu-a100-2.cluster"]),
+])
+def test_host_lists_expand_like_slurm(text, hosts):
+    assert expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["node[01-03", "node]1[", "n[3-1]", "n[a-b]", ""])
+def test_bad_host_lists_are_errors(text):
+    with pytest.raises(ValueError):
+        expand_hostlist(text)
+
+
+def test_tasks_per_node_and_slots():
+    assert expand_tasks("2(x3),1") == [2, 2, 2, 1]
+    assert hosts_with_slots("node[01-03,07]", "2(x3),1") == [("node01", 2), ("node02", 2), ("node03", 2), ("node07", 1)]
+    assert hosts_with_slots("n[1-2]", "4") == [("n1", 4), ("n2", 4)]
+    with pytest.raises(ValueError, match="3 hosts"):
+        hosts_with_slots("n[1-3]", "2,2")
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "slurm_hosts.py"), "node[01-02]", "4(x2)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "node01:4,node02:4\n"
+
+
+# -- the real cluster --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("starting a private SLURM cluster needs root (slurmd, munged)")
+    cluster = SlurmCluster()
+    t0 = time.time()
+    cluster.start()
+    cluster.startup_seconds = time.time() - t0
+    yield cluster
+    cluster.stop()
+
+
+def job_env(slurm):
+    return slurm.env(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+
+
+TINY = {"name": "slurm", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.8], "optimizers": ["nesterov"],
+        "batch_sizes": [16, 32], "trials": 2, "goal_error": 0.0, "max_steps": 300, "eval_every": 50,
+        "search": {"lr": {"range": [0.01, 1.0], "scale": "log"}, "momentum": {"range": [0.9, 0.99], "scale": "reverse-log"}}}
+
+
+def write_spec(tmp_path, **changes):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({**TINY, **changes}))
+    return path
+
+
+def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
+    out = tmp_path / "runs"
+    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", "slurm/train.sbatch",
+                       "--dataset", "synthetic", "--model", "mlp-tiny", "--sparsity", "0.5", "--batch-size", "32",
+                       "--max-steps", "30", "--eval-every", "10", "--goal-error", "0", "--out", str(out),
+                       cwd=REPO, env=job_env(slurm))
+    (info,) = slurm.wait(job, 30)
+    text = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", text
+    (log,) = out.glob("*.h5")
+    data = read_log(log)
+    assert data.attrs["world_size"] == 2 and data.status == "INCOMPLETE" and list(data.measurements["step"]) == [0, 10, 20, 30]
+    assert "world_size=2" in text
+
+
+def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
+    spec, root = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3), tmp_path / "runs"
+    job = slurm.sbatch("--wait", "--array=0-1", "--ntasks-per-node=1", f"--output={tmp_path}/array-%a.out",
+                       "slurm/study-array.sbatch", str(spec), "--out", str(root), cwd=REPO, env=job_env(slurm))
+    infos = slurm.wait(job, 30)
+    outputs = [(tmp_path / f"array-{i}.out").read_text() for i in (0, 1)]
+    assert len(infos) == 2 and all(i["JobState"] == "COMPLETED" for i in infos), outputs
+    logs = sorted(root.rglob("trial-*.h5"))
+    assert len(logs) == 6 and all(read_log(p).status == "INCOMPLETE" for p in logs)
+    ran = [line for out in outputs for line in out.splitlines() if "(ran," in line]
+    assert len(ran) == 6 and len({line.split("] ", 1)[1].split(":")[0] for line in ran}) == 6  # each trial once
+    assert all("(skipped," not in out and "(busy," not in out for out in outputs)
+    assert all(f"shard {i}/2" in outputs[i] for i in (0, 1))
+
+
+def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path):
+    spec = write_spec(tmp_path)
+    reference = tmp_path / "reference"
+    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(reference)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    root, output = tmp_path / "runs", tmp_path / "study.out"
+    job = slurm.sbatch("--ntasks-per-node=2", f"--output={output}", "slurm/study.sbatch", str(spec), "--out", str(root),
+                       cwd=REPO, env=job_env(slurm))
+    deadline = time.time() + 240
+    while not list(root.rglob("batch-16/trial-001.ckpt.pt")) and time.time() < deadline:
+        assert slurm.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), output.read_text()
+        time.sleep(0.05)
+    slurm.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@120 does before the time limit
+    (info,) = slurm.wait(job, 120, until=("PENDING",))  # checkpointed, exited 0, requeued itself
+    assert info["Restarts"] == "1"
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip SLURM's requeue delay
+    (info,) = slurm.wait(job, 300)
+    text = output.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert text.count("INTERRUPTED: stopped by SIGUSR1") == 1 and "requeueing job" in text
+    assert text.count("(resumed,") == 1 and text.count("(skipped,") == 1 and text.count("(ran,") == 3, text
+
+    ref_logs, logs = sorted(reference.rglob("trial-*.h5")), sorted(root.rglob("trial-*.h5"))
+    assert [p.relative_to(reference) for p in ref_logs] == [p.relative_to(root) for p in logs]
+    for a, b in zip(ref_logs, logs):
+        la, lb = read_log(a), read_log(b)
+        assert la.status == lb.status and la.attrs["mask_sha256"] == lb.attrs["mask_sha256"]
+        for column, values in la.measurements.items():
+            if column != "wall_time":
+                np.testing.assert_array_equal(values, lb.measurements[column], err_msg=f"{b}: {column}")
