@@ -3,8 +3,8 @@
 # SLURM copies to a spool folder, the folder sbatch ran in). HVD_SPARSE_VENV: the environment
 # (default: $HVD_SPARSE_HOME/.venv, which `make setup` creates).
 if [[ -z ${HVD_SPARSE_HOME:-} ]]; then
-    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    if [[ -f $here/setup.cfg ]]; then HVD_SPARSE_HOME=$here; else HVD_SPARSE_HOME=${SLURM_SUBMIT_DIR:-$PWD}; fi
+    _hvd_home="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    if [[ -f $_hvd_home/setup.cfg ]]; then HVD_SPARSE_HOME=$_hvd_home; else HVD_SPARSE_HOME=${SLURM_SUBMIT_DIR:-$PWD}; fi
 fi
 export HVD_SPARSE_HOME
 export HVD_SPARSE_VENV=${HVD_SPARSE_VENV:-$HVD_SPARSE_HOME/.venv}

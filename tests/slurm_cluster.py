@@ -77,10 +77,15 @@ class SlurmCluster:
         ]) + "\n")
         subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env(), check=True)
         subprocess.run(["slurmd", "-f", str(self.conf)], env=self.env(), check=True)
-        deadline = time.time() + timeout
+        self.wait_idle(timeout)
+
+    def wait_idle(self, timeout: float) -> None:
+        """Until the node is idle (no job or step left on it), and a second more for its clean-up."""
+        deadline, state = time.time() + timeout, ""
         while time.time() < deadline:
             state = self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
             if state == "idle":
+                time.sleep(1)
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the SLURM node did not become idle within {timeout} s (state {state!r}); "
@@ -99,10 +104,12 @@ class SlurmCluster:
     # -- jobs ----------------------------------------------------------------------------------
 
     def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+        """The job id (with --wait, sbatch's own exit code is the job's: judge the job by wait())."""
         proc = self.run("sbatch", "--parsable", *args, cwd=cwd, env=env or self.env(), check=False)
-        if proc.returncode:
+        job = proc.stdout.strip().split(";")[0]
+        if not job.isdigit():
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc.stdout.strip().split(";")[0]
+        return job
 
     def jobs(self, job_id: str) -> list[dict[str, str]]:
         """One dict of scontrol's fields per job (per array task)."""

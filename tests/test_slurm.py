@@ -92,6 +92,19 @@ def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
     assert "world_size=2" in text
 
 
+@pytest.mark.parametrize("launcher", ["launch/horovodrun-slurm", "launch/mpirun -np 2"])
+def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
+    out = tmp_path / "runs"
+    command = (f"{launcher} python -m hvd_sparse.train --dataset synthetic --model mlp-tiny --batch-size 32 "
+               f"--max-steps 20 --eval-every 10 --goal-error 0 --no-progress --out {out}")
+    job = slurm.sbatch("--wait", "--ntasks=2", f"--output={tmp_path}/job.out", f"--wrap={command}", cwd=REPO,
+                       env=job_env(slurm))
+    (info,) = slurm.wait(job, 30)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
+    (log,) = out.glob("*.h5")
+    assert read_log(log).attrs["world_size"] == 2
+
+
 def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
     spec, root = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3), tmp_path / "runs"
     job = slurm.sbatch("--wait", "--array=0-1", "--ntasks-per-node=1", f"--output={tmp_path}/array-%a.out",
@@ -123,7 +136,8 @@ def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(s
     slurm.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@120 does before the time limit
     (info,) = slurm.wait(job, 120, until=("PENDING",))  # checkpointed, exited 0, requeued itself
     assert info["Restarts"] == "1"
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip SLURM's requeue delay
+    slurm.wait_idle(60)  # the first run's steps cleaned up (what SLURM's requeue delay waits for) ...
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # ... then skip the rest of the delay
     (info,) = slurm.wait(job, 300)
     text = output.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
