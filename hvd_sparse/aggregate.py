@@ -104,6 +104,10 @@ def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     if len(running):
         problems.append(f"{len(running)} trial(s) still running or interrupted (status RUNNING), not counted: "
                         + ", ".join(running.path.head(3)) + (" ..." if len(running) > 3 else ""))
+    mixed = table.groupby(STUDY)[["max_steps", "eval_every"]].nunique().max(axis=1)
+    if (mixed > 1).any():
+        problems.append(f"{int((mixed > 1).sum())} studies mix trials of different step budgets or evaluation "
+                        "intervals (several study directories under one folder?): aggregate one study directory at a time")
     goals = sorted(table.goal_error.unique())
     if len(goals) > 1:
         problems.append(f"logs with {len(goals)} goal errors ({', '.join(f'{g:g}' for g in goals)}): "
@@ -115,18 +119,19 @@ def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def first_trials(trials: pd.DataFrame, max_trials: int | None) -> pd.DataFrame:
-    """The ended trials, only the first ``max_trials`` (by trial id) of each study if given."""
-    ended = trials[trials.status.isin(ENDED)].sort_values(STUDY + ["trial_id", "seed", "path"])
-    if max_trials is None:
-        return ended
-    return ended.groupby(STUDY, sort=False).head(max_trials)
+    """The first ``max_trials`` trials (by trial id, whatever their status) of each study, if given."""
+    ordered = trials.sort_values(STUDY + ["trial_id", "seed", "path"])
+    if max_trials is not None:
+        ordered = ordered.groupby(STUDY, sort=False).head(max_trials)
+    return ordered
 
 
 def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataFrame:
     """One row per study: trial counts, steps-to-result (min over COMPLETE) and the best trial."""
     rows = []
-    running = trials[trials.status == "RUNNING"].groupby(STUDY).size()
-    for key, group in first_trials(trials, max_trials).groupby(STUDY, sort=True):
+    considered = first_trials(trials, max_trials)
+    running = considered[considered.status == "RUNNING"].groupby(STUDY).size()
+    for key, group in considered[considered.status.isin(ENDED)].groupby(STUDY, sort=True):
         counts = group.status.value_counts()
         complete = group[group.status == "COMPLETE"].sort_values(["steps_to_result", "trial_id"])
         best = complete.iloc[0] if len(complete) else None

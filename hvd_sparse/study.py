@@ -269,28 +269,32 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
 def prepare_dir(spec: StudySpec, directory: Path) -> None:
     """Create the study directory with its spec, or check that it holds this very spec."""
     saved_path = directory / SPEC_FILE
-    if saved_path.exists():
+    if not saved_path.exists():
         try:
-            saved = json.loads(saved_path.read_text())["spec"]
-            saved.pop("data_dir", None)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{saved_path}: unreadable study spec ({type(e).__name__}); not touching this directory") from None
-        diff = _differences(saved, spec.identity())
-        if diff:
-            raise ConfigError(
-                f"{directory} holds a different study (spec differs in: {', '.join(diff)}); "
-                "use another --out or --study-dir, or restore the original spec"
-            )
-        return
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = saved_path.with_name(f"{SPEC_FILE}.{os.getpid()}.tmp")  # jobs of an array start together
+            record = {"spec": spec.to_dict(), "study_hash": spec.study_hash(),
+                      "hvd_sparse_version": hvd_sparse.__version__, "created": time.time()}
+            tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            try:
+                os.link(tmp, saved_path)  # appears whole, and never replaces another job's spec
+            except FileExistsError:
+                pass  # another job was first: check its spec below
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = saved_path.with_name(SPEC_FILE + ".tmp")
-        record = {"spec": spec.to_dict(), "study_hash": spec.study_hash(),
-                  "hvd_sparse_version": hvd_sparse.__version__, "created": time.time()}
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, saved_path)
-    except OSError as e:
-        raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
+        saved = json.loads(saved_path.read_text())["spec"]
+        saved.pop("data_dir", None)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{saved_path}: unreadable study spec ({type(e).__name__}); not touching this directory") from None
+    diff = _differences(saved, spec.identity())
+    if diff:
+        raise ConfigError(
+            f"{directory} holds a different study (spec differs in: {', '.join(diff)}); "
+            "use another --out or --study-dir, or restore the original spec"
+        )
 
 
 @dataclass(frozen=True)
@@ -318,11 +322,16 @@ def decide(trial: Trial, path: Path, lock: Any) -> tuple:
     """Rank 0's plan for one trial, as plain data (it is broadcast; a class defined in ``__main__``
     would arrive on the other ranks as a different class): ("skipped", status, steps, best),
     ("busy",), ("resume",) or ("run",). Takes the trial's lock for "resume" and "run"."""
-    ended = ended_outcome(trial, path)
-    if ended is not None:
-        return ("skipped", ended.status, ended.steps_to_result, ended.best_val_error)
-    if not lock.try_acquire():
+    if not lock.try_acquire():  # the lock first: a trial another job ends meanwhile is not run again
         return ("busy",)
+    try:
+        ended = ended_outcome(trial, path)
+    except Exception:
+        lock.release()
+        raise
+    if ended is not None:
+        lock.release()
+        return ("skipped", ended.status, ended.steps_to_result, ended.best_val_error)
     return ("resume",) if path.exists() else ("run",)
 
 
@@ -432,7 +441,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from hvd_sparse import dist
-    from hvd_sparse.train import Interrupted, fail, install_stop_handlers, say
+    from hvd_sparse.train import Interrupted, fail, install_stop_handlers, report_interrupted, say
 
     install_stop_handlers()
     try:
@@ -450,9 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         run_study(spec, directory, shard_of, verbose=args.verbose)
     except Interrupted as e:
-        if dist.is_root():
-            say(f"INTERRUPTED: {e}")
-        return 0
+        return report_interrupted(e)
     except (ValueError, LogError) as e:  # ConfigError, DataError, LogError
         return fail(e, 2, PROG)
     except dist.DistributedError as e:

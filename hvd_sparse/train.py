@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -41,6 +42,18 @@ _received: list[int] = []  # stop signals this process received
 class Interrupted(Exception):
     """A stop signal reached a rank: the trial checkpointed at an agreed step and the job should end
     (exit 0, so that a scheduler can requeue it); running the same command again resumes."""
+
+
+def report_interrupted(error: Interrupted) -> int:
+    """Rank 0 says so; and where the launcher asked (launch/srun-resumable sets
+    HVD_SPARSE_INTERRUPTED_FILE), it leaves that file, so the job is requeued only if the ranks
+    really stopped and checkpointed (not when a late signal met a trial that ended anyway)."""
+    if dist.is_root():
+        say(f"INTERRUPTED: {error}")
+        marker = os.environ.get("HVD_SPARSE_INTERRUPTED_FILE")
+        if marker:
+            Path(marker).write_text(f"{error}\n")
+    return 0
 
 
 def install_stop_handlers() -> None:
@@ -405,9 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(parse_config(argv, PROG, __doc__.splitlines()[0], names))
     except Interrupted as e:
-        if dist.is_root():
-            say(f"INTERRUPTED: {e}")
-        return 0
+        return report_interrupted(e)
     except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
         return fail(e, 2)
     except dist.DistributedError as e:

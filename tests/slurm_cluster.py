@@ -8,6 +8,7 @@ until the node is idle, and shuts everything down on ``stop()``. Clients find it
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -72,6 +73,8 @@ class SlurmCluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "ReturnToService=2",
             "MpiDefault=none", "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
             "SchedulerParameters=sched_interval=2", "MinJobAge=600",
+            # job ids name PMIx's /tmp/spmix_appdir_<uid>_<job>.<step>: keep two clusters' apart
+            f"FirstJobId={random.randrange(1000, 60_000_000)}",
             f"NodeName={self.host} CPUs={cpus} State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")

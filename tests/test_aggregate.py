@@ -89,6 +89,8 @@ def test_study_steps_is_the_min_over_complete_trials_with_its_metaparameters(run
     capped = study_table(read_trials(runs)[0], max_trials=2)
     row = capped[(capped.optimizer == "sgd") & (capped.batch_size == 16)].iloc[0]
     assert (row.steps_to_result, row.trials, row.complete) == (500, 2, 1)
+    row = capped[(capped.optimizer == "sgd") & (capped.batch_size == 32)].iloc[0]
+    assert (row.trials, row.running) == (1, 1)  # trial 9 is past the first 2 only by id, not by status
 
 
 def test_regime_rule_by_hand():

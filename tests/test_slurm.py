@@ -107,10 +107,10 @@ def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
 
 def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
     spec, root = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3), tmp_path / "runs"
-    job = slurm.sbatch("--wait", "--array=0-1", "--ntasks-per-node=1", f"--output={tmp_path}/array-%a.out",
+    job = slurm.sbatch("--wait", "--array=1-2", "--ntasks-per-node=1", f"--output={tmp_path}/array-%a.out",
                        "slurm/study-array.sbatch", str(spec), "--out", str(root), cwd=REPO, env=job_env(slurm))
     infos = slurm.wait(job, 30)
-    outputs = [(tmp_path / f"array-{i}.out").read_text() for i in (0, 1)]
+    outputs = [(tmp_path / f"array-{i}.out").read_text() for i in (1, 2)]  # shards 0/2 and 1/2
     assert len(infos) == 2 and all(i["JobState"] == "COMPLETED" for i in infos), outputs
     logs = sorted(root.rglob("trial-*.h5"))
     assert len(logs) == 6 and all(read_log(p).status == "INCOMPLETE" for p in logs)
@@ -120,7 +120,8 @@ def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
     assert all(f"shard {i}/2" in outputs[i] for i in (0, 1))
 
 
-def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path):
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path, sig):
     spec = write_spec(tmp_path)
     reference = tmp_path / "reference"
     proc = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(reference)], timeout=300)
@@ -133,7 +134,7 @@ def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(s
     while not list(root.rglob("batch-16/trial-001.ckpt.pt")) and time.time() < deadline:
         assert slurm.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), output.read_text()
         time.sleep(0.05)
-    slurm.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@120 does before the time limit
+    slurm.run("scancel", "--batch", f"--signal={sig}", job)  # USR1: what --signal=B:USR1@120 does before the time limit
     (info,) = slurm.wait(job, 120, until=("PENDING",))  # checkpointed, exited 0, requeued itself
     assert info["Restarts"] == "1"
     slurm.wait_idle(60)  # the first run's steps cleaned up (what SLURM's requeue delay waits for) ...
@@ -141,7 +142,7 @@ def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(s
     (info,) = slurm.wait(job, 300)
     text = output.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
-    assert text.count("INTERRUPTED: stopped by SIGUSR1") == 1 and "requeueing job" in text
+    assert text.count("INTERRUPTED: stopped by SIGUSR1") == 1 and f"checkpointed after {sig}" in text
     assert text.count("(resumed,") == 1 and text.count("(skipped,") == 1 and text.count("(ran,") == 3, text
 
     ref_logs, logs = sorted(reference.rglob("trial-*.h5")), sorted(root.rglob("trial-*.h5"))
