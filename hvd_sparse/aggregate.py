@@ -21,7 +21,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,27 +50,36 @@ class Rules:
 # -- reading ---------------------------------------------------------------------------------------
 
 
+def config_columns(cfg: Mapping[str, Mapping[str, Any]], trial_id: int) -> dict:
+    """The table's columns that come from a trial's configuration (``Config.to_dict()`` form) and
+    its trial id; metaparameters an optimizer or schedule does not use are NaN."""
+    data, model, prune, optim, train = cfg["data"], cfg["model"], cfg["prune"], cfg["optim"], cfg["train"]
+    has_momentum = optim["optimizer"] in ("momentum", "nesterov")
+    return {
+        "dataset": data["dataset"], "model": model["model"], "optimizer": optim["optimizer"],
+        "schedule": optim["schedule"], "goal_error": float(train["goal_error"]),
+        "sparsity": float(prune["sparsity"]), "batch_size": int(train["batch_size"]),
+        "trial_id": trial_id, "seed": int(train["seed"]),
+        "lr": float(optim["lr"]), "momentum": float(optim["momentum"]) if has_momentum else math.nan,
+        "decay_steps": int(optim["decay_steps"]) if optim["schedule"] == "linear" else math.nan,
+        "end_factor": float(optim["end_factor"]) if optim["schedule"] == "linear" else math.nan,
+        "max_steps": int(train["max_steps"]), "eval_every": int(train["eval_every"]),
+    }
+
+
 def trial_row(path: Path, root: Path) -> dict:
     """One log as one flat row; LogError if it is not a readable trial log."""
     log = read_log(path, with_mask=False)
     try:
         cfg = log.config
-        data, model, prune, optim, train = cfg["data"], cfg["model"], cfg["prune"], cfg["optim"], cfg["train"]
+        columns = config_columns(cfg, int(log.attrs.get("trial_id", -1)))
     except (ValueError, KeyError, TypeError):
         raise LogError(f"{path}: its config attribute is not a trial config") from None
     m = log.measurements
-    has_momentum = optim["optimizer"] in ("momentum", "nesterov")
     return {
         "path": str(path.relative_to(root)),
         "study": log.attrs.get("study_name", ""),
-        "dataset": data["dataset"], "model": model["model"], "optimizer": optim["optimizer"],
-        "schedule": optim["schedule"], "goal_error": float(train["goal_error"]),
-        "sparsity": float(prune["sparsity"]), "batch_size": int(train["batch_size"]),
-        "trial_id": int(log.attrs.get("trial_id", -1)), "seed": int(train["seed"]),
-        "lr": float(optim["lr"]), "momentum": float(optim["momentum"]) if has_momentum else math.nan,
-        "decay_steps": int(optim["decay_steps"]) if optim["schedule"] == "linear" else math.nan,
-        "end_factor": float(optim["end_factor"]) if optim["schedule"] == "linear" else math.nan,
-        "max_steps": int(train["max_steps"]), "eval_every": int(train["eval_every"]),
+        **columns,
         "status": log.status,
         "steps_to_result": math.nan if log.steps_to_result is None else log.steps_to_result,
         "best_val_error": float(np.min(m["val_error"])) if len(m.get("val_error", [])) else math.nan,
@@ -201,6 +210,14 @@ def optimizer_table(curves: pd.DataFrame) -> pd.DataFrame:
     return curves.pivot_table(index=keys, columns="optimizer", values="critical_batch_size", aggfunc="first")
 
 
+def curve_of(curves: pd.DataFrame, **key: Any) -> pd.Series | None:
+    """The row of ``curves`` with these column values (a whole CURVE key), None if there is none."""
+    match = curves
+    for column, value in key.items():
+        match = match[match[column] == value]
+    return match.iloc[0] if len(match) else None
+
+
 # -- output ----------------------------------------------------------------------------------------
 
 
@@ -224,9 +241,8 @@ def format_studies(studies: pd.DataFrame, curves: pd.DataFrame) -> str:
                 r = row.iloc[0]
                 steps = "-" if not math.isfinite(r.steps_to_result) else f"{r.steps_to_result:.0f}"
                 cells.append(f"{steps + f' ({r.complete}/{r.trials})':>11}")
-            c = curves[(curves[WORKLOAD] == pd.Series(dict(zip(WORKLOAD, workload)))).all(axis=1)
-                       & (curves.sparsity == sparsity)]
-            crit, dim = (c.iloc[0].critical_batch_size, c.iloc[0].diminishing_batch_size) if len(c) else (math.nan, math.nan)
+            c = curve_of(curves, **dict(zip(WORKLOAD, workload)), sparsity=sparsity)
+            crit, dim = (c.critical_batch_size, c.diminishing_batch_size) if c is not None else (math.nan, math.nan)
             fmt = lambda v: "-" if not math.isfinite(v) else f"{v:.0f}"  # noqa: E731
             lines.append(f"{sparsity:>8g} " + " ".join(cells) + f" {fmt(crit):>9} {fmt(dim):>9}")
     return "\n".join(lines)

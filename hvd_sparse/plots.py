@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hvd_sparse.aggregate import curve_of  # noqa: E402
+
 FIGURE_KEYS = ["dataset", "model", "schedule", "goal_error"]
 
 
@@ -45,13 +47,6 @@ def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _curve_row(curves: pd.DataFrame, optimizer: str, sparsity: float, key: tuple) -> pd.Series | None:
-    match = curves[(curves.optimizer == optimizer) & (curves.sparsity == sparsity)]
-    for column, value in zip(FIGURE_KEYS, key):
-        match = match[match[column] == value]
-    return match.iloc[0] if len(match) else None
-
-
 def _mark(ax: plt.Axes, x: np.ndarray, y: np.ndarray, at: float, marker: str, color: str) -> None:
     if math.isfinite(at) and at in set(x.tolist()):
         ax.plot([at], [y[list(x).index(at)]], marker=marker, markersize=11, markerfacecolor="none",
@@ -76,7 +71,7 @@ def plot_steps(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, normalize
                     y = y / y[0]
                 ax.plot(x, y, marker=".", color=color, label=f"sparsity {sparsity:g}")
                 ax.plot(x, y[0] * x[0] / x, linestyle="--", color=color, alpha=0.6, linewidth=1)
-                curve = _curve_row(curves, optimizer, sparsity, key)
+                curve = curve_of(curves, **dict(zip(FIGURE_KEYS, key)), optimizer=optimizer, sparsity=sparsity)
                 if curve is not None:
                     _mark(ax, x, y, float(curve.critical_batch_size), "o", color)
                     _mark(ax, x, y, float(curve.diminishing_batch_size), "X", color)

@@ -307,31 +307,30 @@ class Outcome:
     seconds: float
 
 
-def ended_outcome(trial: Trial, path: Path) -> Outcome | None:
-    """The outcome of a trial whose log says it ended, None if it still needs running."""
+def ended_result(path: Path) -> tuple[str, int | None, float] | None:
+    """(status, steps-to-result, best error) of a trial whose log says it ended; None if it still needs running."""
     if not path.exists():
         return None
     log = read_log(path, with_mask=False)  # a corrupt log is a LogError: reported, never overwritten
     if log.status == "RUNNING":
         return None
-    best = float(log.attrs.get("best_val_error", math.nan))
-    return Outcome(trial, "skipped", log.status, log.steps_to_result, best, 0.0)
+    return log.status, log.steps_to_result, float(log.attrs.get("best_val_error", math.nan))
 
 
-def decide(trial: Trial, path: Path, lock: Any) -> tuple:
+def decide(path: Path, lock: Any) -> tuple:
     """Rank 0's plan for one trial, as plain data (it is broadcast; a class defined in ``__main__``
     would arrive on the other ranks as a different class): ("skipped", status, steps, best),
     ("busy",), ("resume",) or ("run",). Takes the trial's lock for "resume" and "run"."""
     if not lock.try_acquire():  # the lock first: a trial another job ends meanwhile is not run again
         return ("busy",)
     try:
-        ended = ended_outcome(trial, path)
+        ended = ended_result(path)
     except Exception:
         lock.release()
         raise
     if ended is not None:
         lock.release()
-        return ("skipped", ended.status, ended.steps_to_result, ended.best_val_error)
+        return ("skipped", *ended)
     return ("resume",) if path.exists() else ("run",)
 
 
@@ -345,19 +344,11 @@ def format_outcome(o: Outcome, done: int, total: int) -> str:
 
 def summary_table(outcomes: Sequence[Outcome]) -> str:
     """The aggregator's steps-to-result table (with regime boundaries) over these trials."""
-    from hvd_sparse.aggregate import curve_table, format_studies, study_table
+    from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
 
-    rows = []
-    for o in outcomes:
-        c = o.trial.config
-        rows.append({
-            "dataset": c.data.dataset, "model": c.model.model, "optimizer": c.optim.optimizer,
-            "schedule": c.optim.schedule, "goal_error": c.train.goal_error, "sparsity": c.prune.sparsity,
-            "batch_size": c.train.batch_size, "trial_id": o.trial.trial_id, "seed": c.train.seed, "path": "",
-            "lr": c.optim.lr, "momentum": c.optim.momentum if "momentum" in o.trial.params else math.nan,
-            "status": o.status, "best_val_error": o.best_val_error,
-            "steps_to_result": math.nan if o.steps_to_result is None else o.steps_to_result,
-        })
+    rows = [{**config_columns(o.trial.config.to_dict(), o.trial.trial_id), "path": "", "status": o.status,
+             "best_val_error": o.best_val_error,
+             "steps_to_result": math.nan if o.steps_to_result is None else o.steps_to_result} for o in outcomes]
     studies = study_table(pd.DataFrame(rows)) if rows else pd.DataFrame()
     return format_studies(studies, curve_table(studies)) if len(studies) else "no trial of this shard has ended"
 
@@ -391,7 +382,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
         path = directory / trial.relpath()
         lock = RunLock(path)
 
-        decision = dist.root_decides(lambda: decide(trial, path, lock), "deciding a trial")
+        decision = dist.root_decides(lambda: decide(path, lock), "deciding a trial")
         if decision[0] == "skipped":
             outcome = Outcome(trial, *decision, 0.0)
         elif decision[0] == "busy":

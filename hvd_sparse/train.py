@@ -4,6 +4,7 @@ Run as ``horovodrun -np 2 python -m hvd_sparse.train --sparsity 0.9 ...`` (or un
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -385,8 +386,8 @@ def stop_here(cfg: Config, path: Path, trial_log: TrialLog | None, model: nn.Mod
         if trial_log is None:
             return
         if cfg.run.checkpoint:
-            save_checkpoint(path, Start(start.step, start.best_val_error, start.wall_time, True, tuple(pairs)),
-                            model, optimizer, run_hash, mask_sha256)
+            save_checkpoint(path, dataclasses.replace(start, train_loss=tuple(pairs)), model, optimizer, run_hash,
+                            mask_sha256)
         trial_log.interrupted(why)
 
     dist.agree(record, "checkpointing on a stop signal")
