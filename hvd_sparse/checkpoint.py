@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hvd_sparse.log import LogError, read_log
+from hvd_sparse.log import LogError, read_log, write_atomically
 from hvd_sparse.mask import Mask
 
 
@@ -47,8 +47,6 @@ class Checkpoint:
 def save_checkpoint(log: Path, start: Start, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     run_hash: str, mask_sha256: str) -> None:
     """Write the checkpoint so that a reader sees the old one or the new one, never a mix."""
-    path = checkpoint_path(log)
-    tmp = path.with_name(path.name + ".tmp")
     state = {
         "step": start.step, "best_val_error": start.best_val_error, "wall_time": start.wall_time,
         "train_loss": [list(pair) for pair in start.train_loss],
@@ -56,11 +54,7 @@ def save_checkpoint(log: Path, start: Start, model: torch.nn.Module, optimizer: 
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LogError(f"{path}: cannot write the checkpoint: {e.strerror or e}") from None
+    write_atomically(checkpoint_path(log), lambda tmp: torch.save(state, tmp), "checkpoint")
 
 
 def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:

@@ -11,6 +11,7 @@ import importlib.util
 import math
 import pickle
 import struct
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,7 @@ class Datasets:
     val: Split
     test: Split | None
     num_classes: int
+    fingerprint: str = ""  # sha256 of the raw files' arrays (before any float arithmetic)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -61,7 +63,7 @@ class Datasets:
 
     def to(self, device: torch.device) -> "Datasets":
         test = self.test.to(device) if self.test is not None else None
-        return Datasets(self.train.to(device), self.val.to(device), test, self.num_classes)
+        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device), test=test)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +293,19 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         val=Split(norm(x_all[val_idx]), y_all[val_idx].contiguous()),
         test=test,
         num_classes=raw.num_classes,
+        fingerprint=fingerprint(raw),
     )
+
+
+def fingerprint(raw: RawData) -> str:
+    """The same on every node that holds the same data, whatever its CPU: hashed before any float
+    arithmetic (normalization statistics may differ in the last bit between CPU generations)."""
+    digest = hashlib.sha256()
+    for array in (raw.train_x, raw.train_y, raw.test_x, raw.test_y):
+        if array is not None:
+            digest.update(str((array.dtype.str, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

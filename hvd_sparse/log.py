@@ -1,8 +1,12 @@
 """Per-trial HDF5 logs: written by rank 0, readable at any time, even while the run goes on.
 
-The file is opened, appended to and closed at every evaluation, so between evaluations it is a
-complete, consistent HDF5 file: a run killed between two evaluations leaves every flushed
-measurement readable. Schema (documented in README.md, checked by ``validate``):
+Every change (an evaluation appended, the final status) is written to a copy that is flushed,
+fsynced and renamed over the log, so the file on disk is always a complete, consistent HDF5 file:
+the old version or the new one. A run killed at any moment leaves every flushed measurement
+readable, and a write that fails (disk full, quota, I/O error) raises StorageError and leaves the
+previous version in place: a trial is never recorded as ended unless that record reached the disk.
+(HDF5 reports some write failures only when its cache is flushed and h5py ignores them when an
+object is freed; the explicit flush below is what surfaces them.) Schema (documented in README.md, checked by ``validate``):
 
   attrs: config (JSON), run_hash, status, steps_to_result (-1 if not reached), world_size,
          mask_sha256, mask_density, hvd_sparse_version, torch_version, horovod_version,
@@ -13,11 +17,17 @@ measurement readable. Schema (documented in README.md, checked by ``validate``):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -43,18 +53,82 @@ class LogError(ValueError):
     """A log file that cannot be created, appended to, or read."""
 
 
-def _open(path: Path, mode: str, retries: int = 20) -> h5py.File:
-    """Open, retrying briefly while another process (the writer) holds the file."""
-    for attempt in range(retries):
+class StorageError(RuntimeError):
+    """A log, checkpoint or model file could not be written (disk full, quota, I/O error). The file
+    on disk is still its previous, consistent version; the run stops on every rank (exit 1)."""
+
+
+def _reason(errors: Sequence[BaseException]) -> str:
+    """One line for a failed write: the first OS error among ``errors`` (HDF5 reports them inside
+    multi-line messages, sometimes only in a follow-up error of another object)."""
+    for error in errors:
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        found = re.search(r"errno = (\d+)", str(error))
+        if found:
+            return os.strerror(int(found.group(1)))
+    text = str(errors[0]).strip()
+    return text.splitlines()[0] if text else type(errors[0]).__name__
+
+
+@contextlib.contextmanager
+def _unraisable_collected(seen: list[BaseException]) -> Iterator[None]:
+    """h5py meets some failed writes while freeing an object, where Cython can only print them
+    (sys.excepthook, then sys.unraisablehook: a traceback per object); here they go to ``seen``."""
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda info: seen.append(info.exc_value) if info.exc_value is not None else None
+    sys.excepthook = lambda kind, value, tb: seen.append(value)
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """``write(tmp)``, fsync, rename over ``path``: readers and a crash see the old file or the new one.
+
+    Any failure removes the temporary file and raises StorageError; ``path`` is left as it was.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    seen: list[BaseException] = []
+    try:
+        with _unraisable_collected(seen):
+            write(tmp)
+        if seen:
+            raise seen[0]
+        fd = os.open(tmp, os.O_RDONLY)
         try:
-            return h5py.File(path, mode, locking=mode != "r")
-        except BlockingIOError:
-            time.sleep(0.05 * (attempt + 1))
-        except OSError as e:
-            if "lock" not in str(e).lower() or attempt == retries - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise LogError(f"{path}: could not be opened")
+            os.fsync(fd)  # delayed-allocation filesystems report a full disk here, not at write()
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # h5py and torch.save raise RuntimeError for failed writes
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{path}: cannot write the {what}: {_reason([e, *seen])}{_free_space(path.parent)}") from None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(folder).free // 1024} KiB free there)"
+    except OSError:
+        return ""
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and create a file in it: a read-only or misnamed output folder
+    is a one-line LogError before any training, not a failure after the first evaluation."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".hvd-sparse-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LogError(f"{what} {folder}: cannot write there: {_reason([e])}") from None
+
+
+def _open(path: Path) -> h5py.File:
+    """Open for reading. Writers never modify the file in place, so no lock is needed."""
+    return h5py.File(path, "r", locking=False)
 
 
 def _plain(value: Any) -> Any:
@@ -75,8 +149,11 @@ class TrialLog:
             raise LogError(f"{path}: a log of this run already exists (use --overwrite to replace it)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with h5py.File(tmp, "w") as f:
+        except OSError as e:
+            raise StorageError(f"{path}: cannot write the log: {_reason([e])}") from None
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w", locking=False) as f:
                 for key, value in attrs.items():
                     f.attrs[key] = _plain(value)
                 f.attrs["status"] = "RUNNING"
@@ -90,47 +167,71 @@ class TrialLog:
                 for name, bits in mask.packed().items():
                     ds = masks.create_dataset(name, data=bits, compression="gzip")
                     ds.attrs["shape"] = tuple(mask[name].shape)
-            tmp.replace(path)  # the log appears complete or not at all
-        except OSError as e:
-            raise LogError(f"{path}: cannot write the log: {e.strerror or e}") from None
+                f.flush()
+
+        write_atomically(path, write, "log")  # the log appears complete or not at all
         return cls(path)
 
+    def _update(self, change: Callable[[h5py.File], None]) -> None:
+        """Apply ``change`` to a copy of the log and publish it atomically (see the module doc)."""
+
+        def write(tmp: Path) -> None:
+            shutil.copyfile(self.path, tmp)
+            with h5py.File(tmp, "a", locking=False) as f:
+                change(f)
+                f.flush()  # raises if HDF5 cannot write; closing alone would not say so
+
+        write_atomically(self.path, write, "log")
+
     def append(self, row: Mapping[str, float | int]) -> None:
-        """Append one evaluation; the file is closed (flushed) before this returns."""
+        """Append one evaluation; it is on disk (fsynced) when this returns."""
         missing = set(COLUMNS) - set(row)
         if missing:
             raise LogError(f"measurement is missing {sorted(missing)}")
-        with _open(self.path, "a") as f:
+
+        def change(f: h5py.File) -> None:
             group = f["measurements"]
             n = group["step"].shape[0]
             for name in COLUMNS:
                 group[name].resize((n + 1,))
                 group[name][n] = row[name]
 
+        self._update(change)
+
     def truncate(self, last_step: int) -> None:
         """Drop evaluations after ``last_step`` (written after the checkpoint a run resumes from)."""
-        with _open(self.path, "a") as f:
+
+        def change(f: h5py.File) -> None:
             group = f["measurements"]
             keep = int(np.searchsorted(group["step"][()], last_step, side="right"))
             for name in COLUMNS:
                 group[name].resize((min(keep, group[name].shape[0]),))
             f.attrs["resumes"] = int(f.attrs.get("resumes", 0)) + 1
 
+        self._update(change)
+
     def interrupted(self, why: str) -> None:
         """Record a stop signal; the status stays RUNNING, so a rerun resumes from the checkpoint."""
-        with _open(self.path, "a") as f:
+
+        def change(f: h5py.File) -> None:
             f.attrs["interrupted"] = why
             f.attrs["interruptions"] = int(f.attrs.get("interruptions", 0)) + 1
 
+        self._update(change)
+
     def finish(self, status: str, steps_to_result: int | None, **extra: Any) -> None:
+        """Record the end; all of it reaches the disk, or none of it (StorageError, status stays RUNNING)."""
         if status not in STATUSES[1:]:
             raise LogError(f"final status must be one of {STATUSES[1:]}, got {status!r}")
-        with _open(self.path, "a") as f:
-            f.attrs["status"] = status
+
+        def change(f: h5py.File) -> None:
             f.attrs["steps_to_result"] = -1 if steps_to_result is None else int(steps_to_result)
             f.attrs["finished"] = time.time()
             for key, value in extra.items():
                 f.attrs[key] = _plain(value)
+            f.attrs["status"] = status
+
+        self._update(change)
 
 
 @dataclass(frozen=True)
@@ -166,7 +267,7 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
     """Read a log (also one still being written); LogError if it is not a valid trial log."""
     path = Path(path)
     try:
-        with _open(path, "r") as f:
+        with _open(path) as f:
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
             missing = [a for a in REQUIRED_ATTRS if a not in attrs]
             if missing or "measurements" not in f:

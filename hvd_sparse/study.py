@@ -27,7 +27,7 @@ import yaml
 
 import hvd_sparse
 from hvd_sparse.config import SCHEDULES, Config, ConfigError
-from hvd_sparse.log import LogError, read_log
+from hvd_sparse.log import LogError, StorageError, check_writable, read_log
 from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
@@ -295,6 +295,7 @@ def prepare_dir(spec: StudySpec, directory: Path) -> None:
             f"{directory} holds a different study (spec differs in: {', '.join(diff)}); "
             "use another --out or --study-dir, or restore the original spec"
         )
+    check_writable(directory, "study directory")
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,8 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress."""
     from hvd_sparse import dist
     from hvd_sparse.checkpoint import RunLock
-    from hvd_sparse.train import check_divisible, configure_logging, load_data, run_trial, say, select_device, validate
+    from hvd_sparse.train import (check_divisible, configure_logging, load_data_everywhere, run_trial, say,
+                                  select_device, validate)
 
     everything = grid(spec)
     for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
@@ -370,9 +372,9 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     configure_logging("info" if verbose else "warning", dist.is_root())
     for b in spec.batch_sizes:
         check_divisible(b)
+    dist.verify_same_everywhere(f"{spec.study_hash()} shard {shard_of}", "study spec and shard")
     dist.agree(lambda: prepare_dir(spec, directory) if dist.is_root() else None, "preparing the study directory")
-    device = select_device()
-    data = dist.agree(lambda: load_data(everything[0].config, device), "loading the data")
+    data = load_data_everywhere(everything[0].config, select_device())
     if dist.is_root():
         say(f"study {directory} ({len(trials)} trials{'' if shard_of == (0, 1) else f', shard {shard_of[0]}/{shard_of[1]}'}"
             f", world size {dist.size()})")
@@ -453,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_interrupted(e)
     except (ValueError, LogError) as e:  # ConfigError, DataError, LogError
         return fail(e, 2, PROG)
-    except dist.DistributedError as e:
+    except (dist.DistributedError, StorageError) as e:
         return fail(e, 1, PROG)
     return 0
 

@@ -26,7 +26,7 @@ from hvd_sparse import dist
 from hvd_sparse.checkpoint import RunLock, Start, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, parse_config
 from hvd_sparse.data import DATASETS, DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
-from hvd_sparse.log import TrialLog
+from hvd_sparse.log import StorageError, TrialLog, check_writable, write_atomically
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import MODELS, build_model, get_factory, prunable_names
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
@@ -220,6 +220,17 @@ def start_job(cfg: Config) -> None:
     dist.init()
     configure_logging(cfg.run.log_level, dist.is_root())
     check_divisible(cfg.train.batch_size)
+    dist.verify_same_everywhere(cfg.run_hash(), "configuration (every rank must be given the same arguments)")
+    dist.agree(lambda: check_writable(Path(cfg.run.out), "--out") if dist.is_root() else None,
+               "checking the output folder")
+
+
+def load_data_everywhere(cfg: Config, device: torch.device) -> Datasets:
+    """The data on every rank, and proof that every rank read the same files (a node with a stale
+    or partial copy would otherwise train on other data without a word)."""
+    data = dist.agree(lambda: load_data(cfg, device), "loading the data")
+    dist.verify_same_everywhere(data.fingerprint, f"{cfg.data.dataset} data (sha256 of the files' arrays)")
+    return data
 
 
 def check_divisible(batch_size: int) -> None:
@@ -231,7 +242,7 @@ def run(cfg: Config) -> TrialResult:
     """One trial on all ranks of the current Horovod job (resumed if it was interrupted)."""
     start_job(cfg)
     device = select_device()
-    data = dist.agree(lambda: load_data(cfg, device), "loading the data")
+    data = load_data_everywhere(cfg, device)
     path = log_path(cfg)
     lock = RunLock(path)
     dist.agree(lambda: lock.acquire() if dist.is_root() else None, "locking the run")
@@ -360,13 +371,15 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
         extra["test_error"] = test_error
 
     def finish_log() -> None:
-        if trial_log is not None:
-            trial_log.finish(status, steps_to_result, **extra)
-            checkpoint_path(path).unlink(missing_ok=True)  # an ended trial is never resumed
+        if trial_log is None:
+            return
+        if cfg.run.save_model:  # before the status: a trial recorded as ended has all its files
+            params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+            write_atomically(final_model_path(path), lambda tmp: torch.save(params, tmp), "final model")
+        trial_log.finish(status, steps_to_result, **extra)
+        checkpoint_path(path).unlink(missing_ok=True)  # an ended trial is never resumed
 
     dist.agree(finish_log, "finishing the log")
-    if cfg.run.save_model and dist.is_root():
-        torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, final_model_path(path))
     return TrialResult(
         status=status, steps_to_result=steps_to_result, best_val_error=best, steps_done=step,
         world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask_sha256,
@@ -422,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_interrupted(e)
     except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
         return fail(e, 2)
-    except dist.DistributedError as e:
+    except (dist.DistributedError, StorageError) as e:
         return fail(e, 1)
     if dist.is_root():
         reached = "-" if result.steps_to_result is None else result.steps_to_result

@@ -46,3 +46,44 @@ def rank_lines(output: str, rank: int) -> list[str]:
 
 def describe(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """``mount_tmpfs(options)``: a real, private filesystem (tmpfs) to fill up or make read-only.
+
+    Needs the right to mount (root, as in CI); skipped, saying so, where it is missing.
+    """
+    mounted = []
+
+    def mount(options: str = "size=1m") -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); these tests need root")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_disk(folder: Path, leave_pages: int = 0) -> Path:
+    """Fill ``folder``'s filesystem to the last page (then give back ``leave_pages`` pages of 4 KiB)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    if leave_pages:
+        os.truncate(filler, max(0, filler.stat().st_size - leave_pages * 4096))
+    return filler

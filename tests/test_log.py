@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from hvd_sparse.log import COLUMNS, LogError, TrialLog, read_log
+from hvd_sparse.log import COLUMNS, LogError, StorageError, TrialLog, read_log
+from conftest import fill_disk
 from hvd_sparse.mask import Mask
 
 ATTRS = {
@@ -53,11 +54,11 @@ def test_existing_log_is_not_overwritten_unless_asked(tmp_path):
     assert len(read_log(path).measurements["step"]) == 0
 
 
-def test_unwritable_folder_is_a_log_error(tmp_path):
+def test_unwritable_folder_is_a_storage_error(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     (folder / "file").write_text("x")
-    with pytest.raises(LogError, match="cannot write"):
+    with pytest.raises(StorageError, match="cannot write the log"):
         TrialLog.create(folder / "file" / "t.h5", ATTRS, mask())  # a file where a folder should be
 
 
@@ -78,3 +79,35 @@ def test_final_status_is_checked(tmp_path):
     log = TrialLog.create(tmp_path / "t.h5", ATTRS, mask())
     with pytest.raises(LogError):
         log.finish("RUNNING", None)
+
+
+@pytest.mark.parametrize("leave_pages", range(0, 24, 2))
+def test_a_full_disk_never_corrupts_the_log_nor_records_an_end_that_was_not_written(mount_tmpfs, leave_pages):
+    """At every amount of space left: each write either lands whole or raises StorageError and
+    leaves the previous version; the log never says COMPLETE unless that reached the disk."""
+    disk = mount_tmpfs("size=512k")
+    path = disk / "t.h5"
+    log = TrialLog.create(path, ATTRS, Mask({"w": torch.ones(30, 30, dtype=torch.bool)}))
+    for i in range(250):  # near the end of the first 256-entry chunk: the next appends need new space
+        log.append(row(i))
+    fill_disk(disk, leave_pages)
+    written, failures = 250, []
+    for i in range(250, 270):
+        try:
+            log.append(row(i))
+            written += 1
+        except StorageError as e:
+            failures.append(str(e))
+            break
+    try:
+        log.finish("COMPLETE", 5, best_val_error=0.1)
+        ended = "COMPLETE"
+    except StorageError as e:
+        failures.append(str(e))
+        ended = "RUNNING"
+    data = read_log(path)
+    assert data.status == ended and list(data.measurements["step"]) == list(range(written))
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "t.h5"]  # no temporary file left
+    assert all(m.startswith(f"{path}: cannot write the log: ") and "\n" not in m for m in failures), failures
+    if leave_pages == 0:
+        assert len(failures) == 2 and "No space left on device (0 KiB free there)" in failures[0]
