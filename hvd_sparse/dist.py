@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 
 import horovod.torch as hvd
+from horovod.common.exceptions import HorovodInternalError
 
 from hvd_sparse.mask import Mask
 
@@ -21,6 +23,12 @@ T = TypeVar("T")
 
 class DistributedError(RuntimeError):
     """Some rank failed or ranks disagree; raised on every rank with the same message."""
+
+
+# Raised by a collective when Horovod shut down because another rank failed outside ``agree`` (it
+# exited before its first collective, or it called a different one): that rank said why itself.
+PeerFailure = HorovodInternalError
+PEER_FAILURE_MESSAGE = "another rank failed or left the job, so Horovod shut down (that rank's own error is above)"
 
 
 def init() -> None:
@@ -50,7 +58,13 @@ def exit_barrier(timeout: float = 10.0) -> None:
             return
     except Exception:  # noqa: BLE001 - best effort on the way out
         return
-    waiter = threading.Thread(target=hvd.barrier, daemon=True)
+    def wait() -> None:
+        try:
+            hvd.barrier()
+        except Exception:  # noqa: BLE001 - Horovod shut down: the other ranks learn it now, let them say so
+            time.sleep(1.0)
+
+    waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
     waiter.join(timeout)
 

@@ -457,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(e, 2, PROG)
     except (dist.DistributedError, StorageError) as e:
         return fail(e, 1, PROG)
+    except dist.PeerFailure:
+        return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1, PROG)
     return 0
 
 

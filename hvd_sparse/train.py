@@ -437,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(e, 2)
     except (dist.DistributedError, StorageError) as e:
         return fail(e, 1)
+    except dist.PeerFailure:
+        return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1)
     if dist.is_root():
         reached = "-" if result.steps_to_result is None else result.steps_to_result
         test = "" if result.test_error is None else f" test_error={result.test_error:.4f}"

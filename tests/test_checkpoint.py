@@ -58,7 +58,7 @@ def assert_same_measurements(a, b):
 
 
 @pytest.mark.parametrize("np_", [1, 2])
-def test_killed_run_resumes_with_identical_measurements(tmp_path, np_):
+def test_killed_run_resumes_with_identical_measurements(tmp_path, np_, record_property):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     proc = run(np_, whole)
     assert proc.returncode == 0, describe(proc)
@@ -72,7 +72,9 @@ def test_killed_run_resumes_with_identical_measurements(tmp_path, np_):
         ranks = [p for p in family if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]]
         assert len(ranks) == np_
         ranks[-1].send_signal(signal.SIGKILL)
+        killed = time.time()
         victim.wait(timeout=60)
+        record_property("time_to_exit_s", round(time.time() - killed, 1))
         assert victim.returncode != 0
     finally:
         if victim.poll() is None:

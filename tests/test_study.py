@@ -1,6 +1,7 @@
 """Study grids: spec, search points, shards, the study directory; then whole studies with real ranks."""
 import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -245,13 +246,49 @@ def test_sigkill_mid_study_then_rerun_measures_exactly_the_uninterrupted_study(u
     assert read_log(victim.with_name("trial-001.h5")).attrs["resumes"] == 1
 
 
-def test_changed_spec_in_an_existing_study_dir_is_refused_on_every_rank(uninterrupted, tmp_path):
+@pytest.mark.parametrize("victim", [0, 1])
+def test_one_rank_killed_mid_study_ends_the_job_and_the_rerun_measures_the_same(uninterrupted, tmp_path, victim,
+                                                                                record_property):
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(study_cmd(2, write_spec(tmp_path), root), env=launch_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (root.exists() and list(root.rglob("batch-16/trial-001.ckpt.pt"))) and time.time() < deadline:
+            assert proc.poll() is None, "the study ended before the kill"
+            time.sleep(0.02)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
+        ranks = {int(p.environ()["OMPI_COMM_WORLD_RANK"]): p for p in workers}
+        assert sorted(ranks) == [0, 1]
+        ranks[victim].send_signal(signal.SIGKILL)  # a node failure, an OOM kill
+        started = time.time()
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    assert proc.returncode != 0 and elapsed < 60, out
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in ranks.values() if p.is_running())
+    for path in root.rglob("trial-*.h5"):  # every log readable, the victim's trial still RUNNING
+        log = read_log(path)
+        assert log.status == ("RUNNING" if path.match("batch-16/trial-001.h5") else "INCOMPLETE"), path
+    rerun = run_study(2, write_spec(tmp_path), root)
+    assert rerun.returncode == 0, describe(rerun)
+    assert_same_study(uninterrupted[0], root)
+
+
+def test_changed_spec_in_an_existing_study_dir_is_refused_on_every_rank(uninterrupted, tmp_path, record_property):
     root, _ = uninterrupted
     directory, logs = logs_of(root)
     before = {p: p.read_bytes() for p in logs}
     cmd = ["-m", "hvd_sparse.study", str(write_spec(tmp_path, goal_error=0.3)), "--study-dir", str(directory)]
+    started = time.time()
     proc = horovodrun(2, cmd, timeout=60)
-    assert proc.returncode != 0
+    record_property("time_to_exit_s", round(time.time() - started, 1))
+    assert proc.returncode != 0 and time.time() - started < 30
     for rank in (0, 1):
         errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "error:" in line]
         assert len(errors) == 1 and "spec differs in: goal_error" in errors[0], describe(proc)
@@ -299,11 +336,13 @@ def test_list_prints_the_trials_without_running(tmp_path):
     (json.dumps({**RUN_SPEC, "dataset": "nope"}), "unknown dataset"),
     (json.dumps({**RUN_SPEC, "batch_sizes": [15]}), "not divisible by the 2 ranks"),
 ])
-def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, message):
+def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, message, record_property):
     path = tmp_path / "spec.yaml"
     path.write_text(content)
+    started = time.time()
     proc = horovodrun(2, ["-m", "hvd_sparse.study", str(path), "--out", str(tmp_path / "runs")], timeout=60)
-    assert proc.returncode != 0
+    record_property("time_to_exit_s", round(time.time() - started, 1))
+    assert proc.returncode != 0 and time.time() - started < 30
     for rank in (0, 1):
         errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "hvd_sparse.study: error:" in line]
         assert len(errors) == 1 and message in errors[0], describe(proc)

@@ -1,0 +1,205 @@
+"""What happens when things go wrong, with real ranks (np=2) and hard timeouts.
+
+Each test here backs a line of README's "What happens when things go wrong" table; the others are
+named there too (test_train, test_checkpoint, test_study, test_log, test_aggregate, test_slurm).
+Every test records the job's time to exit (``record_property``): `make failure-times` prints them.
+"""
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hvd_sparse.checkpoint import checkpoint_path
+from hvd_sparse.log import read_log
+from conftest import BIN, REPO, describe, fill_disk, horovodrun, launch_env, rank_lines
+from test_data import write_mnist
+
+TRAIN = ["-m", "hvd_sparse.train", "--no-progress", "--dataset", "synthetic", "--model", "mlp-tiny",
+         "--batch-size", "32", "--max-steps", "20", "--eval-every", "10"]
+PER_RANK = str(REPO / "tests" / "rank_programs" / "per_rank_args.py")
+TINY_STUDY = {"name": "s", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.5], "optimizers": ["sgd"],
+              "batch_sizes": [16], "trials": 1, "goal_error": 0.0, "max_steps": 10, "eval_every": 5}
+LIMIT = 30  # seconds from launch to the exit of every rank, horovodrun's own start-up included
+
+
+def assert_every_rank_failed(proc, started, message, record_property, prog="hvd_sparse.train"):
+    """Non-zero exit, exactly one error line naming ``message`` on each rank, within LIMIT seconds."""
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    assert proc.returncode != 0, describe(proc)
+    for rank in (0, 1):
+        expected = message[rank] if isinstance(message, dict) else message
+        errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if f"{prog}: error:" in line]
+        assert len(errors) == 1 and expected in errors[0], describe(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    assert elapsed < LIMIT, f"{elapsed:.1f} s"
+
+
+def per_rank(module, extra_for_rank_1, args, timeout=LIMIT * 2):
+    """``module``'s main on both ranks, rank 1 with ``extra_for_rank_1`` appended to its arguments."""
+    return horovodrun(2, [PER_RANK, module, json.dumps({"1": extra_for_rank_1}), *args], timeout=timeout)
+
+
+# -- ranks that disagree -----------------------------------------------------------------------------
+
+
+def test_ranks_given_different_arguments_stop_together(tmp_path, record_property):
+    started = time.time()
+    proc = per_rank("hvd_sparse.train", ["--lr", "0.2"], [*TRAIN[2:], "--lr", "0.1", "--out", str(tmp_path)])
+    assert_every_rank_failed(proc, started, "ranks disagree on the configuration", record_property)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_ranks_reading_different_data_stop_together(tmp_path, record_property):
+    write_mnist(tmp_path / "node-a", n_train=200, n_test=20)
+    stale = tmp_path / "node-b"
+    shutil.copytree(tmp_path / "node-a", stale)
+    images = stale / "train-images-idx3-ubyte"
+    raw = bytearray(images.read_bytes())
+    raw[-1] ^= 0xFF  # one pixel of one image differs on rank 1's node
+    images.write_bytes(bytes(raw))
+    args = ["--no-progress", "--dataset", "mnist", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "5",
+            "--data-dir", str(tmp_path / "node-a"), "--out", str(tmp_path / "out")]
+    started = time.time()
+    proc = per_rank("hvd_sparse.train", ["--data-dir", str(stale)], args)
+    assert_every_rank_failed(proc, started, "ranks disagree on the mnist data", record_property)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.h5"))
+
+
+def test_a_study_whose_ranks_run_different_shards_stops_together(tmp_path, record_property):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(TINY_STUDY))
+    started = time.time()
+    proc = per_rank("hvd_sparse.study", ["--shard", "1/2"], [str(spec), "--out", str(tmp_path / "runs")])
+    assert_every_rank_failed(proc, started, "ranks disagree on the study spec and shard", record_property,
+                             prog="hvd_sparse.study")
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_a_bad_argument_on_one_rank_only_ends_the_job(tmp_path, record_property):
+    """Rank 1 fails before its first collective, outside any agreement: rank 0 learns it from Horovod."""
+    started = time.time()
+    proc = per_rank("hvd_sparse.train", ["--batch-size", "x"], [*TRAIN[2:], "--out", str(tmp_path)])
+    assert_every_rank_failed(proc, started, {0: "another rank failed or left the job",
+                                             1: "argument --batch-size: invalid int value: 'x'"}, record_property)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+# -- bad data and unwritable folders ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "bytes, expected"),
+    ("labels", "labels must be in 0..9"),
+    ("missing", "file not found"),
+])
+def test_malformed_data_fails_on_every_rank(tmp_path, record_property, damage, message):
+    write_mnist(tmp_path / "data", n_train=60, n_test=10)
+    images, labels = tmp_path / "data" / "train-images-idx3-ubyte", tmp_path / "data" / "t10k-labels-idx1-ubyte"
+    if damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-100])  # a download cut short
+    elif damage == "labels":
+        labels.write_bytes(labels.read_bytes()[:-1] + b"\x0c")
+    else:
+        labels.unlink()
+    started = time.time()
+    proc = horovodrun(2, [*TRAIN, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                          "--out", str(tmp_path / "out")], timeout=LIMIT * 2)
+    assert_every_rank_failed(proc, started, message, record_property)
+
+
+@pytest.mark.parametrize("program", ["train", "study"])
+def test_a_read_only_output_folder_fails_before_training(tmp_path, mount_tmpfs, record_property, program):
+    read_only = mount_tmpfs("ro,size=1m")
+    if program == "train":
+        args, prog = [*TRAIN, "--out", str(read_only / "runs")], "hvd_sparse.train"
+    else:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(json.dumps(TINY_STUDY))
+        args, prog = ["-m", "hvd_sparse.study", str(spec), "--out", str(read_only / "runs")], "hvd_sparse.study"
+    started = time.time()
+    proc = horovodrun(2, args, timeout=LIMIT * 2)
+    assert_every_rank_failed(proc, started, "Read-only file system", record_property, prog=prog)
+
+
+def test_an_existing_study_folder_made_read_only_fails_before_training(tmp_path, mount_tmpfs, record_property):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(TINY_STUDY))
+    disk = mount_tmpfs("size=1m")
+    first = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=120)
+    assert first.returncode == 0, describe(first)
+    (log,) = disk.rglob("trial-*.h5")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    before = log.read_bytes()
+    started = time.time()
+    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=LIMIT * 2)
+    assert_every_rank_failed(proc, started, "study directory", record_property, prog="hvd_sparse.study")
+    assert "cannot write there: Read-only file system" in proc.stdout + proc.stderr
+    assert log.read_bytes() == before
+
+
+# -- a disk that fills up during training --------------------------------------------------------
+
+
+def test_a_full_disk_mid_training_stops_every_rank_and_the_run_resumes_once_there_is_room(
+        tmp_path, mount_tmpfs, record_property):
+    disk = mount_tmpfs("size=8m")
+    args = [*TRAIN, "--model", "simple-cnn", "--max-steps", "600", "--eval-every", "20", "--goal-error", "0",
+            "--out", str(disk)]
+    cmd = [str(BIN / "horovodrun"), "-np", "2", sys.executable, *args]
+    job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            logs = list(disk.glob("*.h5"))
+            if logs and checkpoint_path(logs[0]).exists() and len(read_log(logs[0]).measurements["step"]) >= 3:
+                break
+            assert job.poll() is None, job.communicate()[0]
+            time.sleep(0.05)
+        filler = fill_disk(disk)
+        started = time.time()
+        out, _ = job.communicate(timeout=LIMIT * 2)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    assert job.returncode == 1, out
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(out, rank) if "hvd_sparse.train: error:" in line]
+        assert len(errors) == 1 and "No space left on device" in errors[0], out
+    assert "Traceback" not in out and elapsed < LIMIT, out
+    (log,) = disk.glob("*.h5")
+    data = read_log(log)
+    assert data.status == "RUNNING" and len(data.measurements["step"]) >= 3  # every evaluation that reached the disk
+    assert checkpoint_path(log).exists() and not list(disk.glob("*.tmp"))
+
+    filler.unlink()  # room again: the same command resumes from the last checkpoint and ends
+    resumed = subprocess.run(cmd, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, describe(resumed)
+    data = read_log(log)
+    assert data.status == "INCOMPLETE" and data.attrs["resumes"] == 1
+    np.testing.assert_array_equal(data.measurements["step"], np.arange(0, 601, 20))
+
+
+# -- a corrupt log in a study ----------------------------------------------------------------------
+
+
+def test_a_corrupt_log_in_a_study_stops_it_on_every_rank_and_is_left_alone(tmp_path, record_property):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
+    args = ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
+    first = horovodrun(2, args, timeout=120)
+    assert first.returncode == 0, describe(first)
+    logs = sorted((tmp_path / "runs").rglob("trial-*.h5"))
+    logs[1].write_bytes(logs[1].read_bytes()[:2000])  # e.g. a copy cut short
+    before = {p: p.read_bytes() for p in logs}
+    started = time.time()
+    proc = horovodrun(2, args, timeout=LIMIT * 2)
+    assert_every_rank_failed(proc, started, "unreadable or corrupt HDF5 log", record_property, prog="hvd_sparse.study")
+    assert str(logs[1]) in proc.stdout + proc.stderr
+    assert {p: p.read_bytes() for p in logs} == before
