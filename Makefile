@@ -12,7 +12,7 @@ STUDY ?= studies/mini-mnist5k.yaml
 STUDY_OUT ?= runs/studies
 FIGURES ?= docs/mini-study
 
-.PHONY: setup demo replicate test clean
+.PHONY: setup demo replicate failure-times test clean
 
 setup:
 	@bash launch/setup.sh
@@ -26,6 +26,10 @@ demo: setup
 replicate: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT)
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) --print-dir)" --out $(FIGURES)
+
+## make failure-times: the tests behind README's failure table, with each case's measured time to exit
+failure-times: setup
+	python benchmarks/failure_times.py
 
 ## make test: set up, then the whole test suite
 test: setup

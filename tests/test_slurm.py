@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from hvd_sparse.log import read_log
@@ -153,3 +154,32 @@ def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(s
         for column, values in la.measurements.items():
             if column != "wall_time":
                 np.testing.assert_array_equal(values, lb.measurements[column], err_msg=f"{b}: {column}")
+
+
+def test_a_rank_killed_under_srun_ends_the_job_and_keeps_the_log(slurm, tmp_path, record_property):
+    """With --mpi=pmix, slurmstepd's PMIx error handler cancels the step when a task dies (seen with
+    plain srun too); launch/srun-resumable also passes --kill-on-bad-exit=1, for sites whose MPI
+    plugin would leave the other tasks waiting in their next allreduce."""
+    out, output = tmp_path / "runs", tmp_path / "job.out"
+    job = slurm.sbatch("--ntasks-per-node=2", f"--output={output}", "slurm/train.sbatch", "--dataset", "synthetic",
+                       "--model", "simple-cnn", "--batch-size", "32", "--max-steps", "100000", "--eval-every", "20",
+                       "--goal-error", "0", "--out", str(out), cwd=REPO, env=job_env(slurm))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        logs = list(out.glob("*.h5"))
+        if logs and len(read_log(logs[0]).measurements["step"]) >= 2:
+            break
+        assert slurm.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), output.read_text()
+        time.sleep(0.1)
+    ranks = [
+        p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ["-m", "hvd_sparse.train"]
+        and p.environ().get("SLURM_JOB_ID") == job]
+    by_rank = {int(p.environ()["SLURM_PROCID"]): p for p in ranks}
+    assert sorted(by_rank) == [0, 1]
+    by_rank[1].kill()
+    killed = time.time()
+    (info,) = slurm.wait(job, 90)
+    record_property("time_to_exit_s", round(time.time() - killed, 1))
+    assert info["JobState"] == "FAILED" and time.time() - killed < 60, output.read_text()
+    data = read_log(logs[0])
+    assert data.status == "RUNNING" and len(data.measurements["step"]) >= 2
