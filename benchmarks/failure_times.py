@@ -30,7 +30,8 @@ TESTS = [
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=legacy",
+                               f"--junitxml={report}",
                                *TESTS], cwd=REPO)
         rows = []
         for case in ET.parse(report).getroot().iter("testcase"):

@@ -76,6 +76,7 @@ def trial_row(path: Path, root: Path) -> dict:
     except (ValueError, KeyError, TypeError):
         raise LogError(f"{path}: its config attribute is not a trial config") from None
     m = log.measurements
+    reached = log.steps_to_result
     return {
         "path": str(path.relative_to(root)),
         "study": log.attrs.get("study_name", ""),
@@ -89,7 +90,15 @@ def trial_row(path: Path, root: Path) -> dict:
         "world_size": int(log.attrs["world_size"]),
         "density": float(log.attrs.get("mask_density", math.nan)),
         "grad_compression": cfg.get("dist", {}).get("grad_compression", "none"),
+        "noise_at_result": noise_at(m, reached) if reached is not None else math.nan,
     }
+
+
+def noise_at(measurements: Mapping[str, np.ndarray], step: int) -> float:
+    """The smoothed noise scale B_simple logged at ``step`` (NaN if it was not measured)."""
+    steps, noise = measurements.get("step", np.array([])), measurements.get("noise_scale", np.array([]))
+    found = np.flatnonzero(steps[: len(noise)] == step)
+    return float(noise[found[0]]) if len(found) else math.nan
 
 
 def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -153,10 +162,11 @@ def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataF
             "best_lr": float(best.lr) if best is not None else math.nan,
             "best_momentum": float(best.momentum) if best is not None else math.nan,
             "best_val_error": float(group.best_val_error.min()),
+            "best_noise_scale": float(best.get("noise_at_result", math.nan)) if best is not None else math.nan,
         })
     return pd.DataFrame(rows, columns=STUDY + ["trials", "complete", "incomplete", "infeasible", "running",
                                                "steps_to_result", "best_trial", "best_lr", "best_momentum",
-                                               "best_val_error"])
+                                               "best_val_error", "best_noise_scale"])
 
 
 def regimes(batch_sizes: Sequence[int], steps: Sequence[float], rules: Rules) -> tuple[float, float]:
@@ -200,6 +210,42 @@ def curve_table(studies: pd.DataFrame, rules: Rules = Rules()) -> pd.DataFrame:
             "tolerance": rules.tolerance, "min_saving": rules.min_saving,
         })
     return pd.DataFrame(rows)
+
+
+def noise_table(studies: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Per curve: the noise scale B_simple at the goal (the best trial of each batch size, where it
+    reached the goal) summarized as its median over batch sizes, the prediction of the critical batch
+    size (McCandlish et al. 2018), beside the critical batch size measured by brute force."""
+    rows = []
+    for key, group in studies.groupby(CURVE, sort=True):
+        values = group.best_noise_scale[np.isfinite(group.best_noise_scale)]
+        if values.empty:
+            continue
+        curve = curve_of(curves, **dict(zip(CURVE, key)))
+        measured = float(curve.critical_batch_size) if curve is not None else math.nan
+        predicted = float(values.median())
+        rows.append({**dict(zip(CURVE, key)), "batch_sizes": len(values), "noise_scale_at_goal": predicted,
+                     "noise_scale_min": float(values.min()), "noise_scale_max": float(values.max()),
+                     "critical_batch_size": measured,
+                     "predicted_over_measured": predicted / measured if measured > 0 else math.nan})
+    return pd.DataFrame(rows, columns=CURVE + ["batch_sizes", "noise_scale_at_goal", "noise_scale_min",
+                                               "noise_scale_max", "critical_batch_size", "predicted_over_measured"])
+
+
+def format_noise(noise: pd.DataFrame) -> str:
+    """The prediction beside the measurement, one line per curve."""
+    if noise.empty:
+        return ""
+    lines = ["gradient noise scale B_simple at the goal (median over batch sizes of the best trials) vs the "
+             "measured critical batch size"]
+    lines.append(f"{'workload':<40} {'sparsity':>8} {'B_simple':>9} {'(range)':>15} {'critical':>9} {'ratio':>6}")
+    for r in noise.itertuples():
+        workload = f"{r.dataset} {r.model} {r.optimizer} goal {r.goal_error:g}"
+        span = f"{r.noise_scale_min:.0f}-{r.noise_scale_max:.0f}"
+        crit = "-" if not math.isfinite(r.critical_batch_size) else f"{r.critical_batch_size:.0f}"
+        ratio = "-" if not math.isfinite(r.predicted_over_measured) else f"{r.predicted_over_measured:.2f}"
+        lines.append(f"{workload:<40} {r.sparsity:>8g} {r.noise_scale_at_goal:>9.1f} {span:>15} {crit:>9} {ratio:>6}")
+    return "\n".join(lines)
 
 
 def optimizer_table(curves: pd.DataFrame) -> pd.DataFrame:
@@ -260,6 +306,11 @@ def write_outputs(out: Path, trials: pd.DataFrame, studies: pd.DataFrame, curves
         path = out / "critical_by_optimizer.csv"
         optimizers.to_csv(path, float_format="%.6g")
         written.append(path)
+    noise = noise_table(studies, curves) if not studies.empty else pd.DataFrame()
+    if not noise.empty:
+        path = out / "noise_scale.csv"
+        noise.to_csv(path, index=False, float_format="%.6g")
+        written.append(path)
     return written
 
 
@@ -273,7 +324,7 @@ def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, 
     if plots and not studies.empty:
         from hvd_sparse.plots import plot_all
 
-        plot_all(studies, curves, Path(out))
+        plot_all(studies, curves, Path(out), trials, Path(root))
     return trials, studies, curves, problems
 
 
@@ -310,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in problems:
         sys.stderr.write(f"{PROG}: {line}\n")
     report = format_studies(studies, curves) if not studies.empty else "no ended trials to aggregate"
+    noise = format_noise(noise_table(studies, curves)) if not studies.empty else ""
+    report += f"\n\n{noise}" if noise else ""
     sys.stdout.write(f"{len(trials)} trial logs, {len(studies)} studies, {len(curves)} curves -> {out}\n{report}\n")
     return 0
 

@@ -34,6 +34,7 @@ class Start:
     resumed: bool = False
     # per rank [sum of batch losses, batches] since the last evaluation; empty at an evaluation
     train_loss: tuple[tuple[float, float], ...] = ()
+    noise: tuple[float, ...] = ()  # NoiseScale.state: the noise-scale averages continue across a resume
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def save_checkpoint(log: Path, start: Start, model: torch.nn.Module, optimizer: 
     """Write the checkpoint so that a reader sees the old one or the new one, never a mix."""
     state = {
         "step": start.step, "best_val_error": start.best_val_error, "wall_time": start.wall_time,
-        "train_loss": [list(pair) for pair in start.train_loss],
+        "train_loss": [list(pair) for pair in start.train_loss], "noise": list(start.noise),
         "run_hash": run_hash, "mask_sha256": mask_sha256,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -80,7 +81,7 @@ def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
     assert data.mask is not None
     train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))
     start = Start(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), resumed=True,
-                  train_loss=train_loss)
+                  train_loss=train_loss, noise=tuple(float(v) for v in state.get("noise", [])))
     return Checkpoint(start, state["model"], state["optimizer"], data.mask)
 
 

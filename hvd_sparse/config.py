@@ -127,6 +127,13 @@ class TrainConfig:
     report_test: bool = _field(
         False, "at the end, also evaluate the test split (never used for the search) into attr test_error", identity=False
     )
+    noise_scale_every: int = _field(
+        0, "measure the gradient noise scale B_simple every this many steps (0: never); logged at every evaluation",
+        identity=False,
+    )
+    noise_scale_smoothing: float = _field(
+        0.9, "exponential moving average factor of the noise-scale estimates, per measurement", identity=False
+    )
 
     def __post_init__(self) -> None:
         _require(_is_int(self.batch_size) and self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
@@ -135,6 +142,10 @@ class TrainConfig:
         _require(0.0 <= self.goal_error <= 1.0, f"--goal-error must be in [0, 1], got {self.goal_error}")
         _require(_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}")
         _require(_is_int(self.eval_batch_size) and self.eval_batch_size > 0, "--eval-batch-size must be > 0")
+        _require(_is_int(self.noise_scale_every) and self.noise_scale_every >= 0,
+                 f"--noise-scale-every must be a non-negative integer, got {self.noise_scale_every}")
+        _require(0.0 <= self.noise_scale_smoothing < 1.0,
+                 f"--noise-scale-smoothing must be in [0, 1), got {self.noise_scale_smoothing}")
 
 
 @dataclass(frozen=True)

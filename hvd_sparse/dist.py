@@ -95,6 +95,10 @@ def allreduce_sum(t: torch.Tensor, name: str) -> torch.Tensor:
     return hvd.allreduce(t, op=hvd.Sum, name=name)
 
 
+def allreduce_mean(t: torch.Tensor, name: str) -> torch.Tensor:
+    return hvd.allreduce(t, op=hvd.Average, name=name)
+
+
 def any_rank(flag: bool, name: str) -> bool:
     """Whether ``flag`` is set on any rank (one one-element allreduce)."""
     return bool(hvd.allreduce(torch.tensor([1 if flag else 0], dtype=torch.int32), op=hvd.Sum, name=name).item())

@@ -41,7 +41,11 @@ COLUMNS: dict[str, type] = {
     "train_loss": np.float64,
     "wall_time": np.float64,
     "allreduce_bytes": np.int64,  # cumulative payload of the gradient allreduces up to this step
+    "noise_scale": np.float64,  # B_simple = tr(Sigma) / |G|^2, smoothed (NaN when not measured)
+    "grad_sq": np.float64,  # the smoothed |G|^2 estimate behind it
+    "grad_trace": np.float64,  # the smoothed tr(Sigma) estimate behind it
 }
+OPTIONAL_COLUMNS = ("noise_scale", "grad_sq", "grad_trace")  # NaN in a row that does not have them
 STATUSES = ("RUNNING", "COMPLETE", "INCOMPLETE", "INFEASIBLE")
 REQUIRED_ATTRS = (
     "config", "run_hash", "status", "steps_to_result", "world_size", "mask_sha256",
@@ -185,16 +189,19 @@ class TrialLog:
 
     def append(self, row: Mapping[str, float | int]) -> None:
         """Append one evaluation; it is on disk (fsynced) when this returns."""
-        missing = set(COLUMNS) - set(row)
+        missing = set(COLUMNS) - set(OPTIONAL_COLUMNS) - set(row)
         if missing:
             raise LogError(f"measurement is missing {sorted(missing)}")
 
         def change(f: h5py.File) -> None:
             group = f["measurements"]
             n = group["step"].shape[0]
-            for name in COLUMNS:
+            for name, dtype in COLUMNS.items():
+                if name not in group:  # a log begun by an older version, resumed by this one
+                    fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+                    group.create_dataset(name, data=np.full(n, fill, dtype=dtype), maxshape=(None,), chunks=(256,))
                 group[name].resize((n + 1,))
-                group[name][n] = row[name]
+                group[name][n] = row.get(name, np.nan)
 
         self._update(change)
 

@@ -5,7 +5,9 @@ sparsity:
 - ``steps_*``: steps-to-result vs batch size, log2-log2, with each curve's dashed perfect-scaling
   line from its smallest batch size; o marks the critical batch size, x the diminishing-returns one;
 - ``normalized_*``: the same curves divided by their value at the smallest batch size;
-- ``metaparams_*``: the best trial's learning rate (and momentum) vs batch size.
+- ``metaparams_*``: the best trial's learning rate (and momentum) vs batch size;
+- ``noise_*`` (when the trials measured it): the gradient noise scale over training, beside the
+  critical batch size the studies measured.
 """
 from __future__ import annotations
 
@@ -117,7 +119,65 @@ def plot_metaparams(studies: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
-def plot_all(studies: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[Path]:
+def best_trial_paths(studies: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple, str]:
+    """(study key) -> the log path of its best trial, for the studies that have one."""
+    from hvd_sparse.aggregate import STUDY
+
+    index = {(*key, int(t)): p for key, t, p in zip(trials[STUDY].itertuples(index=False, name=None),
+                                                     trials.trial_id, trials.path)}
+    return {key: index[(*key, int(best))] for key, best in zip(studies[STUDY].itertuples(index=False, name=None),
+                                                               studies.best_trial)
+            if best >= 0 and (*key, int(best)) in index}
+
+
+def plot_noise(studies: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame, root: Path, out: Path) -> list[Path]:
+    """``noise_*``: B_simple over training of each batch size's best trial (one colour per sparsity),
+    and as a dashed line of the same colour the critical batch size the studies measured."""
+    from hvd_sparse.aggregate import STUDY
+    from hvd_sparse.log import LogError, read_log
+
+    if "best_noise_scale" not in studies or not np.isfinite(studies.best_noise_scale).any():
+        return []
+    paths = best_trial_paths(studies, trials)
+    written = []
+    for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
+        optimizers = sorted(fig_group.optimizer.unique())
+        fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
+        for ax, optimizer in zip(axes[0], optimizers):
+            group = fig_group[fig_group.optimizer == optimizer]
+            for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
+                label = f"sparsity {sparsity:g}"
+                for row in rows.itertuples(index=False):
+                    path = paths.get(tuple(getattr(row, c) for c in STUDY))
+                    if path is None:
+                        continue
+                    try:
+                        m = read_log(root / path, with_mask=False).measurements
+                    except LogError:
+                        continue
+                    if "noise_scale" not in m:
+                        continue
+                    ok = np.isfinite(m["noise_scale"]) & (m["noise_scale"] > 0)
+                    ax.plot(m["step"][ok], m["noise_scale"][ok], color=f"C{i}", alpha=0.7, linewidth=1, label=label)
+                    label = None
+                c = curve_of(curves, **dict(zip(FIGURE_KEYS, key)), optimizer=optimizer, sparsity=sparsity)
+                if c is not None and math.isfinite(c.critical_batch_size):
+                    ax.axhline(c.critical_batch_size, color=f"C{i}", linestyle="--", linewidth=1.2)
+            ax.set_yscale("log", base=2)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_xlabel("step")
+            ax.set_ylabel("B_simple (solid), measured critical batch size (dashed)")
+            ax.set_title(optimizer)
+            if ax.has_data():
+                ax.legend(fontsize=8)
+        fig.suptitle(f"gradient noise scale: {key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        written += _save(fig, out, "noise_" + _name(key))
+    return written
+
+
+def plot_all(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, trials: pd.DataFrame | None = None,
+             root: Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    noise = plot_noise(studies, curves, trials, root, out) if trials is not None and root is not None else []
     return (plot_steps(studies, curves, out, normalized=False) + plot_steps(studies, curves, out, normalized=True)
-            + plot_metaparams(studies, out))
+            + plot_metaparams(studies, out) + noise)

@@ -361,7 +361,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress."""
     from hvd_sparse import dist
     from hvd_sparse.checkpoint import RunLock
-    from hvd_sparse.train import (check_divisible, configure_logging, load_data_everywhere, run_trial, say,
+    from hvd_sparse.train import (check_batch, configure_logging, load_data_everywhere, run_trial, say,
                                   select_device, validate)
 
     everything = grid(spec)
@@ -370,8 +370,8 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     trials = shard(everything, *shard_of)
     dist.init()
     configure_logging("info" if verbose else "warning", dist.is_root())
-    for b in spec.batch_sizes:
-        check_divisible(b)
+    for t in everything:
+        check_batch(t.config.train)
     dist.verify_same_everywhere(f"{spec.study_hash()} shard {shard_of}", "study spec and shard")
     dist.agree(lambda: prepare_dir(spec, directory) if dist.is_root() else None, "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())

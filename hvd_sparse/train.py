@@ -24,10 +24,11 @@ from tqdm import tqdm
 import hvd_sparse
 from hvd_sparse import dist
 from hvd_sparse.checkpoint import RunLock, Start, checkpoint_path, plan_start, save_checkpoint
-from hvd_sparse.config import Config, ConfigError, parse_config
+from hvd_sparse.config import Config, ConfigError, TrainConfig, parse_config
 from hvd_sparse.data import DATASETS, DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
 from hvd_sparse.log import StorageError, TrialLog, check_writable, write_atomically
 from hvd_sparse.mask import Mask
+from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm, masks_of
 from hvd_sparse.models import MODELS, build_model, get_factory, prunable_names
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import snip
@@ -219,7 +220,7 @@ def start_job(cfg: Config) -> None:
     validate(cfg)
     dist.init()
     configure_logging(cfg.run.log_level, dist.is_root())
-    check_divisible(cfg.train.batch_size)
+    check_batch(cfg.train)
     dist.verify_same_everywhere(cfg.run_hash(), "configuration (every rank must be given the same arguments)")
     dist.agree(lambda: check_writable(Path(cfg.run.out), "--out") if dist.is_root() else None,
                "checking the output folder")
@@ -233,9 +234,13 @@ def load_data_everywhere(cfg: Config, device: torch.device) -> Datasets:
     return data
 
 
-def check_divisible(batch_size: int) -> None:
-    if batch_size % dist.size():
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by the {dist.size()} ranks")
+def check_batch(train: TrainConfig) -> None:
+    """The checks that need the world size; the same answer on every rank."""
+    if train.batch_size % dist.size():
+        raise ConfigError(f"--batch-size {train.batch_size} is not divisible by the {dist.size()} ranks")
+    if train.noise_scale_every and dist.size() == 1 and (train.batch_size < 2 or train.batch_size % 2):
+        raise ConfigError(f"--noise-scale-every at np=1 splits the batch in two halves: --batch-size {train.batch_size} "
+                          "must be even")
 
 
 def run(cfg: Config) -> TrialResult:
@@ -282,6 +287,12 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
         sync.optimizer.load_state_dict(ckpt.optimizer)
     dist.broadcast_optimizer_state(sync.optimizer)
     mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
+    noise = NoiseScale(cfg.train.noise_scale_smoothing)
+    noise.restore(start.noise)
+    masks = masks_of(model, mask) if cfg.train.noise_scale_every else []
+
+    def cross_entropy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
 
     def open_log() -> TrialLog | None:
         if not dist.is_root():
@@ -318,6 +329,7 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
                 "step": step, "val_error": val_error, "val_loss": loss_sum / count,
                 "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - t0,
                 "allreduce_bytes": step * sync.bytes_per_step,
+                "noise_scale": noise.b_simple, "grad_sq": noise.grad_sq, "grad_trace": noise.grad_trace,
             }
             best = min(best, val_error)
             reached = val_error <= cfg.train.goal_error or not math.isfinite(row["val_loss"])
@@ -327,7 +339,7 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
                     return
                 trial_log.append(row)
                 if cfg.run.checkpoint and not reached and step < cfg.train.max_steps:
-                    save_checkpoint(path, Start(step, best, row["wall_time"], resumed=True), model,
+                    save_checkpoint(path, Start(step, best, row["wall_time"], resumed=True, noise=noise.state), model,
                                     sync.optimizer, run_hash, mask_sha256)
 
             dist.agree(record, "writing the log")
@@ -346,15 +358,22 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
             break
         if step % STOP_CHECK_EVERY == 0 and dist.any_rank(bool(_received), "stop.check"):
             stop_here(cfg, path, trial_log, model, sync.optimizer, train_loss_acc,
-                      Start(step, best, time.time() - t0, resumed=True), run_hash, mask_sha256)
+                      Start(step, best, time.time() - t0, resumed=True, noise=noise.state), run_hash, mask_sha256)
         idx = batches.shard(step, rank, world).to(device)
+        x, y = data.train.x[idx], data.train.y[idx]
+        measure = cfg.train.noise_scale_every > 0 and step % cfg.train.noise_scale_every == 0
         sync.zero_grad()
-        loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
-        loss.backward()
+        if measure:  # this rank's own gradient, before the allreduce, and its norm
+            loss, local_sq = local_gradients(model, cross_entropy, x, y, masks, halves=world == 1)
+        else:
+            loss = cross_entropy(x, y)
+            loss.backward()
         sync.synchronize()  # p.grad: the average over ranks, masked
         if not grads_finite(model):
             status = "INFEASIBLE"
             break
+        if measure:
+            measure_noise(noise, local_sq, model, masks, cfg.train.batch_size, world)
         set_learning_rate(sync.optimizer, learning_rate(cfg.optim, step, cfg.train.max_steps))
         sync.step()
         mask.apply_to_params(model)
@@ -385,6 +404,15 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
         world_size=world, density=mask.density, layer_density=mask.layer_density(), mask_sha256=mask_sha256,
         test_error=test_error, log_path=path if dist.is_root() else None,
     )
+
+
+def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, masks: list, batch_size: int,
+                  world: int) -> None:
+    """One scalar allreduce: the mean over ranks of |local gradient|^2 (batch B/k; at np=1, of the two
+    halves, B/2) beside |averaged gradient|^2 (batch B), into the noise-scale estimates."""
+    small = dist.allreduce_mean(local_sq.reshape(1).cpu(), name="noise.local_sq").item()
+    big = masked_sq_norm([p.grad for p in model.parameters() if p.requires_grad], masks).item()
+    noise.update(small, big, batch_size // max(world, 2), batch_size)
 
 
 def stop_here(cfg: Config, path: Path, trial_log: TrialLog | None, model: nn.Module, optimizer: torch.optim.Optimizer,

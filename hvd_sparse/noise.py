@@ -1,0 +1,117 @@
+"""The gradient noise scale B_simple = tr(Sigma) / |G|^2, measured almost for free from data parallelism.
+
+McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", Appendix A.1): for a gradient
+estimated on a batch of B examples, E|g_B|^2 = |G|^2 + tr(Sigma) / B. Two batch sizes of the same
+step give two equations, hence unbiased estimates of both unknowns:
+
+    |G|^2     ~ (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small)
+    tr(Sigma) ~ (|g_small|^2 - |g_big|^2) / (1 / B_small - 1 / B_big)
+
+Data parallelism has both for the price of one scalar allreduce: each rank's local gradient is a
+gradient of B_small = B / k examples (the mean of the k squared norms is the estimate of E|g_small|^2),
+and the averaged gradient is one of B_big = B. At np=1 the batch is split in two halves instead. The
+two estimates are each smoothed with an exponential moving average over measurements (bias-corrected,
+so the first measurements are not pulled towards 0) and B_simple is the ratio of the two averages.
+Only unpruned entries count: the gradients are masked before their norms are taken.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hvd_sparse.mask import Mask
+
+
+@dataclass
+class NoiseScale:
+    """Bias-corrected EMAs of the two unbiased estimates; ``state`` goes into checkpoints."""
+
+    smoothing: float  # EMA factor in [0, 1): 0 keeps only the latest measurement
+    g2: float = 0.0  # EMA of the |G|^2 estimates (not yet bias-corrected)
+    trace: float = 0.0  # EMA of the tr(Sigma) estimates
+    weight: float = 0.0  # 1 - smoothing^measurements: the bias correction
+
+    def update(self, small_sq: float, big_sq: float, b_small: int, b_big: int) -> None:
+        if not 0 < b_small < b_big:
+            raise ValueError(f"need 0 < B_small < B_big, got {b_small} and {b_big}")
+        g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+        trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+        a = self.smoothing
+        self.g2, self.trace = a * self.g2 + (1 - a) * g2, a * self.trace + (1 - a) * trace
+        self.weight = a * self.weight + (1 - a)
+
+    @property
+    def grad_sq(self) -> float:
+        """Smoothed estimate of |G|^2 (NaN before the first measurement)."""
+        return self.g2 / self.weight if self.weight else math.nan
+
+    @property
+    def grad_trace(self) -> float:
+        """Smoothed estimate of tr(Sigma), the per-example gradient variance summed over entries."""
+        return self.trace / self.weight if self.weight else math.nan
+
+    @property
+    def b_simple(self) -> float:
+        """tr(Sigma) / |G|^2; NaN before any measurement or while either estimate is not positive
+        (too few measurements of a gradient that is nearly all noise: the estimate says nothing yet)."""
+        g2, trace = self.grad_sq, self.grad_trace
+        return trace / g2 if g2 > 0 and trace > 0 else math.nan
+
+    @property
+    def state(self) -> tuple[float, float, float]:
+        return (self.g2, self.trace, self.weight)
+
+    def restore(self, state: tuple[float, ...]) -> None:
+        if state:
+            self.g2, self.trace, self.weight = (float(v) for v in state)
+
+
+def masks_of(model: nn.Module, mask: Mask) -> list[torch.Tensor | None]:
+    """Per trainable parameter (model order), its boolean mask, or None where nothing is pruned."""
+    return [mask[name] if name in mask else None for name, p in model.named_parameters() if p.requires_grad]
+
+
+def masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """Sum of squares of the unpruned gradient entries, in float64."""
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g, m in zip(grads, masks):
+        kept = g if m is None else g * m
+        total += kept.double().square().sum()
+    return total
+
+
+def local_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor, masks: list[torch.Tensor | None], halves: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put this rank's gradient of ``loss_fn(x, y)`` (a mean over the examples) into every ``p.grad`` without starting an
+    allreduce (``autograd.grad`` does not run the gradient-accumulator hooks Horovod listens to; the
+    synchronize that follows reduces every gradient), and return (loss, |masked local gradient|^2).
+
+    With ``halves`` (np=1) the batch is taken as two halves: the gradient is the mean of the two
+    half-batch gradients (the full-batch gradient, summed in another order) and the squared norm is
+    the mean of theirs, a gradient of B/2 examples.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = len(y)
+    parts = (slice(0, n // 2), slice(n // 2, n)) if halves else (slice(0, n),)
+    totals = [torch.zeros_like(p) for p in params]
+    sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    losses = []
+    for part in parts:
+        loss = loss_fn(x[part], y[part])
+        grads = torch.autograd.grad(loss, params)
+        sq += masked_sq_norm(list(grads), masks)
+        for t, g in zip(totals, grads):
+            t.add_(g)
+        losses.append(loss.detach())
+    for p, t in zip(params, totals):
+        if len(parts) > 1:
+            t.div_(len(parts))
+        if p.grad is None:
+            p.grad = t
+        else:  # a view into a packed buffer (PackedMaskSync): keep it
+            p.grad.copy_(t)
+    return torch.stack(losses).mean(), sq / len(parts)
