@@ -223,28 +223,33 @@ def noise_table(studies: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
             continue
         curve = curve_of(curves, **dict(zip(CURVE, key)))
         measured = float(curve.critical_batch_size) if curve is not None else math.nan
+        diminishing = float(curve.diminishing_batch_size) if curve is not None else math.nan
         predicted = float(values.median())
         rows.append({**dict(zip(CURVE, key)), "batch_sizes": len(values), "noise_scale_at_goal": predicted,
                      "noise_scale_min": float(values.min()), "noise_scale_max": float(values.max()),
-                     "critical_batch_size": measured,
-                     "predicted_over_measured": predicted / measured if measured > 0 else math.nan})
+                     "critical_batch_size": measured, "diminishing_batch_size": diminishing,
+                     "predicted_over_measured": predicted / measured if measured > 0 else math.nan,
+                     "predicted_over_diminishing": predicted / diminishing if diminishing > 0 else math.nan})
     return pd.DataFrame(rows, columns=CURVE + ["batch_sizes", "noise_scale_at_goal", "noise_scale_min",
-                                               "noise_scale_max", "critical_batch_size", "predicted_over_measured"])
+                                               "noise_scale_max", "critical_batch_size", "diminishing_batch_size",
+                                               "predicted_over_measured", "predicted_over_diminishing"])
 
 
 def format_noise(noise: pd.DataFrame) -> str:
     """The prediction beside the measurement, one line per curve."""
     if noise.empty:
         return ""
-    lines = ["gradient noise scale B_simple at the goal (median over batch sizes of the best trials) vs the "
-             "measured critical batch size"]
-    lines.append(f"{'workload':<40} {'sparsity':>8} {'B_simple':>9} {'(range)':>15} {'critical':>9} {'ratio':>6}")
+    lines = ["gradient noise scale B_simple at the goal (median over batch sizes of the best trials, and their range)",
+             "beside the measured critical and diminishing-returns batch sizes, and the ratios B_simple / measured"]
+    lines.append(f"{'workload':<40} {'sparsity':>8} {'B_simple':>9} {'(range)':>9} {'critical':>9} {'ratio':>6} "
+                 f"{'diminish':>9} {'ratio':>6}")
+    fmt = lambda v, spec: "-" if not math.isfinite(v) else format(v, spec)  # noqa: E731
     for r in noise.itertuples():
         workload = f"{r.dataset} {r.model} {r.optimizer} goal {r.goal_error:g}"
         span = f"{r.noise_scale_min:.0f}-{r.noise_scale_max:.0f}"
-        crit = "-" if not math.isfinite(r.critical_batch_size) else f"{r.critical_batch_size:.0f}"
-        ratio = "-" if not math.isfinite(r.predicted_over_measured) else f"{r.predicted_over_measured:.2f}"
-        lines.append(f"{workload:<40} {r.sparsity:>8g} {r.noise_scale_at_goal:>9.1f} {span:>15} {crit:>9} {ratio:>6}")
+        lines.append(f"{workload:<40} {r.sparsity:>8g} {r.noise_scale_at_goal:>9.1f} {span:>9} "
+                     f"{fmt(r.critical_batch_size, '.0f'):>9} {fmt(r.predicted_over_measured, '.2f'):>6} "
+                     f"{fmt(r.diminishing_batch_size, '.0f'):>9} {fmt(r.predicted_over_diminishing, '.2f'):>6}")
     return "\n".join(lines)
 
 

@@ -132,7 +132,8 @@ def best_trial_paths(studies: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple,
 
 def plot_noise(studies: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame, root: Path, out: Path) -> list[Path]:
     """``noise_*``: B_simple over training of each batch size's best trial (one colour per sparsity),
-    and as a dashed line of the same colour the critical batch size the studies measured."""
+    and in the same colour the batch sizes the studies measured: critical (dashed) and
+    diminishing-returns (dotted)."""
     from hvd_sparse.aggregate import STUDY
     from hvd_sparse.log import LogError, read_log
 
@@ -142,7 +143,7 @@ def plot_noise(studies: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame
     written = []
     for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
         optimizers = sorted(fig_group.optimizer.unique())
-        fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(optimizers), figsize=(6.4 * len(optimizers), 4.8), squeeze=False)
         for ax, optimizer in zip(axes[0], optimizers):
             group = fig_group[fig_group.optimizer == optimizer]
             for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
@@ -161,16 +162,19 @@ def plot_noise(studies: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame
                     ax.plot(m["step"][ok], m["noise_scale"][ok], color=f"C{i}", alpha=0.7, linewidth=1, label=label)
                     label = None
                 c = curve_of(curves, **dict(zip(FIGURE_KEYS, key)), optimizer=optimizer, sparsity=sparsity)
-                if c is not None and math.isfinite(c.critical_batch_size):
-                    ax.axhline(c.critical_batch_size, color=f"C{i}", linestyle="--", linewidth=1.2)
+                for value, style in ((c.critical_batch_size, "--"), (c.diminishing_batch_size, ":")) if c is not None else ():
+                    if math.isfinite(value):
+                        ax.axhline(value, color=f"C{i}", linestyle=style, linewidth=1.4)
+            ax.plot([], [], color="gray", linestyle="--", label="measured critical B")
+            ax.plot([], [], color="gray", linestyle=":", label="measured diminishing-returns B")
             ax.set_yscale("log", base=2)
             ax.grid(True, which="major", alpha=0.3)
             ax.set_xlabel("step")
-            ax.set_ylabel("B_simple (solid), measured critical batch size (dashed)")
+            ax.set_ylabel("noise scale B_simple (best trial per batch size)")
             ax.set_title(optimizer)
             if ax.has_data():
                 ax.legend(fontsize=8)
-        fig.suptitle(f"gradient noise scale: {key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        fig.suptitle(f"gradient noise scale: {key[0]} {key[1]} ({key[2]}),\ngoal error {key[3]:g}")
         written += _save(fig, out, "noise_" + _name(key))
     return written
 

@@ -91,7 +91,8 @@ def test_aggregator_sets_the_noise_scale_at_the_goal_beside_the_critical_batch_s
     key = {"dataset": "d", "model": "m", "optimizer": "sgd", "schedule": "constant", "goal_error": 0.1, "sparsity": 0.5}
     studies = pd.DataFrame([{**key, "batch_size": b, "best_noise_scale": v} for b, v in ((16, 30.0), (32, 50.0),
                                                                                           (64, 40.0), (128, math.nan))])
-    curves = pd.DataFrame([{**key, "critical_batch_size": 32.0}])
+    curves = pd.DataFrame([{**key, "critical_batch_size": 32.0, "diminishing_batch_size": 80.0}])
     (row,) = noise_table(studies, curves).itertuples()
     assert (row.batch_sizes, row.noise_scale_at_goal, row.noise_scale_min, row.noise_scale_max) == (3, 40.0, 30.0, 50.0)
     assert row.critical_batch_size == 32.0 and row.predicted_over_measured == pytest.approx(1.25)
+    assert row.predicted_over_diminishing == pytest.approx(0.5)
