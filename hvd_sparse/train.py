@@ -28,8 +28,8 @@ from hvd_sparse.config import Config, ConfigError, TrainConfig, parse_config
 from hvd_sparse.data import DATASETS, DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets, seed_for
 from hvd_sparse.log import StorageError, TrialLog, check_writable, write_atomically
 from hvd_sparse.mask import Mask
-from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm, masks_of
 from hvd_sparse.models import MODELS, build_model, get_factory, prunable_names
+from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm, masks_of
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import snip
 
@@ -406,8 +406,8 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
     )
 
 
-def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, masks: list, batch_size: int,
-                  world: int) -> None:
+def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, masks: list[torch.Tensor | None],
+                  batch_size: int, world: int) -> None:
     """One scalar allreduce: the mean over ranks of |local gradient|^2 (batch B/k; at np=1, of the two
     halves, B/2) beside |averaged gradient|^2 (batch B), into the noise-scale estimates."""
     small = dist.allreduce_mean(local_sq.reshape(1).cpu(), name="noise.local_sq").item()
