@@ -1,12 +1,11 @@
 """Per-trial HDF5 logs: written by rank 0, readable at any time, even while the run goes on.
 
-Every change (an evaluation appended, the final status) is written to a copy that is flushed,
-fsynced and renamed over the log, so the file on disk is always a complete, consistent HDF5 file:
-the old version or the new one. A run killed at any moment leaves every flushed measurement
-readable, and a write that fails (disk full, quota, I/O error) raises StorageError and leaves the
-previous version in place: a trial is never recorded as ended unless that record reached the disk.
-(HDF5 reports some write failures only when its cache is flushed and h5py ignores them when an
-object is freed; the explicit flush below is what surfaces them.) Schema (documented in README.md, checked by ``validate``):
+Every change (an evaluation appended, the final status) is made to an in-memory image of the file,
+which is written to a temporary file, fsynced and renamed over the log, so the file on disk is
+always a complete, consistent HDF5 file: the old version or the new one. A run killed at any moment
+leaves every flushed measurement readable, and a write that fails (disk full, quota, I/O error)
+raises StorageError and leaves the previous version in place: a trial is never recorded as ended
+unless that record reached the disk. Schema (documented in README.md):
 
   attrs: config (JSON), run_hash, status, steps_to_result (-1 if not reached), world_size,
          mask_sha256, mask_density, hvd_sparse_version, torch_version, horovod_version,
@@ -17,17 +16,16 @@ object is freed; the explicit flush below is what surfaces them.) Schema (docume
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -63,8 +61,8 @@ class StorageError(RuntimeError):
 
 
 def _reason(errors: Sequence[BaseException]) -> str:
-    """One line for a failed write: the first OS error among ``errors`` (HDF5 reports them inside
-    multi-line messages, sometimes only in a follow-up error of another object)."""
+    """One line for a failed write: the first OS error among ``errors`` (torch reports them inside
+    longer messages)."""
     for error in errors:
         if isinstance(error, OSError) and error.strerror:
             return error.strerror
@@ -75,40 +73,38 @@ def _reason(errors: Sequence[BaseException]) -> str:
     return text.splitlines()[0] if text else type(errors[0]).__name__
 
 
-@contextlib.contextmanager
-def _unraisable_collected(seen: list[BaseException]) -> Iterator[None]:
-    """h5py meets some failed writes while freeing an object, where Cython can only print them
-    (sys.excepthook, then sys.unraisablehook: a traceback per object); here they go to ``seen``."""
-    hooks = sys.unraisablehook, sys.excepthook
-    sys.unraisablehook = lambda info: seen.append(info.exc_value) if info.exc_value is not None else None
-    sys.excepthook = lambda kind, value, tb: seen.append(value)
-    try:
-        yield
-    finally:
-        sys.unraisablehook, sys.excepthook = hooks
-
-
 def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
     """``write(tmp)``, fsync, rename over ``path``: readers and a crash see the old file or the new one.
 
     Any failure removes the temporary file and raises StorageError; ``path`` is left as it was.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    seen: list[BaseException] = []
     try:
-        with _unraisable_collected(seen):
-            write(tmp)
-        if seen:
-            raise seen[0]
+        write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # delayed-allocation filesystems report a full disk here, not at write()
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # h5py and torch.save raise RuntimeError for failed writes
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for a failed write
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{path}: cannot write the {what}: {_reason([e, *seen])}{_free_space(path.parent)}") from None
+        raise StorageError(f"{path}: cannot write the {what}: {_reason([e])}{_free_space(path.parent)}") from None
+
+
+def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = False, what: str = "log") -> None:
+    """``change`` applied to the HDF5 file at ``path`` (to a new, empty one if ``fresh``), in memory;
+    then the bytes are written with ``write_atomically``.
+
+    HDF5 never writes to the disk itself: it reports some failed writes only when its cache is
+    flushed, and h5py ignores those raised while an object is freed, leaving a half-closed file that
+    can crash the interpreter at exit. Plain Python writes of finished bytes fail cleanly instead.
+    """
+    buffer = io.BytesIO(b"" if fresh else path.read_bytes())
+    with h5py.File(buffer, "w" if fresh else "r+") as f:
+        change(f)
+    image = buffer.getvalue()
+    write_atomically(path, lambda tmp: tmp.write_bytes(image), what)
 
 
 def _free_space(folder: Path) -> str:
@@ -156,36 +152,27 @@ class TrialLog:
         except OSError as e:
             raise StorageError(f"{path}: cannot write the log: {_reason([e])}") from None
 
-        def write(tmp: Path) -> None:
-            with h5py.File(tmp, "w", locking=False) as f:
-                for key, value in attrs.items():
-                    f.attrs[key] = _plain(value)
-                f.attrs["status"] = "RUNNING"
-                f.attrs["steps_to_result"] = -1
-                f.attrs["created"] = time.time()
-                group = f.create_group("measurements")
-                for name, dtype in COLUMNS.items():
-                    group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
-                f.attrs["mask_names"] = json.dumps(list(mask))
-                masks = f.create_group("mask")
-                for name, bits in mask.packed().items():
-                    ds = masks.create_dataset(name, data=bits, compression="gzip")
-                    ds.attrs["shape"] = tuple(mask[name].shape)
-                f.flush()
+        def build(f: h5py.File) -> None:
+            for key, value in attrs.items():
+                f.attrs[key] = _plain(value)
+            f.attrs["status"] = "RUNNING"
+            f.attrs["steps_to_result"] = -1
+            f.attrs["created"] = time.time()
+            group = f.create_group("measurements")
+            for name, dtype in COLUMNS.items():
+                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            f.attrs["mask_names"] = json.dumps(list(mask))
+            masks = f.create_group("mask")
+            for name, bits in mask.packed().items():
+                ds = masks.create_dataset(name, data=bits, compression="gzip")
+                ds.attrs["shape"] = tuple(mask[name].shape)
 
-        write_atomically(path, write, "log")  # the log appears complete or not at all
+        write_hdf5(path, build, fresh=True)  # the log appears complete or not at all (and replaces an old one)
         return cls(path)
 
     def _update(self, change: Callable[[h5py.File], None]) -> None:
-        """Apply ``change`` to a copy of the log and publish it atomically (see the module doc)."""
-
-        def write(tmp: Path) -> None:
-            shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a", locking=False) as f:
-                change(f)
-                f.flush()  # raises if HDF5 cannot write; closing alone would not say so
-
-        write_atomically(self.path, write, "log")
+        """Apply ``change`` to the log and publish the new version atomically (see the module doc)."""
+        write_hdf5(self.path, change)
 
     def append(self, row: Mapping[str, float | int]) -> None:
         """Append one evaluation; it is on disk (fsynced) when this returns."""
