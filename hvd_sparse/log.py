@@ -100,9 +100,12 @@ def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = Fa
     flushed, and h5py ignores those raised while an object is freed, leaving a half-closed file that
     can crash the interpreter at exit. Plain Python writes of finished bytes fail cleanly instead.
     """
-    buffer = io.BytesIO(b"" if fresh else path.read_bytes())
-    with h5py.File(buffer, "w" if fresh else "r+") as f:
-        change(f)
+    try:
+        buffer = io.BytesIO(b"" if fresh else path.read_bytes())
+        with h5py.File(buffer, "w" if fresh else "r+") as f:
+            change(f)
+    except OSError as e:  # the log vanished or was damaged under the run: say so, do not overwrite it
+        raise StorageError(f"{path}: cannot update the {what}: {_reason([e])}") from None
     image = buffer.getvalue()
     write_atomically(path, lambda tmp: tmp.write_bytes(image), what)
 

@@ -111,3 +111,15 @@ def test_a_full_disk_never_corrupts_the_log_nor_records_an_end_that_was_not_writ
     assert all(m.startswith(f"{path}: cannot write the log: ") and "\n" not in m for m in failures), failures
     if leave_pages == 0:
         assert len(failures) == 2 and "No space left on device (0 KiB free there)" in failures[0]
+
+
+def test_a_log_removed_or_damaged_under_the_run_is_a_storage_error(tmp_path):
+    path = tmp_path / "t.h5"
+    log = TrialLog.create(path, ATTRS, mask())
+    path.unlink()
+    with pytest.raises(StorageError, match="cannot update the log"):
+        log.append(row(0))
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(StorageError, match="cannot update the log"):
+        log.append(row(0))
+    assert path.read_bytes() == b"\x89HDF\r\n\x1a\n" + b"\0" * 64  # left as it was
