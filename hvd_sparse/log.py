@@ -19,13 +19,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
@@ -60,17 +59,12 @@ class StorageError(RuntimeError):
     on disk is still its previous, consistent version; the run stops on every rank (exit 1)."""
 
 
-def _reason(errors: Sequence[BaseException]) -> str:
-    """One line for a failed write: the first OS error among ``errors`` (torch reports them inside
-    longer messages)."""
-    for error in errors:
-        if isinstance(error, OSError) and error.strerror:
-            return error.strerror
-        found = re.search(r"errno = (\d+)", str(error))
-        if found:
-            return os.strerror(int(found.group(1)))
-    text = str(errors[0]).strip()
-    return text.splitlines()[0] if text else type(errors[0]).__name__
+def _reason(error: BaseException) -> str:
+    """One line for a failed write: the OS error's own words, else the first line of the message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
@@ -89,7 +83,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> No
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for a failed write
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{path}: cannot write the {what}: {_reason([e])}{_free_space(path.parent)}") from None
+        raise StorageError(f"{path}: cannot write the {what}: {_reason(e)}{_free_space(path.parent)}") from None
 
 
 def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = False, what: str = "log") -> None:
@@ -105,7 +99,7 @@ def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = Fa
         with h5py.File(buffer, "w" if fresh else "r+") as f:
             change(f)
     except OSError as e:  # the log vanished or was damaged under the run: say so, do not overwrite it
-        raise StorageError(f"{path}: cannot update the {what}: {_reason([e])}") from None
+        raise StorageError(f"{path}: cannot update the {what}: {_reason(e)}") from None
     image = buffer.getvalue()
     write_atomically(path, lambda tmp: tmp.write_bytes(image), what)
 
@@ -126,7 +120,7 @@ def check_writable(folder: Path, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise LogError(f"{what} {folder}: cannot write there: {_reason([e])}") from None
+        raise LogError(f"{what} {folder}: cannot write there: {_reason(e)}") from None
 
 
 def _open(path: Path) -> h5py.File:
@@ -153,7 +147,7 @@ class TrialLog:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"{path}: cannot write the log: {_reason([e])}") from None
+            raise StorageError(f"{path}: cannot write the log: {_reason(e)}") from None
 
         def build(f: h5py.File) -> None:
             for key, value in attrs.items():
