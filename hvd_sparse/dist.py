@@ -31,17 +31,99 @@ PeerFailure = HorovodInternalError
 PEER_FAILURE_MESSAGE = "another rank failed or left the job, so Horovod shut down (that rank's own error is above)"
 
 
-def init() -> None:
-    """hvd.init() and one share of the cores per local rank (unless OMP_NUM_THREADS says otherwise).
+# Trial packing: the MPI world split into groups, each its own Horovod job (see ``init``).
+_world: Any = None  # the mpi4py world communicator when packed, else None
+_node: tuple[int, int] = (0, 1)  # this process's rank among the job's ranks on its node, and their number
+_group: tuple[int, int] = (0, 1)  # this rank's group, and the number of groups
 
+
+def init(groups: int = 1) -> None:
+    """hvd.init() and one share of the cores per rank on this node (unless OMP_NUM_THREADS says otherwise).
+
+    ``groups`` > 1 packs trials: the MPI world is split into that many groups of consecutive ranks
+    (world size / groups each), and Horovod runs on this rank's group alone, so every collective,
+    rank 0 and the world size below are the group's. The world stays reachable through the
+    ``world_*`` functions. Needs an MPI launch (horovodrun with MPI, mpirun, srun --mpi=pmix).
     Idempotent: a study calls it once and then runs many trials in the same job.
     """
+    global _world, _node, _group
     if hvd.is_initialized():
         return
-    hvd.init()
+    if groups == 1:
+        hvd.init()
+        _node = (hvd.local_rank(), hvd.local_size())
+    else:
+        world = _mpi_world(groups)
+        size, rank = world.Get_size(), world.Get_rank()
+        group = rank // (size // groups)
+        hvd.init(comm=world.Split(group, rank))
+        node = world.Split_type(_mpi().COMM_TYPE_SHARED, key=rank)
+        _world, _node, _group = world, (node.Get_rank(), node.Get_size()), (group, groups)
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // hvd.local_size()))
+        torch.set_num_threads(max(1, cores // _node[1]))
+
+
+def _mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ValueError(f"--pack needs mpi4py ({e}); pip install mpi4py") from None
+    return MPI
+
+
+def _mpi_world(groups: int) -> Any:
+    if groups < 1:
+        raise ValueError(f"--pack must be a positive number of groups, got {groups}")
+    if not hvd.mpi_built():
+        raise ValueError("--pack needs Horovod built with MPI (HOROVOD_WITH_MPI=1); this one has Gloo only")
+    world = _mpi().COMM_WORLD
+    if world.Get_size() % groups:
+        hint = " (launched with Gloo? packing needs an MPI launch: horovodrun without --gloo, mpirun, srun --mpi=pmix)" \
+            if world.Get_size() == 1 else ""
+        raise ValueError(f"--pack {groups}: the MPI world of {world.Get_size()} ranks does not split into {groups} "
+                         f"equal groups{hint}")
+    return world
+
+
+def group() -> tuple[int, int]:
+    """(this rank's group, number of groups); (0, 1) unless trials are packed."""
+    return _group
+
+
+def world_is_root() -> bool:
+    return is_root() if _world is None else _world.Get_rank() == 0
+
+
+def world_verify_same(value: str, what: str) -> None:
+    """``verify_same_everywhere`` across all groups of a packed job (the group's own when not packed)."""
+    if _world is None:
+        return verify_same_everywhere(value, what)
+    values = _world.allgather(value)
+    if len(set(values)) != 1:
+        detail = ", ".join(f"rank {r}: {v[:16]}" for r, v in enumerate(values))
+        raise DistributedError(f"ranks disagree on the {what} ({detail})")
+
+
+class GaveUp(Exception):
+    """``world_gather`` stopped waiting for the other groups because ``give_up()`` said so."""
+
+
+def world_gather(obj: T, give_up: Callable[[], bool] = lambda: False, poll_s: float = 0.2) -> list[T] | None:
+    """Every rank's ``obj`` on world rank 0 (None elsewhere), once all groups got here.
+
+    A group that is done early waits here sleeping, not in MPI's busy poll, so its cores go to
+    the groups still training; it raises GaveUp if ``give_up()`` turns true meanwhile (a stop
+    signal: the other groups checkpoint and end, and would never come).
+    """
+    if _world is None:
+        return [obj]
+    request = _world.Ibarrier()
+    while not request.Test():
+        if give_up():
+            raise GaveUp("gave up waiting for the other groups")
+        time.sleep(poll_s)
+    return _world.gather(obj, root=0)
 
 
 def exit_barrier(timeout: float = 10.0) -> None:
@@ -78,7 +160,8 @@ def size() -> int:
 
 
 def local_rank() -> int:
-    return hvd.local_rank()
+    """This process's rank among the job's ranks on its node (across groups when packed): picks its GPU."""
+    return _node[0] if _world is not None else hvd.local_rank()
 
 
 def is_root() -> bool:

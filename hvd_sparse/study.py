@@ -357,52 +357,73 @@ def summary_table(outcomes: Sequence[Outcome]) -> str:
 # -- running -----------------------------------------------------------------------------------
 
 
-def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 1), verbose: bool = False) -> list[Outcome]:
-    """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress."""
+def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 1), verbose: bool = False,
+              pack: int = 1) -> list[Outcome]:
+    """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress.
+
+    ``pack`` > 1 splits the job into that many groups of ranks, each running its own share of the
+    trials (``dist.init``); world rank 0 prints the table of all of them at the end. Returns the
+    outcomes of this rank's group.
+    """
     from hvd_sparse import dist
-    from hvd_sparse.checkpoint import RunLock
-    from hvd_sparse.train import (check_batch, configure_logging, load_data_everywhere, run_trial, say,
-                                  select_device, validate)
+    from hvd_sparse.train import (Interrupted, check_batch, configure_logging, load_data_everywhere, say,
+                                  select_device, stop_requested, validate)
 
     everything = grid(spec)
     for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
         validate(next(t.config for t in everything if t.optimizer == optimizer))
     trials = shard(everything, *shard_of)
-    dist.init()
+    dist.init(pack)
+    group, groups = dist.group()
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:
         check_batch(t.config.train)
-    dist.verify_same_everywhere(f"{spec.study_hash()} shard {shard_of}", "study spec and shard")
+    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack}", "study spec, shard and --pack")
     dist.agree(lambda: prepare_dir(spec, directory) if dist.is_root() else None, "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())
-    if dist.is_root():
+    if dist.world_is_root():
+        packing = "" if groups == 1 else f" as {groups} groups of {dist.size()} running trials side by side"
         say(f"study {directory} ({len(trials)} trials{'' if shard_of == (0, 1) else f', shard {shard_of[0]}/{shard_of[1]}'}"
-            f", world size {dist.size()})")
+            f", world size {dist.size() * groups}{packing})")
 
+    prefix = "" if groups == 1 else f"group {group}: "
+    mine = trials[group::groups]
     outcomes = []
-    for done, trial in enumerate(trials, start=1):
-        path = directory / trial.relpath()
-        lock = RunLock(path)
-
-        decision = dist.root_decides(lambda: decide(path, lock), "deciding a trial")
-        if decision[0] == "skipped":
-            outcome = Outcome(trial, *decision, 0.0)
-        elif decision[0] == "busy":
-            outcome = Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0)
-        else:
-            t0 = time.time()
-            try:
-                result = run_trial(trial.config, path, data, trial.attrs(spec))
-            finally:
-                lock.release()
-            action = "resumed" if decision[0] == "resume" else "ran"
-            outcome = Outcome(trial, action, result.status, result.steps_to_result, result.best_val_error, time.time() - t0)
+    for done, trial in enumerate(mine, start=1):
+        outcome = run_one(spec, directory, trial, data)
         outcomes.append(outcome)
         if dist.is_root():
-            say(format_outcome(outcome, done, len(trials)))
-    if dist.is_root():
-        say(summary_table(outcomes))
+            say(prefix + format_outcome(outcome, done, len(mine)))
+    try:
+        everyone = dist.world_gather(outcomes if dist.is_root() else [], give_up=stop_requested)
+    except dist.GaveUp:
+        raise Interrupted(f"a stop signal came while {prefix or 'this job '}waited for the other groups; all its "
+                          "trials had ended") from None
+    if dist.world_is_root():
+        say(summary_table([o for part in everyone or [] for o in part]))
     return outcomes
+
+
+def run_one(spec: StudySpec, directory: Path, trial: Trial, data: Any) -> Outcome:
+    """One trial on every rank of this group: skipped if it ended, left alone if another job runs it."""
+    from hvd_sparse import dist
+    from hvd_sparse.checkpoint import RunLock
+    from hvd_sparse.train import run_trial
+
+    path = directory / trial.relpath()
+    lock = RunLock(path)
+    decision = dist.root_decides(lambda: decide(path, lock), "deciding a trial")
+    if decision[0] == "skipped":
+        return Outcome(trial, *decision, 0.0)
+    if decision[0] == "busy":
+        return Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0)
+    t0 = time.time()
+    try:
+        result = run_trial(trial.config, path, data, trial.attrs(spec))
+    finally:
+        lock.release()
+    action = "resumed" if decision[0] == "resume" else "ran"
+    return Outcome(trial, action, result.status, result.steps_to_result, result.best_val_error, time.time() - t0)
 
 
 def list_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial]) -> None:
@@ -428,6 +449,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="root folder of the dataset files (overrides the spec's data_dir)")
     parser.add_argument("--list", action="store_true", help="print the trials and their log paths, run nothing")
     parser.add_argument("--print-dir", action="store_true", help="print the study directory, run nothing")
+    parser.add_argument("--pack", type=int, default=1, metavar="G",
+                        help="split the job's ranks into G groups, each running its own trials side by side "
+                             "(np=2 --pack 2: two single-rank trials at a time); for trials too small to scale")
     parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
     return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -450,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list:
             list_trials(spec, directory, shard(grid(spec), *shard_of))
             return 0
-        run_study(spec, directory, shard_of, verbose=args.verbose)
+        run_study(spec, directory, shard_of, verbose=args.verbose, pack=args.pack)
     except Interrupted as e:
         return report_interrupted(e)
     except (ValueError, LogError) as e:  # ConfigError, DataError, LogError

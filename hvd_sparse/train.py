@@ -64,6 +64,11 @@ def install_stop_handlers() -> None:
         signal.signal(sig, lambda signum, frame: _received.append(signum))
 
 
+def stop_requested() -> bool:
+    """Whether this process received a stop signal."""
+    return bool(_received)
+
+
 @dataclass(frozen=True)
 class TrialResult:
     status: str  # COMPLETE, INCOMPLETE or INFEASIBLE
@@ -356,7 +361,7 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
                 break
         if step == cfg.train.max_steps:
             break
-        if step % STOP_CHECK_EVERY == 0 and dist.any_rank(bool(_received), "stop.check"):
+        if step % STOP_CHECK_EVERY == 0 and dist.any_rank(stop_requested(), "stop.check"):
             stop_here(cfg, path, trial_log, model, sync.optimizer, train_loss_acc,
                       Start(step, best, time.time() - t0, resumed=True, noise=noise.state), run_hash, mask_sha256)
         idx = batches.shard(step, rank, world).to(device)

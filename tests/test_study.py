@@ -376,3 +376,65 @@ def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_measures_the_same(unint
     out = "\n".join(rank_lines(rerun.stdout, 0))
     assert out.count("(skipped,") == 1 and out.count("(resumed,") == 1 and out.count("(ran,") == 2, out
     assert_same_study(uninterrupted[0], root)
+
+
+# -- trial packing: groups of ranks running their own trials side by side ---------------------------
+
+PACK_SPEC = {"batch_sizes": [16, 32], "max_steps": 100, "eval_every": 25}
+
+
+def test_packed_trials_measure_exactly_what_one_rank_measures(tmp_path, monkeypatch):
+    """np=2 --pack 2 runs two single-rank trials at a time: every log is bitwise the np=1 study's
+    (one intra-op thread in both, so float sums run in the same order), and world rank 0 prints the
+    table of all trials once."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_path = write_spec(tmp_path, **PACK_SPEC)
+    packed = run_study(2, spec_path, tmp_path / "packed", "--pack", "2")
+    assert packed.returncode == 0, describe(packed)
+    alone = run_study(1, spec_path, tmp_path / "alone")
+    assert alone.returncode == 0, describe(alone)
+    assert_same_study(tmp_path / "alone", tmp_path / "packed")
+    _, logs = logs_of(tmp_path / "packed")
+    assert len(logs) == 4 and all(read_log(p, with_mask=False).attrs["world_size"] == 1 for p in logs)
+    rank0, rank1 = rank_lines(packed.stdout, 0), rank_lines(packed.stdout, 1)
+    assert sum("group 0: [" in line for line in rank0) == 2 and sum("group 1: [" in line for line in rank1) == 2
+    table = [line for line in packed.stdout.splitlines() if "steps-to-result, complete/trials" in line]
+    assert len(table) == 1 and rank0[-1].split()[1:] == ["-", "(0/2)", "-", "(0/2)", "-", "-"], describe(packed)
+    rerun = run_study(2, spec_path, tmp_path / "packed", "--pack", "2")
+    assert rerun.returncode == 0 and rerun.stdout.count("(skipped,") == 4, describe(rerun)
+
+
+def test_pack_that_does_not_split_the_world_fails_on_every_rank(tmp_path):
+    proc = run_study(2, write_spec(tmp_path, **PACK_SPEC), tmp_path / "runs", "--pack", "3", timeout=60)
+    assert proc.returncode == 2
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "hvd_sparse.study: error:" in line]
+        assert len(errors) == 1 and "does not split into 3 equal groups" in errors[0], describe(proc)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path, monkeypatch):
+    """Three trials in two groups: group 1 ends its one trial and waits for group 0; a stop signal
+    then ends both (group 0 checkpoints, group 1 stops waiting), exit 0, and the rerun measures
+    what one rank measures in one go."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3})
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(study_cmd(2, spec_path, root, "--pack", "2"), env=launch_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (root.exists() and list(root.rglob("trial-002.ckpt.pt"))) and time.time() < deadline:
+        assert proc.poll() is None, "the study ended before the signal"
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
+    for p in workers:
+        p.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "waited for the other groups" in out and out.count("INTERRUPTED:") == 2, out
+    assert read_log(next(root.rglob("trial-002.h5"))).status == "RUNNING"
+    rerun = run_study(2, spec_path, root, "--pack", "2")
+    assert rerun.returncode == 0 and rerun.stdout.count("(resumed,") == 1, describe(rerun)
+    alone = run_study(1, spec_path, tmp_path / "alone")
+    assert alone.returncode == 0, describe(alone)
+    assert_same_study(tmp_path / "alone", root)
