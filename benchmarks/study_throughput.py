@@ -43,9 +43,9 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def one_job(np_: int, spec_path: Path, out: Path) -> float:
-    return timed([str(BIN / "horovodrun"), "-np", str(np_), sys.executable, "-m", "hvd_sparse.study",
-                  str(spec_path), "--out", str(out)])
+def one_job(np_: int, spec_path: Path, out: Path, *extra: str) -> float:
+    study = [sys.executable, "-m", "hvd_sparse.study", str(spec_path), "--out", str(out), *extra]
+    return timed(study if np_ == 1 else [str(BIN / "horovodrun"), "-np", str(np_), *study])
 
 
 def one_launch_per_trial(np_: int, spec: StudySpec, out: Path) -> float:

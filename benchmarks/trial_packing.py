@@ -1,0 +1,74 @@
+"""Trials per hour at np=2 for trials too small to scale: packed (--pack 2) vs every trial on both ranks.
+
+    python benchmarks/trial_packing.py [--trials 12] [--steps 200] [--batch-size 32] [--model simple-cnn]
+
+The same study (study_throughput.py's: mnist5k, sparsity 0.9, Nesterov, goal error 0 so every
+trial runs its whole budget) three ways, each one whole command, launch included:
+
+- ``horovodrun -np 2 ... study`` : each trial data-parallel over both ranks (one trial at a time);
+- ``horovodrun -np 2 ... study --pack 2`` : two groups of one rank, two trials at a time;
+- ``python -m hvd_sparse.study`` : one rank alone, with both cores' threads (the other way to not
+  pay for communication).
+
+Then the results: each trial's best validation error, packed vs the one-rank
+study and vs np=2 (the same optimization up to float summation order; bitwise equality with one
+thread per rank is tests/test_study.py::test_packed_trials_measure_exactly_what_one_rank_measures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from study_throughput import one_job, spec_dict
+
+from hvd_sparse.aggregate import read_trials
+
+
+SCHEMES = {
+    "np=2, each trial on both ranks": (2, ()),
+    "np=2 --pack 2 (2 trials at a time)": (2, ("--pack", "2")),
+    "np=1, one rank with 2 threads": (1, ()),
+}
+
+
+def results(out: Path) -> dict[str, float]:
+    """trial log (relative path) -> best validation error (every trial runs its whole budget)."""
+    table, _ = read_trials(out)
+    return dict(zip(table["path"], table["best_val_error"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--snip-batches", type=int, default=10)
+    args = parser.parse_args()
+    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches)
+    seconds, found = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec_d))
+        for i, (name, (np_, extra)) in enumerate(SCHEMES.items()):
+            out = Path(tmp) / f"study{i}"
+            seconds[name] = one_job(np_, spec_path, out, *extra)
+            found[name] = results(out)
+    base = seconds["np=2, each trial on both ranks"]
+    print(f"{args.trials} trials of {args.steps} steps, Simple-CNN on mnist5k, sparsity 0.9, global batch "
+          f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}, {os.cpu_count()} cores, one run each")
+    print(f"{'scheme':<36} {'wall s':>7} {'trials/hour':>12} {'vs np=2':>8}")
+    for name, t in seconds.items():
+        print(f"{name:<36} {t:7.1f} {3600 * args.trials / t:12.0f} {base / t:7.2f}x")
+    packed = found["np=2 --pack 2 (2 trials at a time)"]
+    for name in ("np=1, one rank with 2 threads", "np=2, each trial on both ranks"):
+        other = found[name]
+        equal = sum(packed[k] == other[k] for k in packed)
+        worst = max(abs(packed[k] - other[k]) for k in packed)
+        print(f"best validation error, packed vs {name}: equal in {equal}/{len(packed)} trials, "
+              f"largest difference {worst:.4f}")
+
+if __name__ == "__main__":
+    main()
