@@ -1,22 +1,36 @@
-"""ms per step of the bare Horovod loop (benchmarks/peers.py) under Horovod's timing knobs, np=2.
+"""ms per step under Horovod's and Open MPI's timing knobs, np=2: the evidence behind dist.init()'s defaults.
 
-    python benchmarks/horovod_knobs.py [--batch-size 64] [--repeats 2]
+    python benchmarks/horovod_knobs.py [--batch-size 64] [--repeats 2] [--settings NAME ...] [--loops NAME ...]
 
-Evidence for where Horovod loses to DDP on few cores: its background thread wakes every
-HOROVOD_CYCLE_TIME ms to negotiate and launch the fused allreduces. Interleaved, median of repeats.
+Loops: the bare Horovod example loop (benchmarks/peers.py, Simple-CNN: 12 tensors), and hvd_sparse's
+CLI (step_overhead.py's figure) on Simple-CNN (dense and packed allreduce) and on ResNet-8 (dense:
+many more, smaller tensors, where tensor fusion matters most). Each setting is the environment of the
+whole launch, over a baseline with every knob named here unset (``HVD_SPARSE_HOROVOD_DEFAULTS=0``
+turns off the toolkit's own defaults, so that "Horovod's defaults" are really Horovod's).
+Interleaved, median of repeats, ratios against Horovod's defaults in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
-from step_overhead import ENV, peer_ms
+from step_overhead import ENV, hvd_sparse_ms, peer_ms
 
-SETTINGS = {
-    "default": {},
-    "HOROVOD_CYCLE_TIME=0.1": {"HOROVOD_CYCLE_TIME": "0.1"},
-    "HOROVOD_CYCLE_TIME=5": {"HOROVOD_CYCLE_TIME": "5"},
-    "HOROVOD_FUSION_THRESHOLD=0": {"HOROVOD_FUSION_THRESHOLD": "0"},
+KNOBS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CPU_OPERATIONS", "OMPI_MCA_mpi_yield_when_idle")
+SETTINGS: dict[str, dict[str, str]] = {
+    "Horovod's defaults": {"HVD_SPARSE_HOROVOD_DEFAULTS": "0"},
+    "HOROVOD_CYCLE_TIME=5": {"HVD_SPARSE_HOROVOD_DEFAULTS": "0", "HOROVOD_CYCLE_TIME": "5"},
+    "HOROVOD_FUSION_THRESHOLD=0": {"HVD_SPARSE_HOROVOD_DEFAULTS": "0", "HOROVOD_FUSION_THRESHOLD": "0"},
+    "CPU_OPERATIONS=gloo": {"HVD_SPARSE_HOROVOD_DEFAULTS": "0", "HOROVOD_CPU_OPERATIONS": "gloo"},
+    "mpi_yield_when_idle=1": {"HVD_SPARSE_HOROVOD_DEFAULTS": "0", "OMPI_MCA_mpi_yield_when_idle": "1"},
+    "hvd_sparse defaults": {},
+}
+LOOPS = {
+    "bare loop": lambda b, env: peer_ms("horovod", b, env),
+    "cnn dense": lambda b, env: hvd_sparse_ms(b, "none", env),
+    "cnn packed": lambda b, env: hvd_sparse_ms(b, "mask", env),
+    "resnet8 dense": lambda b, env: hvd_sparse_ms(b, "none", env, "resnet8", "synthetic-cifar", steps=100),
 }
 
 
@@ -24,17 +38,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=list(LOOPS))
     args = parser.parse_args()
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    base = {k: v for k, v in ENV.items() if k not in KNOBS}
+    times = {(s, lp): [] for s in args.settings for lp in args.loops}
     for _ in range(args.repeats):
-        for name, extra in SETTINGS.items():
-            times[name].append(peer_ms("horovod", args.batch_size, {**ENV, **extra}))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"bare Horovod loop, ms per step, np=2, global batch {args.batch_size}, median of {args.repeats}")
-    print(f"{'setting':<30} {'ms/step':>8} {'runs':>12} {'vs default':>11}")
-    for name, value in med.items():
-        runs = ",".join(f"{t:.1f}" for t in times[name])
-        print(f"{name:<30} {value:8.1f} {runs:>12} {value / med['default']:10.2f}x")
+        for s in args.settings:
+            for lp in args.loops:
+                times[s, lp].append(LOOPS[lp](args.batch_size, {**base, **SETTINGS[s]}))
+    med = {key: statistics.median(t) for key, t in times.items()}
+    ref = "Horovod's defaults" if "Horovod's defaults" in args.settings else args.settings[0]
+    print(f"ms per step (x {ref}), np=2, global batch {args.batch_size}, median of {args.repeats} interleaved, "
+          f"{os.cpu_count()} cores")
+    print(f"{'setting':<28}" + "".join(f"{lp:>22}" for lp in args.loops))
+    for s in args.settings:
+        cells = [f"{med[s, lp]:7.1f} ({med[s, lp] / med[ref, lp]:4.2f}x)" for lp in args.loops]
+        print(f"{s:<28}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -29,18 +29,22 @@ HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def hvd_sparse_ms(batch: int, compression: str, env: dict[str, str] | None = None) -> float:
+def hvd_sparse_ms(batch: int, compression: str, env: dict[str, str] | None = None, model: str = "simple-cnn",
+                  dataset: str = "mnist5k", steps: int = 400) -> float:
+    """ms per step of ``horovodrun -np 2 python -m hvd_sparse.train``: logged wall time between the
+    evaluations at steps/2 and steps."""
+    half = steps // 2
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([str(BIN / "horovodrun"), "-np", "2", sys.executable, "-m", "hvd_sparse.train",
-                        "--dataset", "mnist5k", "--model", "simple-cnn", "--sparsity", "0.9", "--optimizer", "nesterov",
-                        "--lr", "0.01", "--momentum", "0.9", "--batch-size", str(batch), "--max-steps", "400",
-                        "--eval-every", "200", "--goal-error", "0", "--snip-batches", "1", "--grad-compression",
+                        "--dataset", dataset, "--model", model, "--sparsity", "0.9", "--optimizer", "nesterov",
+                        "--lr", "0.01", "--momentum", "0.9", "--batch-size", str(batch), "--max-steps", str(steps),
+                        "--eval-every", str(half), "--goal-error", "0", "--snip-batches", "1", "--grad-compression",
                         compression, "--no-progress", "--log-level", "warning", "--out", out],
                        check=True, env=env or ENV, capture_output=True, text=True)
         (log,) = Path(out).glob("*.h5")
         m = read_log(log, with_mask=False).measurements
         at = m["step"].tolist()
-        return float(m["wall_time"][at.index(400)] - m["wall_time"][at.index(200)]) / 200 * 1000
+        return float(m["wall_time"][at.index(steps)] - m["wall_time"][at.index(half)]) / half * 1000
 
 
 def peer_ms(mode: str, batch: int, env: dict[str, str] | None = None) -> float:

@@ -438,3 +438,21 @@ def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path
     alone = run_study(1, spec_path, tmp_path / "alone")
     assert alone.returncode == 0, describe(alone)
     assert_same_study(tmp_path / "alone", root)
+
+
+def test_groups_of_two_ranks_measure_exactly_what_a_two_rank_job_measures(tmp_path, monkeypatch):
+    """np=4 --pack 2 (as np=8 would be 4 x 2 on a cluster): each trial runs data-parallel on its
+    group's two ranks, rank 0 of the group computing and broadcasting the mask; every log is
+    bitwise the np=2 study's."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_path = write_spec(tmp_path, **PACK_SPEC)
+    cmd = study_cmd(4, spec_path, tmp_path / "packed", "--pack", "2")
+    packed = subprocess.run(cmd[:3] + ["-H", "localhost:4"] + cmd[3:], env=launch_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=400)
+    assert packed.returncode == 0, describe(packed)
+    assert "world size 4 as 2 groups of 2" in packed.stdout
+    pair = run_study(2, spec_path, tmp_path / "pair")
+    assert pair.returncode == 0, describe(pair)
+    assert_same_study(tmp_path / "pair", tmp_path / "packed")
+    _, logs = logs_of(tmp_path / "packed")
+    assert len(logs) == 4 and all(read_log(p, with_mask=False).attrs["world_size"] == 2 for p in logs)
