@@ -37,6 +37,23 @@ _node: tuple[int, int] = (0, 1)  # this process's rank among the job's ranks on 
 _group: tuple[int, int] = (0, 1)  # this rank's group, and the number of groups
 
 
+# Set by init() where the environment does not set them already (HVD_SPARSE_HOROVOD_DEFAULTS=0: none of
+# them). Evidence: BENCHMARKS.md, benchmarks/horovod_knobs.py. Open MPI busy-polls while Horovod's
+# background thread waits in a collective, taking the core from the rank's own compute threads on
+# machines with few cores per rank; yielding gives it back (Open MPI turns this on by itself only
+# when a node runs more ranks than it has slots, which never counts the compute threads).
+LAUNCH_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+def apply_launch_defaults() -> dict[str, str]:
+    """Put LAUNCH_DEFAULTS into this process's environment (before MPI starts); returns what it set."""
+    if os.environ.get("HVD_SPARSE_HOROVOD_DEFAULTS", "1") == "0":
+        return {}
+    missing = {k: v for k, v in LAUNCH_DEFAULTS.items() if k not in os.environ}
+    os.environ.update(missing)
+    return missing
+
+
 def init(groups: int = 1) -> None:
     """hvd.init() and one share of the cores per rank on this node (unless OMP_NUM_THREADS says otherwise).
 
@@ -49,6 +66,7 @@ def init(groups: int = 1) -> None:
     global _world, _node, _group
     if hvd.is_initialized():
         return
+    apply_launch_defaults()
     if groups == 1:
         hvd.init()
         _node = (hvd.local_rank(), hvd.local_size())
