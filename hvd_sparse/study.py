@@ -27,7 +27,7 @@ import yaml
 
 import hvd_sparse
 from hvd_sparse.config import SCHEDULES, Config, ConfigError
-from hvd_sparse.log import LogError, StorageError, check_writable, read_log
+from hvd_sparse.log import check_writable, read_log
 from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
@@ -457,34 +457,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from hvd_sparse import dist
-    from hvd_sparse.train import Interrupted, fail, install_stop_handlers, report_interrupted, say
+    from hvd_sparse.train import guarded
 
-    install_stop_handlers()
-    try:
-        args = parse_args(argv)
-        spec = StudySpec.load(args.spec)
-        if args.data_dir:
-            spec = dataclasses.replace(spec, data_dir=args.data_dir)
-        directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
-        shard_of = parse_shard(args.shard)
-        if args.print_dir:
-            say(str(directory))
-            return 0
-        if args.list:
-            list_trials(spec, directory, shard(grid(spec), *shard_of))
-            return 0
+    return guarded(lambda: study_main(argv), PROG)
+
+
+def study_main(argv: Sequence[str] | None) -> int:
+    from hvd_sparse.train import say
+
+    args = parse_args(argv)
+    spec = StudySpec.load(args.spec)
+    if args.data_dir:
+        spec = dataclasses.replace(spec, data_dir=args.data_dir)
+    directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
+    shard_of = parse_shard(args.shard)
+    if args.print_dir:
+        say(str(directory))
+    elif args.list:
+        list_trials(spec, directory, shard(grid(spec), *shard_of))
+    else:
         run_study(spec, directory, shard_of, verbose=args.verbose, pack=args.pack)
-    except Interrupted as e:
-        return report_interrupted(e)
-    except (ValueError, LogError) as e:  # ConfigError, DataError, LogError
-        return fail(e, 2, PROG)
-    except (dist.DistributedError, StorageError) as e:
-        return fail(e, 1, PROG)
-    except dist.PeerFailure:
-        return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1, PROG)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -214,3 +214,35 @@ def test_bad_input_fails_on_every_rank_without_hanging(tmp_path, flags, message,
     assert elapsed < 30
     assert [p.name for p in tmp_path.rglob("*.h5")] == ["earlier.h5"]
     assert (earlier.read_bytes(), earlier.stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("model_name, shape", [("simple-cnn", (1, 28, 28)), ("resnet8", (3, 32, 32)), ("mlp-tiny", (1, 8, 8))])
+def test_evaluation_through_the_channels_last_twin_matches_the_model(model_name, shape):
+    """The evaluator's twin sees the trained weights of the moment (and BatchNorm's running
+    statistics), counts the same errors and the same loss up to float summation order, and leaves
+    the trained model's layout and mode alone."""
+    from hvd_sparse import dist
+    from hvd_sparse.data import Split
+    from hvd_sparse.models import build_model
+    from hvd_sparse.train import Evaluator
+
+    dist.init()
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(300, *shape, generator=g), torch.randint(0, 10, (300,), generator=g))
+    model = build_model(model_name, shape, 10, seed=0)
+    evaluate = Evaluator(model, torch.device("cpu"))
+    assert (evaluate.twin is not None) == (model_name != "mlp-tiny")
+    for _ in range(2):  # train a little between evaluations: the twin must follow
+        model.train()
+        torch.nn.functional.cross_entropy(model(split.x[:64]), split.y[:64]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+        errors, count, loss = evaluate(split, 128).tolist()
+        assert model.training  # the loop goes on training
+        model.eval()
+        with torch.inference_mode():
+            logits = model(split.x)
+        assert count == 300 and errors == (logits.argmax(1) != split.y).sum().item()
+        assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, split.y, reduction="sum").item(), rel=1e-5)
+        assert all(p.is_contiguous() for p in model.parameters())
