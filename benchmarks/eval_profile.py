@@ -3,9 +3,9 @@
     python benchmarks/eval_profile.py [--repeats 20]
 
 Simple-CNN, the 250 validation digits one of two ranks evaluates, and the writes rank 0 makes after
-each evaluation: the log append (in-memory HDF5 image, write, fsync, rename) and the checkpoint. Also
-the forward pass on a channels-last copy of the model, a candidate speed-up (not used by the trainer),
-with whether its predictions equal the default's.
+each evaluation: the log append (in-memory HDF5 image, write, fsync, rename) and the checkpoint. The
+forward pass both on the model as it trains (contiguous) and on the channels-last twin the trainer
+evaluates through on the CPU (train.Evaluator), with whether their predictions are equal.
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def main() -> None:
         checkpoint = ms(lambda: save_checkpoint(path, Start(1), model, optimizer, "x", "y"), args.repeats)
         sizes = path.stat().st_size, path.with_suffix(".ckpt.pt").stat().st_size
     print(f"one evaluation, Simple-CNN, 250 digits, 1 thread, mean of {args.repeats}")
-    print(f"{'forward (inference_mode)':<36} {forward:8.1f} ms")
-    print(f"{'forward, channels-last copy':<36} {channels_last:8.1f} ms  ({forward / channels_last:.2f}x, "
+    print(f"{'forward, contiguous (inference_mode)':<36} {forward:8.1f} ms")
+    print(f"{'forward, channels-last twin (used)':<36} {channels_last:8.1f} ms  ({forward / channels_last:.2f}x, "
           f"same predictions: {same})")
     print(f"{'log append (log of {:,} bytes)'.format(sizes[0]):<36} {append:8.1f} ms")
     print(f"{'checkpoint ({:,} bytes)'.format(sizes[1]):<36} {checkpoint:8.1f} ms")

@@ -119,8 +119,7 @@ def world_verify_same(value: str, what: str) -> None:
         return verify_same_everywhere(value, what)
     values = _world.allgather(value)
     if len(set(values)) != 1:
-        detail = ", ".join(f"rank {r}: {v[:16]}" for r, v in enumerate(values))
-        raise DistributedError(f"ranks disagree on the {what} ({detail})")
+        raise DistributedError(f"ranks disagree on the {what} ({_detail(values)})")
 
 
 class GaveUp(Exception):
@@ -260,11 +259,15 @@ def broadcast_mask(mask: Mask | None, template: Mask) -> Mask:
     return received
 
 
+def _detail(values: list[str]) -> str:
+    """Each rank's value: whole when short (a spec hash with its shard), else its first 16 characters."""
+    return ", ".join(f"rank {r}: {v if len(v) <= 48 else v[:16]}" for r, v in enumerate(values))
+
+
 def verify_same_everywhere(value: str, what: str) -> None:
     values = allgather_object(value, name=f"verify.{what}")
     if len(set(values)) != 1:
-        detail = ", ".join(f"rank {r}: {v[:16]}" for r, v in enumerate(values))
-        raise DistributedError(f"ranks disagree on the {what} ({detail})")
+        raise DistributedError(f"ranks disagree on the {what} ({_detail(values)})")
 
 
 
