@@ -26,9 +26,9 @@ from hvd_sparse.study import StudySpec, grid
 BIN = Path(sys.executable).parent
 
 
-def spec_dict(trials: int, steps: int, batch_size: int, snip_batches: int) -> dict:
+def spec_dict(trials: int, steps: int, batch_size: int, snip_batches: int, model: str = "simple-cnn") -> dict:
     return {
-        "name": "throughput", "dataset": "mnist5k", "model": "simple-cnn", "sparsities": [0.9],
+        "name": "throughput", "dataset": "mnist5k", "model": model, "sparsities": [0.9],
         "optimizers": ["nesterov"], "batch_sizes": [batch_size], "trials": trials, "goal_error": 0.0,
         "max_steps": steps, "eval_every": 100,
         "search": {"lr": {"range": [0.005, 0.1], "scale": "log"}, "momentum": {"range": [0.9, 0.99], "scale": "reverse-log"}},

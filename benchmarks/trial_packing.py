@@ -1,8 +1,8 @@
 """Trials per hour at np=2 for trials too small to scale: packed (--pack 2) vs every trial on both ranks.
 
-    python benchmarks/trial_packing.py [--trials 12] [--steps 200] [--batch-size 32] [--model simple-cnn]
+    python benchmarks/trial_packing.py [--trials 12] [--steps 200] [--batch-size 32] [--model simple-cnn] [--repeats 1]
 
-The same study (study_throughput.py's: mnist5k, sparsity 0.9, Nesterov, goal error 0 so every
+The same study (study_throughput.py's: ``--model`` on mnist5k, sparsity 0.9, Nesterov, goal error 0 so every
 trial runs its whole budget) three ways, each one whole command, launch included:
 
 - ``horovodrun -np 2 ... study`` : each trial data-parallel over both ranks (one trial at a time);
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -46,19 +47,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--snip-batches", type=int, default=10)
+    parser.add_argument("--model", default="simple-cnn")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches)
-    seconds, found = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec_d))
-        for i, (name, (np_, extra)) in enumerate(SCHEMES.items()):
-            out = Path(tmp) / f"study{i}"
-            seconds[name] = one_job(np_, spec_path, out, *extra)
-            found[name] = results(out)
+    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches, args.model)
+    runs: dict[str, list[float]] = {name: [] for name in SCHEMES}
+    found = {}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "spec.json"
+            spec_path.write_text(json.dumps(spec_d))
+            for i, (name, (np_, extra)) in enumerate(SCHEMES.items()):
+                out = Path(tmp) / f"study{i}"
+                runs[name].append(one_job(np_, spec_path, out, *extra))
+                found[name] = results(out)
+    seconds = {name: statistics.median(t) for name, t in runs.items()}
     base = seconds["np=2, each trial on both ranks"]
-    print(f"{args.trials} trials of {args.steps} steps, Simple-CNN on mnist5k, sparsity 0.9, global batch "
-          f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}, {os.cpu_count()} cores, one run each")
+    print(f"{args.trials} trials of {args.steps} steps, {args.model} on mnist5k, sparsity 0.9, global batch "
+          f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}, {os.cpu_count()} cores, median of {args.repeats}")
     print(f"{'scheme':<36} {'wall s':>7} {'trials/hour':>12} {'vs np=2':>8}")
     for name, t in seconds.items():
         print(f"{name:<36} {t:7.1f} {3600 * args.trials / t:12.0f} {base / t:7.2f}x")
