@@ -121,6 +121,18 @@ def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
     assert all(f"shard {i}/2" in outputs[i] for i in (0, 1))
 
 
+def test_a_packed_study_under_srun_runs_each_trial_on_its_own_group(slurm, tmp_path):
+    spec, root = write_spec(tmp_path, max_steps=60, eval_every=20), tmp_path / "runs"
+    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", "slurm/study.sbatch", str(spec),
+                       "--out", str(root), "--pack", "2", cwd=REPO, env=job_env(slurm))
+    (info,) = slurm.wait(job, 30)
+    text = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "world size 2 as 2 groups of 1" in text and text.count("group 0: [") == 2 and text.count("group 1: [") == 2
+    logs = sorted(root.rglob("trial-*.h5"))
+    assert len(logs) == 4 and all(read_log(p).attrs["world_size"] == 1 for p in logs)
+
+
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
 def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path, sig):
     spec = write_spec(tmp_path)
