@@ -479,5 +479,6 @@ def study_main(argv: Sequence[str] | None) -> int:
         run_study(spec, directory, shard_of, verbose=args.verbose, pack=args.pack)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
