@@ -1,6 +1,6 @@
 """Trials per hour: a study's trials inside one Horovod job vs one horovodrun launch per trial.
 
-    python benchmarks/study_throughput.py [--np 2] [--trials 12] [--steps 200] [--batch-size 32] [--snip-batches 0]
+    python benchmarks/study_throughput.py [--np 2] [--trials 12] [--steps 200] [--batch-size 32] [--snip-batches 0] [--model simple-cnn]
 
 Both sides run the same short trials (Simple-CNN on mnist5k, sparsity 0.9, Nesterov, goal error 0
 so every trial runs its whole step budget, evaluation every 100 steps, SNIP over ``--snip-batches``) through the real CLIs:
@@ -63,16 +63,29 @@ def one_launch_per_trial(np_: int, spec: StudySpec, out: Path) -> float:
     return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--np", type=int, default=2)
+def add_study_arguments(parser: argparse.ArgumentParser, snip_batches: int) -> None:
+    """The benchmark study's options (shared with trial_packing.py)."""
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--snip-batches", type=int, default=snip_batches, help="SNIP batches of 100 (0: a full pass, the reference)")
+    parser.add_argument("--model", default="simple-cnn")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--snip-batches", type=int, default=0, help="SNIP batches of 100 (0: a full pass, the reference)")
+
+
+def study_of(args: argparse.Namespace) -> tuple[dict, str]:
+    """The spec of ``add_study_arguments``' options, and its description for a table's title."""
+    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches, args.model)
+    return spec_d, (f"{args.trials} trials of {args.steps} steps, {args.model} on mnist5k, sparsity 0.9, global batch "
+                    f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--np", type=int, default=2)
+    add_study_arguments(parser, snip_batches=0)
     args = parser.parse_args()
-    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches)
+    spec_d, title = study_of(args)
     spec = StudySpec.from_dict(spec_d)
     inside, launched = [], []
     for _ in range(args.repeats):
@@ -82,8 +95,7 @@ def main() -> None:
             inside.append(one_job(args.np, spec_path, Path(tmp) / "study"))
             launched.append(one_launch_per_trial(args.np, spec, Path(tmp) / "single"))
     a, b = statistics.median(inside), statistics.median(launched)
-    print(f"{args.trials} trials of {args.steps} steps, Simple-CNN on mnist5k, sparsity 0.9, global batch "
-          f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}, np={args.np}, {os.cpu_count()} cores, median of {args.repeats}")
+    print(f"{title}, np={args.np}, {os.cpu_count()} cores, median of {args.repeats}")
     print(f"{'scheme':<28} {'wall s':>8} {'s/trial':>8} {'trials/hour':>12}")
     for name, t in (("one horovodrun per trial", b), ("all trials in one job", a)):
         print(f"{name:<28} {t:8.1f} {t / args.trials:8.1f} {3600 * args.trials / t:12.0f}")

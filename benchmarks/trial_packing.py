@@ -1,6 +1,6 @@
 """Trials per hour at np=2 for trials too small to scale: packed (--pack 2) vs every trial on both ranks.
 
-    python benchmarks/trial_packing.py [--trials 12] [--steps 200] [--batch-size 32] [--model simple-cnn] [--repeats 1]
+    python benchmarks/trial_packing.py [--trials 12] [--steps 200] [--batch-size 32] [--snip-batches 10] [--model simple-cnn] [--repeats 1]
 
 The same study (study_throughput.py's: ``--model`` on mnist5k, sparsity 0.9, Nesterov, goal error 0 so every
 trial runs its whole budget) three ways, each one whole command, launch included:
@@ -23,7 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from study_throughput import one_job, spec_dict
+from study_throughput import add_study_arguments, one_job, study_of
 
 from hvd_sparse.aggregate import read_trials
 
@@ -43,14 +43,9 @@ def results(out: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--snip-batches", type=int, default=10)
-    parser.add_argument("--model", default="simple-cnn")
-    parser.add_argument("--repeats", type=int, default=1)
+    add_study_arguments(parser, snip_batches=10)
     args = parser.parse_args()
-    spec_d = spec_dict(args.trials, args.steps, args.batch_size, args.snip_batches, args.model)
+    spec_d, title = study_of(args)
     runs: dict[str, list[float]] = {name: [] for name in SCHEMES}
     found = {}
     for _ in range(args.repeats):
@@ -63,8 +58,7 @@ def main() -> None:
                 found[name] = results(out)
     seconds = {name: statistics.median(t) for name, t in runs.items()}
     base = seconds["np=2, each trial on both ranks"]
-    print(f"{args.trials} trials of {args.steps} steps, {args.model} on mnist5k, sparsity 0.9, global batch "
-          f"{args.batch_size}, SNIP batches {args.snip_batches or 'all'}, {os.cpu_count()} cores, median of {args.repeats}")
+    print(f"{title}, {os.cpu_count()} cores, median of {args.repeats}")
     print(f"{'scheme':<36} {'wall s':>7} {'trials/hour':>12} {'vs np=2':>8}")
     for name, t in seconds.items():
         print(f"{name:<36} {t:7.1f} {3600 * args.trials / t:12.0f} {base / t:7.2f}x")

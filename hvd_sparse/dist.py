@@ -117,9 +117,7 @@ def world_verify_same(value: str, what: str) -> None:
     """``verify_same_everywhere`` across all groups of a packed job (the group's own when not packed)."""
     if _world is None:
         return verify_same_everywhere(value, what)
-    values = _world.allgather(value)
-    if len(set(values)) != 1:
-        raise DistributedError(f"ranks disagree on the {what} ({_detail(values)})")
+    _require_same(_world.allgather(value), what)
 
 
 class GaveUp(Exception):
@@ -134,7 +132,7 @@ def world_gather(obj: T, give_up: Callable[[], bool] = lambda: False, poll_s: fl
     signal: the other groups checkpoint and end, and would never come).
     """
     if _world is None:
-        return [obj]
+        return [obj] if is_root() else None
     request = _world.Ibarrier()
     while not request.Test():
         if give_up():
@@ -259,15 +257,16 @@ def broadcast_mask(mask: Mask | None, template: Mask) -> Mask:
     return received
 
 
-def _detail(values: list[str]) -> str:
-    """Each rank's value: whole when short (a spec hash with its shard), else its first 16 characters."""
-    return ", ".join(f"rank {r}: {v if len(v) <= 48 else v[:16]}" for r, v in enumerate(values))
+def _require_same(values: list[str], what: str) -> None:
+    """DistributedError unless all ranks' values are equal; it shows each rank's value, whole when
+    short (a spec hash with its shard), else its first 16 characters."""
+    if len(set(values)) != 1:
+        detail = ", ".join(f"rank {r}: {v if len(v) <= 48 else v[:16]}" for r, v in enumerate(values))
+        raise DistributedError(f"ranks disagree on the {what} ({detail})")
 
 
 def verify_same_everywhere(value: str, what: str) -> None:
-    values = allgather_object(value, name=f"verify.{what}")
-    if len(set(values)) != 1:
-        raise DistributedError(f"ranks disagree on the {what} ({_detail(values)})")
+    _require_same(allgather_object(value, name=f"verify.{what}"), what)
 
 
 

@@ -397,8 +397,8 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     try:
         everyone = dist.world_gather(outcomes if dist.is_root() else [], give_up=stop_requested)
     except dist.GaveUp:
-        raise Interrupted(f"a stop signal came while {prefix or 'this job '}waited for the other groups; all its "
-                          "trials had ended") from None
+        raise Interrupted(f"a stop signal came while group {group} waited for the other groups; all its trials "
+                          "had ended") from None
     if dist.world_is_root():
         say(summary_table([o for part in everyone or [] for o in part]))
     return outcomes

@@ -5,7 +5,6 @@ Run as ``horovodrun -np 2 python -m hvd_sparse.train --sparsity 0.9 ...`` (or un
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import json
 import logging
@@ -512,6 +511,7 @@ def report(result: TrialResult) -> int:
             f"log: {result.log_path}"
         )
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
