@@ -418,12 +418,17 @@ def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path
     then ends both (group 0 checkpoints, group 1 stops waiting), exit 0, and the rerun measures
     what one rank measures in one go."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3})
+    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3, "max_steps": 300})
     root = tmp_path / "runs"
     proc = subprocess.Popen(study_cmd(2, spec_path, root, "--pack", "2"), env=launch_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def group_1_waits_while_group_0_trains() -> bool:  # trial 1 (group 1's only one) ended, trial 2 (group 0's) running
+        ended = list(root.rglob("trial-001.h5")) if root.exists() else []
+        return bool(ended) and read_log(ended[0], with_mask=False).status != "RUNNING" and bool(list(root.rglob("trial-002.ckpt.pt")))
+
     deadline = time.time() + 240
-    while not (root.exists() and list(root.rglob("trial-002.ckpt.pt"))) and time.time() < deadline:
+    while not group_1_waits_while_group_0_trains() and time.time() < deadline:
         assert proc.poll() is None, "the study ended before the signal"
         time.sleep(0.02)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
