@@ -12,7 +12,7 @@ size for one workload and sparsity; ``curves.csv`` holds its regime boundaries:
 - diminishing-returns batch size: the first B_k from which going to the next batch size saves less
   than ``min_saving`` of the steps per doubling, 1 - (S_k+1 / S_k) ** (1 / log2(B_k+1 / B_k)).
 
-Aggregation is a pure function of the trials table; plotting (``hvd_sparse.plots``) is a layer on top.
+Aggregation is a pure function of the trials table; ``hvd_sparse.plots`` draws what it computed.
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from hvd_sparse.cli import ArgumentParser, error_line, say
 from hvd_sparse.log import LogError, read_log
+from hvd_sparse.plots import plot_all
 
 PROG = "hvd_sparse.aggregate"
 WORKLOAD = ["dataset", "model", "optimizer", "schedule", "goal_error"]
@@ -261,6 +263,40 @@ def optimizer_table(curves: pd.DataFrame) -> pd.DataFrame:
     return curves.pivot_table(index=keys, columns="optimizer", values="critical_batch_size", aggfunc="first")
 
 
+def with_regimes(studies: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """The studies table with its curve's regime boundaries on every row: what the plots draw."""
+    bounds = curves[CURVE + ["critical_batch_size", "diminishing_batch_size"]] if not curves.empty else \
+        pd.DataFrame(columns=CURVE + ["critical_batch_size", "diminishing_batch_size"])
+    return studies.merge(bounds, on=CURVE, how="left")
+
+
+def best_trial_paths(studies: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple, str]:
+    """(study key) -> the log path of its best trial, for the studies that have one."""
+    index = {(*key, int(t)): p for key, t, p in zip(trials[STUDY].itertuples(index=False, name=None),
+                                                     trials.trial_id, trials.path)}
+    return {key: index[(*key, int(best))] for key, best in zip(studies[STUDY].itertuples(index=False, name=None),
+                                                               studies.best_trial)
+            if best >= 0 and (*key, int(best)) in index}
+
+
+def noise_series(studies: pd.DataFrame, trials: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The noise scale B_simple over training of each study's best trial, read from its log: one row
+    per (study, evaluation where it was measured); empty when no trial measured it."""
+    frames = []
+    if "best_noise_scale" in studies and np.isfinite(studies.best_noise_scale).any():
+        for key, path in best_trial_paths(studies, trials).items():
+            try:
+                m = read_log(root / path, with_mask=False).measurements
+            except LogError:
+                continue
+            if "noise_scale" not in m:
+                continue
+            ok = np.isfinite(m["noise_scale"]) & (m["noise_scale"] > 0)
+            frames.append(pd.DataFrame({**dict(zip(STUDY, key)), "step": m["step"][ok],
+                                        "noise_scale": m["noise_scale"][ok]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STUDY + ["step", "noise_scale"])
+
+
 def curve_of(curves: pd.DataFrame, **key: Any) -> pd.Series | None:
     """The row of ``curves`` with these column values (a whole CURVE key), None if there is none."""
     match = curves
@@ -327,16 +363,12 @@ def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, 
     curves = curve_table(studies, rules)
     write_outputs(Path(out), trials, studies, curves)
     if plots and not studies.empty:
-        from hvd_sparse.plots import plot_all
-
-        plot_all(studies, curves, Path(out), trials, Path(root))
+        plot_all(with_regimes(studies, curves), noise_series(studies, trials, Path(root)), Path(out))
     return trials, studies, curves, problems
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from hvd_sparse.config import _RaisingParser
-
-    parser = _RaisingParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", help="folder searched recursively for trial logs (*.h5)")
     parser.add_argument("--out", default=None, help="folder for the CSVs and plots (default: RUNS_DIR/aggregate)")
     parser.add_argument("--max-trials", type=int, default=None,
@@ -360,15 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.runs_dir) / "aggregate"
         trials, studies, curves, problems = aggregate(
             args.runs_dir, out, args.max_trials, Rules(args.tolerance, args.min_saving), plots=not args.no_plots)
-    except (AggregateError, ValueError) as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
+    except ValueError as e:  # AggregateError, ConfigError
+        error_line(e, PROG)
         return 2
     for line in problems:
-        sys.stderr.write(f"{PROG}: {line}\n")
+        say(f"{PROG}: {line}", sys.stderr)
     report = format_studies(studies, curves) if not studies.empty else "no ended trials to aggregate"
     noise = format_noise(noise_table(studies, curves)) if not studies.empty else ""
     report += f"\n\n{noise}" if noise else ""
-    sys.stdout.write(f"{len(trials)} trial logs, {len(studies)} studies, {len(curves)} curves -> {out}\n{report}\n")
+    say(f"{len(trials)} trial logs, {len(studies)} studies, {len(curves)} curves -> {out}\n{report}")
     return 0
 
 

@@ -25,13 +25,13 @@ def checkpoint_path(log: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class Start:
-    """Where a run begins; the same on every rank (the heavy state stays on rank 0)."""
+class Progress:
+    """A trial's scalar state at a checkpoint, the same on every rank; with the model and optimizer
+    state beside it, exactly what the engine's TrialState holds."""
 
     step: int = 0
     best_val_error: float = float("inf")
-    wall_time: float = 0.0
-    resumed: bool = False
+    wall_time: float = 0.0  # seconds trained so far, across resumes
     # per rank [sum of batch losses, batches] since the last evaluation; empty at an evaluation
     train_loss: tuple[tuple[float, float], ...] = ()
     noise: tuple[float, ...] = ()  # NoiseScale.state: the noise-scale averages continue across a resume
@@ -39,18 +39,18 @@ class Start:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    start: Start
+    progress: Progress
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     mask: Mask
 
 
-def save_checkpoint(log: Path, start: Start, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(log: Path, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     run_hash: str, mask_sha256: str) -> None:
     """Write the checkpoint so that a reader sees the old one or the new one, never a mix."""
     state = {
-        "step": start.step, "best_val_error": start.best_val_error, "wall_time": start.wall_time,
-        "train_loss": [list(pair) for pair in start.train_loss], "noise": list(start.noise),
+        "step": progress.step, "best_val_error": progress.best_val_error, "wall_time": progress.wall_time,
+        "train_loss": [list(pair) for pair in progress.train_loss], "noise": list(progress.noise),
         "run_hash": run_hash, "mask_sha256": mask_sha256,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -80,9 +80,9 @@ def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
         raise LogError(f"{path}: checkpoint of another run or mask; remove it or pass --overwrite")
     assert data.mask is not None
     train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))
-    start = Start(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), resumed=True,
-                  train_loss=train_loss, noise=tuple(float(v) for v in state.get("noise", [])))
-    return Checkpoint(start, state["model"], state["optimizer"], data.mask)
+    progress = Progress(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]),
+                        train_loss=train_loss, noise=tuple(float(v) for v in state.get("noise", [])))
+    return Checkpoint(progress, state["model"], state["optimizer"], data.mask)
 
 
 class RunLock:

@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -17,6 +16,13 @@ from typing import Any, Mapping, Sequence
 
 class ConfigError(ValueError):
     """A configuration the user must fix; reported as one line, never a traceback."""
+
+
+def seed_for(seed: int, stream: str, *extra: int) -> int:
+    """An independent 63-bit seed for one named random stream of a trial (batch order, initialization,
+    SNIP's batches): every seed derives from the config's, and streams never share one."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{':'.join(map(str, extra))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _field(default: Any, help: str, *, identity: bool = True, choices: Sequence[str] | None = None) -> Any:
@@ -97,7 +103,8 @@ class OptimConfig:
         _require(0.0 < self.end_factor <= 1.0, f"--end-factor must be in (0, 1], got {self.end_factor}")
 
 
-GRAD_COMPRESSIONS = ("none", "fp16", "mask", "mask-fp16")
+GRAD_COMPRESSIONS = ("none", "fp16", "kept", "kept-fp16")
+RENAMED_COMPRESSIONS = {"mask": "kept", "mask-fp16": "kept-fp16"}  # their names before 0.2.0
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,13 @@ class DistConfig:
     grad_compression: str = _field(
         "none",
         "gradient allreduce: none (dense, per tensor), fp16 (dense, half precision on the wire), "
-        "mask (only the unpruned entries, one packed buffer), mask-fp16 (both)",
+        "kept (only the kept, i.e. unpruned, entries, gathered into one vector), kept-fp16 (both)",
         choices=GRAD_COMPRESSIONS,
     )
 
     def __post_init__(self) -> None:
+        renamed = RENAMED_COMPRESSIONS.get(self.grad_compression)
+        _require(renamed is None, f"--grad-compression {self.grad_compression} is now called {renamed}")
         _require(
             self.grad_compression in GRAD_COMPRESSIONS,
             f"--grad-compression must be one of {', '.join(GRAD_COMPRESSIONS)}, got {self.grad_compression!r}",
@@ -218,13 +227,6 @@ SECTIONS: dict[str, type] = {
 # CLI derivation
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    """argparse whose errors raise ConfigError (reported by the caller as one line), no usage dump."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{message} (see --help)")
-
-
 def _base_type(tp: Any) -> type:
     """int | None -> int; bool -> bool."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -276,13 +278,3 @@ def config_from_namespace(ns: argparse.Namespace) -> Config:
             section, name = key.split(".", 1)
             sections.setdefault(section, {})[name] = value
     return Config.from_dict(sections)
-
-
-def parse_config(
-    argv: Sequence[str] | None, prog: str, description: str, names: Mapping[str, Sequence[str]] | None = None
-) -> Config:
-    """Parse argv into a validated Config; any problem raises ConfigError with a one-line message."""
-    parser = _RaisingParser(prog=prog, description=description)
-    add_config_arguments(parser, names=names)
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return config_from_namespace(ns)

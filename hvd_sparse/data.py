@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hvd_sparse.config import DataConfig
+from hvd_sparse.config import DataConfig, seed_for
 
 
 class DataError(ValueError):
@@ -310,12 +310,6 @@ def fingerprint(raw: RawData) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the global batch sequence and each rank's shard of it
-
-
-def seed_for(seed: int, stream: str, *extra: int) -> int:
-    """An independent 63-bit seed for one named random stream of a trial."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{':'.join(map(str, extra))}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class GlobalBatches:

@@ -16,7 +16,7 @@ from torch import nn
 import horovod.torch as hvd
 from horovod.common.exceptions import HorovodInternalError
 
-from hvd_sparse.mask import Mask
+from hvd_sparse.mask import Mask, split_flat
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ PeerFailure = HorovodInternalError
 PEER_FAILURE_MESSAGE = "another rank failed or left the job, so Horovod shut down (that rank's own error is above)"
 
 
-# Trial packing: the MPI world split into groups, each its own Horovod job (see ``init``).
+# Trial packing (study --pack): the MPI world split into groups, each its own Horovod job (see ``init``).
 _world: Any = None  # the mpi4py world communicator when packed, else None
 _node: tuple[int, int] = (0, 1)  # this process's rank among the job's ranks on its node, and their number
 _group: tuple[int, int] = (0, 1)  # this rank's group, and the number of groups
@@ -231,13 +231,15 @@ def agree(step: Callable[[], T], what: str) -> T:
     return result
 
 
-def root_decides(decide: Callable[[], T], what: str) -> T:
-    """``decide()`` run on rank 0 only, its answer (a small picklable value) returned on every rank.
+def on_root(work: Callable[[], T], what: str) -> T | None:
+    """The one way to do rank 0's work (files, SNIP, decisions): ``work()`` runs on rank 0 only and
+    its result is returned there (None elsewhere); a failure is raised on every rank, as with ``agree``."""
+    return agree(lambda: work() if is_root() else None, what)
 
-    A failure on rank 0 is raised on every rank, as with ``agree``.
-    """
-    answer = agree(lambda: decide() if is_root() else None, what)
-    return broadcast_object(answer, name=f"decide.{what}")
+
+def root_decides(decide: Callable[[], T], what: str) -> T:
+    """``on_root(decide)``, whose answer (a small picklable value) is then returned on every rank."""
+    return broadcast_object(on_root(decide, what), name=f"decide.{what}")
 
 
 def broadcast_parameters(model: nn.Module) -> None:
@@ -321,30 +323,28 @@ class DenseSync(GradientSync):
             self.optimizer.step()
 
 
-class PackedMaskSync(GradientSync):
-    """Send only the unpruned entries: every rank holds the same mask, so the kept gradient values
-    of all parameters are gathered into one vector, in the same order everywhere, and averaged in
-    a single allreduce with no indices at all.
+class KeptEntriesSync(GradientSync):
+    """Send only the kept (unpruned) entries: every rank holds the same mask, so the kept gradient
+    values of all parameters are gathered into one vector, in the same order everywhere, and
+    averaged in a single allreduce with no indices at all.
 
-    The gradients live as views into one flat buffer, so packing is one gather, unpacking one
-    scatter into the zeroed buffer (which leaves pruned entries exactly 0). One large message per
-    step, rather than a Compressor's one per tensor, also saves Horovod's per-tensor negotiation.
+    The gradients live as views into one flat buffer, so gathering is one index_select, scattering
+    back one index_copy into the zeroed buffer (which leaves pruned entries exactly 0). One large
+    message per step, rather than a Compressor's one per tensor, also saves Horovod's per-tensor
+    negotiation.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool):
         self.optimizer, self.fp16 = optimizer, fp16
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in model.named_parameters()}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         device = self.params[0].device
         self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
-        self.views, keep, offset = [], [], 0
-        for p in self.params:
-            self.views.append(self.flat[offset : offset + p.numel()].view_as(p))
-            name = names[id(p)]
-            kept = mask[name].reshape(-1) if name in mask else torch.ones(p.numel(), dtype=torch.bool)
-            keep.append(kept.to(device))
-            offset += p.numel()
-        self.index = torch.cat(keep).nonzero().squeeze(1)
+        self.views = split_flat(self.flat, [p.shape for p in self.params])
+        keep = torch.cat([mask[n].reshape(-1).to(device) if n in mask else torch.ones(p.numel(), dtype=torch.bool,
+                                                                                       device=device)
+                          for n, p in named])
+        self.index = keep.nonzero().squeeze(1)
         self.bytes_per_step = self.index.numel() * (2 if fp16 else 4)
 
     def zero_grad(self) -> None:
@@ -354,12 +354,12 @@ class PackedMaskSync(GradientSync):
         self.flat.zero_()
 
     def synchronize(self) -> None:
-        packed = self.flat.index_select(0, self.index)
+        kept = self.flat.index_select(0, self.index)
         if hvd.size() > 1:
-            wire = packed.half() if self.fp16 else packed
-            packed = hvd.allreduce(wire, op=hvd.Average, name="grad.packed").to(self.flat.dtype)
+            wire = kept.half() if self.fp16 else kept
+            kept = hvd.allreduce(wire, op=hvd.Average, name="grad.kept").to(self.flat.dtype)
         self.flat.zero_()
-        self.flat.index_copy_(0, self.index, packed)
+        self.flat.index_copy_(0, self.index, kept)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -384,18 +384,18 @@ class LocalSync(GradientSync):
 
 
 def _dense(optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool) -> GradientSync:
-    if hvd.size() == 1:  # no wire, so no fp16 rounding either (as PackedMaskSync at size 1)
+    if hvd.size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
         return LocalSync(optimizer, model, mask, dense_bytes(model, fp16))
     return DenseSync(optimizer, model, mask, fp16)
 
 
 def gradient_sync(kind: str, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask) -> GradientSync:
-    """``kind``: none, fp16 (Horovod per tensor), mask, mask-fp16 (one packed allreduce)."""
+    """``kind``: none, fp16 (Horovod per tensor), kept, kept-fp16 (the kept entries, one allreduce)."""
     builders: dict[str, Callable[[], GradientSync]] = {
         "none": lambda: _dense(optimizer, model, mask, fp16=False),
         "fp16": lambda: _dense(optimizer, model, mask, fp16=True),
-        "mask": lambda: PackedMaskSync(optimizer, model, mask, fp16=False),
-        "mask-fp16": lambda: PackedMaskSync(optimizer, model, mask, fp16=True),
+        "kept": lambda: KeptEntriesSync(optimizer, model, mask, fp16=False),
+        "kept-fp16": lambda: KeptEntriesSync(optimizer, model, mask, fp16=True),
     }
     if kind not in builders:
         raise ValueError(f"unknown gradient compression {kind!r}; valid: {', '.join(builders)}")

@@ -160,7 +160,7 @@ class TrialLog:
                 group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
             f.attrs["mask_names"] = json.dumps(list(mask))
             masks = f.create_group("mask")
-            for name, bits in mask.packed().items():
+            for name, bits in mask.bits().items():
                 ds = masks.create_dataset(name, data=bits, compression="gzip")
                 ds.attrs["shape"] = tuple(mask[name].shape)
 
@@ -271,8 +271,8 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
             if with_mask and "mask" in f:
                 # insertion (model) order, which the checksum depends on; h5py lists names sorted
                 order = json.loads(attrs["mask_names"]) if "mask_names" in attrs else list(f["mask"])
-                packed = {name: f["mask"][name][()] for name in order}
-                mask = Mask.from_packed(packed, {name: tuple(f["mask"][name].attrs["shape"]) for name in order})
+                bits = {name: f["mask"][name][()] for name in order}
+                mask = Mask.from_bits(bits, {name: tuple(f["mask"][name].attrs["shape"]) for name in order})
     except LogError:
         raise
     except (OSError, KeyError, ValueError) as e:

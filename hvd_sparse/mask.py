@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Mapping
+import math
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+
+def split_flat(flat: torch.Tensor, shapes: Sequence[torch.Size | tuple[int, ...]]) -> list[torch.Tensor]:
+    """Consecutive views of the 1-D ``flat``, one per shape, in order (the inverse of concatenating
+    flattened tensors); ValueError unless the sizes add up to ``flat.numel()`` exactly."""
+    sizes = [math.prod(shape) for shape in shapes]
+    if sum(sizes) != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} entries, expected {sum(sizes)}")
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
 class Mask:
@@ -63,15 +73,15 @@ class Mask:
         return all(torch.equal(self[n].cpu(), other[n].cpu()) for n in self)
 
     # -- identity and serialization --------------------------------------------------------
-    def packed(self) -> dict[str, np.ndarray]:
-        """name -> np.packbits of the flattened mask (shape is recovered from the model)."""
+    def bits(self) -> dict[str, np.ndarray]:
+        """name -> np.packbits of the flattened mask, 8 entries a byte (the shapes are stored apart)."""
         return {n: np.packbits(t.detach().cpu().numpy().ravel()) for n, t in self._tensors.items()}
 
     @classmethod
-    def from_packed(cls, packed: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> "Mask":
-        """Inverse of ``packed`` (e.g. a mask read back from an HDF5 log)."""
+    def from_bits(cls, bits_of: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> "Mask":
+        """Inverse of ``bits`` (e.g. a mask read back from an HDF5 log)."""
         out = {}
-        for name, bits in packed.items():
+        for name, bits in bits_of.items():
             shape = tuple(shapes[name])
             flat = np.unpackbits(np.asarray(bits, dtype=np.uint8), count=int(np.prod(shape, dtype=np.int64)))
             out[name] = torch.from_numpy(flat.astype(bool).reshape(shape))
@@ -91,13 +101,8 @@ class Mask:
 
     def from_flat(self, flat: torch.Tensor) -> "Mask":
         """A mask of this mask's names and shapes, filled from ``to_flat`` output."""
-        if flat.numel() != self.num_total:
-            raise ValueError(f"flat mask has {flat.numel()} entries, expected {self.num_total}")
-        out, offset = {}, 0
-        for name, t in self._tensors.items():
-            out[name] = flat[offset : offset + t.numel()].reshape(t.shape).to(torch.bool)
-            offset += t.numel()
-        return Mask(out)
+        parts = split_flat(flat, [t.shape for t in self._tensors.values()])
+        return Mask({name: part.to(torch.bool) for name, part in zip(self._tensors, parts)})
 
     def to(self, device: torch.device | str) -> "Mask":
         return Mask({n: t.to(device) for n, t in self._tensors.items()})

@@ -112,6 +112,6 @@ def local_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Ten
             t.div_(len(parts))
         if p.grad is None:
             p.grad = t
-        else:  # a view into a packed buffer (PackedMaskSync): keep it
+        else:  # a view into KeptEntriesSync's flat buffer: keep it
             p.grad.copy_(t)
     return torch.stack(losses).mean(), sq / len(parts)

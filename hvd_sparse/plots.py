@@ -1,7 +1,9 @@
-"""Figures of the aggregated studies (matplotlib, PNG and PDF); no aggregation happens here.
+"""Figures of the aggregated studies (matplotlib, PNG and PDF): they draw the tables that
+``hvd_sparse.aggregate`` computed, and compute and read nothing themselves.
 
-One figure set per (dataset, model, schedule, goal error), one panel per optimizer, one line per
-sparsity:
+The input is the studies table with each curve's regime boundaries on every row
+(``aggregate.with_regimes``) and, for the noise figure, ``aggregate.noise_series``. One figure set per
+(dataset, model, schedule, goal error), one panel per optimizer, one line per sparsity:
 - ``steps_*``: steps-to-result vs batch size, log2-log2, with each curve's dashed perfect-scaling
   line from its smallest batch size; o marks the critical batch size, x the diminishing-returns one;
 - ``normalized_*``: the same curves divided by their value at the smallest batch size;
@@ -20,8 +22,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-from hvd_sparse.aggregate import curve_of  # noqa: E402
 
 FIGURE_KEYS = ["dataset", "model", "schedule", "goal_error"]
 
@@ -55,9 +55,16 @@ def _mark(ax: plt.Axes, x: np.ndarray, y: np.ndarray, at: float, marker: str, co
                 markeredgewidth=1.6, color=color, linestyle="none")
 
 
-def plot_steps(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
+def _bounds(rows: pd.DataFrame) -> tuple[float, float]:
+    """(critical, diminishing-returns batch size) of the curve these rows of one curve belong to."""
+    if rows.empty or "critical_batch_size" not in rows:
+        return math.nan, math.nan
+    return float(rows.critical_batch_size.iloc[0]), float(rows.diminishing_batch_size.iloc[0])
+
+
+def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
     written = []
-    for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
+    for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
         optimizers = sorted(fig_group.optimizer.unique())
         fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
         all_b = np.array(sorted(fig_group.batch_size.unique()), dtype=float)
@@ -73,10 +80,9 @@ def plot_steps(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, normalize
                     y = y / y[0]
                 ax.plot(x, y, marker=".", color=color, label=f"sparsity {sparsity:g}")
                 ax.plot(x, y[0] * x[0] / x, linestyle="--", color=color, alpha=0.6, linewidth=1)
-                curve = curve_of(curves, **dict(zip(FIGURE_KEYS, key)), optimizer=optimizer, sparsity=sparsity)
-                if curve is not None:
-                    _mark(ax, x, y, float(curve.critical_batch_size), "o", color)
-                    _mark(ax, x, y, float(curve.diminishing_batch_size), "X", color)
+                critical, diminishing = _bounds(rows)
+                _mark(ax, x, y, critical, "o", color)
+                _mark(ax, x, y, diminishing, "X", color)
             _log2_axes(ax, all_b)
             ax.set_title(optimizer)
             ax.set_ylabel("steps / steps at smallest batch" if normalized else "steps to result")
@@ -86,9 +92,9 @@ def plot_steps(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, normalize
     return written
 
 
-def plot_metaparams(studies: pd.DataFrame, out: Path) -> list[Path]:
+def plot_metaparams(points: pd.DataFrame, out: Path) -> list[Path]:
     written = []
-    for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
+    for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
         optimizers = sorted(fig_group.optimizer.unique())
         has_momentum = bool(np.isfinite(fig_group.best_momentum).any())
         rows_n = 2 if has_momentum else 1
@@ -119,50 +125,28 @@ def plot_metaparams(studies: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
-def best_trial_paths(studies: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple, str]:
-    """(study key) -> the log path of its best trial, for the studies that have one."""
-    from hvd_sparse.aggregate import STUDY
-
-    index = {(*key, int(t)): p for key, t, p in zip(trials[STUDY].itertuples(index=False, name=None),
-                                                     trials.trial_id, trials.path)}
-    return {key: index[(*key, int(best))] for key, best in zip(studies[STUDY].itertuples(index=False, name=None),
-                                                               studies.best_trial)
-            if best >= 0 and (*key, int(best)) in index}
-
-
-def plot_noise(studies: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame, root: Path, out: Path) -> list[Path]:
+def plot_noise(points: pd.DataFrame, series: pd.DataFrame, out: Path) -> list[Path]:
     """``noise_*``: B_simple over training of each batch size's best trial (one colour per sparsity),
     and in the same colour the batch sizes the studies measured: critical (dashed) and
     diminishing-returns (dotted)."""
-    from hvd_sparse.aggregate import STUDY
-    from hvd_sparse.log import LogError, read_log
-
-    if "best_noise_scale" not in studies or not np.isfinite(studies.best_noise_scale).any():
+    if series.empty:
         return []
-    paths = best_trial_paths(studies, trials)
     written = []
-    for key, fig_group in studies.groupby(FIGURE_KEYS, sort=True):
+    for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
         optimizers = sorted(fig_group.optimizer.unique())
         fig, axes = plt.subplots(1, len(optimizers), figsize=(6.4 * len(optimizers), 4.8), squeeze=False)
+        in_figure = series
+        for column, value in zip(FIGURE_KEYS, key):
+            in_figure = in_figure[in_figure[column] == value]
         for ax, optimizer in zip(axes[0], optimizers):
             group = fig_group[fig_group.optimizer == optimizer]
             for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
                 label = f"sparsity {sparsity:g}"
-                for row in rows.itertuples(index=False):
-                    path = paths.get(tuple(getattr(row, c) for c in STUDY))
-                    if path is None:
-                        continue
-                    try:
-                        m = read_log(root / path, with_mask=False).measurements
-                    except LogError:
-                        continue
-                    if "noise_scale" not in m:
-                        continue
-                    ok = np.isfinite(m["noise_scale"]) & (m["noise_scale"] > 0)
-                    ax.plot(m["step"][ok], m["noise_scale"][ok], color=f"C{i}", alpha=0.7, linewidth=1, label=label)
+                lines = in_figure[(in_figure.optimizer == optimizer) & (in_figure.sparsity == sparsity)]
+                for _, line in lines.groupby("batch_size", sort=True):
+                    ax.plot(line.step, line.noise_scale, color=f"C{i}", alpha=0.7, linewidth=1, label=label)
                     label = None
-                c = curve_of(curves, **dict(zip(FIGURE_KEYS, key)), optimizer=optimizer, sparsity=sparsity)
-                for value, style in ((c.critical_batch_size, "--"), (c.diminishing_batch_size, ":")) if c is not None else ():
+                for value, style in zip(_bounds(rows), ("--", ":")):
                     if math.isfinite(value):
                         ax.axhline(value, color=f"C{i}", linestyle=style, linewidth=1.4)
             ax.plot([], [], color="gray", linestyle="--", label="measured critical B")
@@ -179,9 +163,8 @@ def plot_noise(studies: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame
     return written
 
 
-def plot_all(studies: pd.DataFrame, curves: pd.DataFrame, out: Path, trials: pd.DataFrame | None = None,
-             root: Path | None = None) -> list[Path]:
+def plot_all(points: pd.DataFrame, noise: pd.DataFrame, out: Path) -> list[Path]:
+    """Every figure: ``points`` is ``aggregate.with_regimes``'s table, ``noise`` ``aggregate.noise_series``'s."""
     out.mkdir(parents=True, exist_ok=True)
-    noise = plot_noise(studies, curves, trials, root, out) if trials is not None and root is not None else []
-    return (plot_steps(studies, curves, out, normalized=False) + plot_steps(studies, curves, out, normalized=True)
-            + plot_metaparams(studies, out) + noise)
+    return (plot_steps(points, out, normalized=False) + plot_steps(points, out, normalized=True)
+            + plot_metaparams(points, out) + plot_noise(points, noise, out))

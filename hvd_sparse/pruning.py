@@ -14,8 +14,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hvd_sparse.data import Split, seed_for
-from hvd_sparse.mask import Mask
+from hvd_sparse.config import seed_for
+from hvd_sparse.data import Split
+from hvd_sparse.mask import Mask, split_flat
 
 
 def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,11 +58,8 @@ def top_k_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
     order = torch.argsort(flat, descending=True, stable=True)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[:k]] = True
-    out, offset = {}, 0
-    for name, s in scores.items():
-        out[name] = keep[offset : offset + s.numel()].reshape(s.shape).to(s.device)
-        offset += s.numel()
-    return Mask(out)
+    parts = split_flat(keep, [s.shape for s in scores.values()])
+    return Mask({name: part.to(s.device) for (name, s), part in zip(scores.items(), parts)})
 
 
 def snip(

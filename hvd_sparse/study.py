@@ -26,7 +26,12 @@ import pandas as pd
 import yaml
 
 import hvd_sparse
+from hvd_sparse import dist
+from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
+from hvd_sparse.checkpoint import RunLock
+from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError
+from hvd_sparse.engine import Interrupted, check_batch, load_data_everywhere, run_trial, select_device, stop_requested, validate
 from hvd_sparse.log import check_writable, read_log
 from hvd_sparse.search import SearchSpace, reference_space
 
@@ -345,8 +350,6 @@ def format_outcome(o: Outcome, done: int, total: int) -> str:
 
 def summary_table(outcomes: Sequence[Outcome]) -> str:
     """The aggregator's steps-to-result table (with regime boundaries) over these trials."""
-    from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
-
     rows = [{**config_columns(o.trial.config.to_dict(), o.trial.trial_id), "path": "", "status": o.status,
              "best_val_error": o.best_val_error,
              "steps_to_result": math.nan if o.steps_to_result is None else o.steps_to_result} for o in outcomes]
@@ -365,10 +368,6 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     trials (``dist.init``); world rank 0 prints the table of all of them at the end. Returns the
     outcomes of this rank's group.
     """
-    from hvd_sparse import dist
-    from hvd_sparse.train import (Interrupted, check_batch, configure_logging, load_data_everywhere, say,
-                                  select_device, stop_requested, validate)
-
     everything = grid(spec)
     for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
         validate(next(t.config for t in everything if t.optimizer == optimizer))
@@ -379,7 +378,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     for t in everything:
         check_batch(t.config.train)
     dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack}", "study spec, shard and --pack")
-    dist.agree(lambda: prepare_dir(spec, directory) if dist.is_root() else None, "preparing the study directory")
+    dist.on_root(lambda: prepare_dir(spec, directory), "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())
     if dist.world_is_root():
         packing = "" if groups == 1 else f" as {groups} groups of {dist.size()} running trials side by side"
@@ -406,10 +405,6 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
 
 def run_one(spec: StudySpec, directory: Path, trial: Trial, data: Any) -> Outcome:
     """One trial on every rank of this group: skipped if it ended, left alone if another job runs it."""
-    from hvd_sparse import dist
-    from hvd_sparse.checkpoint import RunLock
-    from hvd_sparse.train import run_trial
-
     path = directory / trial.relpath()
     lock = RunLock(path)
     decision = dist.root_decides(lambda: decide(path, lock), "deciding a trial")
@@ -428,8 +423,6 @@ def run_one(spec: StudySpec, directory: Path, trial: Trial, data: Any) -> Outcom
 
 def list_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial]) -> None:
     """Print the study's trials (this shard's) and where their logs go, without running anything."""
-    from hvd_sparse.train import say
-
     lines = [f"study {directory}: {len(trials)} trials"]
     for t in trials:
         params = " ".join(f"{k}={v:.6g}" for k, v in t.params.items())
@@ -438,9 +431,7 @@ def list_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial]) -> No
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from hvd_sparse.config import _RaisingParser
-
-    parser = _RaisingParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="study spec, YAML or JSON (see studies/mini-mnist5k.yaml)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default="runs", help="root folder; the study goes to OUT/<name>-<hash> (default: runs)")
@@ -457,14 +448,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from hvd_sparse.train import guarded
-
     return guarded(lambda: study_main(argv), PROG)
 
 
 def study_main(argv: Sequence[str] | None) -> int:
-    from hvd_sparse.train import say
-
     args = parse_args(argv)
     spec = StudySpec.load(args.spec)
     if args.data_dir:

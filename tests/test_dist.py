@@ -29,7 +29,7 @@ def backward(model, sync):
     F.cross_entropy(model(torch.randn(8, 1, 16, 16, generator=g)), torch.arange(8)).backward()
 
 
-@pytest.mark.parametrize("scheme, element_bytes", [("mask", 4), ("mask-fp16", 2)])
+@pytest.mark.parametrize("scheme, element_bytes", [("kept", 4), ("kept-fp16", 2)])
 def test_packed_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, element_bytes):
     model, mask = model_and_mask()
     reference, _ = model_and_mask()
@@ -49,7 +49,7 @@ def test_packed_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, eleme
 
 def test_packed_sync_survives_replaced_gradients(hvd_single):
     model, mask = model_and_mask()
-    sync = dist.gradient_sync("mask", torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
+    sync = dist.gradient_sync("kept", torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # what Horovod's optimizer-state broadcast does
     backward(model, sync)
@@ -59,7 +59,7 @@ def test_packed_sync_survives_replaced_gradients(hvd_single):
 
 def test_unknown_scheme_is_refused(hvd_single):
     model, mask = model_and_mask()
-    with pytest.raises(ValueError, match="valid: none, fp16, mask, mask-fp16"):
+    with pytest.raises(ValueError, match="valid: none, fp16, kept, kept-fp16"):
         dist.gradient_sync("topk", torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
 
 
@@ -72,7 +72,7 @@ FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.9",
 def runs(tmp_path_factory):
     """The same trial at np=2 with each gradient compression."""
     out = {}
-    for scheme in ("none", "mask", "fp16", "mask-fp16"):
+    for scheme in ("none", "kept", "fp16", "kept-fp16"):
         folder = tmp_path_factory.mktemp(scheme)
         proc = run_train(2, *FLAGS, "--grad-compression", scheme, "--out", str(folder))
         assert proc.returncode == 0, describe(proc)
@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
 
 
 def test_mask_is_bitwise_the_same_optimization_as_none_at_np2(runs):
-    (log_none, p_none), (log_mask, p_mask) = runs["none"], runs["mask"]
+    (log_none, p_none), (log_mask, p_mask) = runs["none"], runs["kept"]
     assert log_none.attrs["world_size"] == log_mask.attrs["world_size"] == 2
     for name in p_none:  # two summands: a + b == b + a, so packing changes no bit
         assert torch.equal(p_none[name], p_mask[name]), name
@@ -94,7 +94,7 @@ def test_fp16_schemes_stay_close_to_fp32(runs):
     # weights drift more, so the whole parameter vector is compared, and the validation loss
     flat = lambda params: torch.cat([v.reshape(-1) for v in params.values()])  # noqa: E731
     p_none, loss_none = flat(runs["none"][1]), runs["none"][0].measurements["val_loss"]
-    for scheme in ("fp16", "mask-fp16"):
+    for scheme in ("fp16", "kept-fp16"):
         p = flat(runs[scheme][1])
         assert not torch.equal(p, p_none)  # it really went through half precision
         assert (p - p_none).norm() / p_none.norm() < 1e-2, scheme
@@ -105,11 +105,11 @@ def test_logged_bytes_are_density_times_dense(runs):
     log, _ = runs["none"]
     mask = log.mask
     dense = mask.num_total  # every parameter of simple-cnn is prunable by default
-    expected = {"none": dense * 4, "fp16": dense * 2, "mask": mask.num_kept * 4, "mask-fp16": mask.num_kept * 2}
+    expected = {"none": dense * 4, "fp16": dense * 2, "kept": mask.num_kept * 4, "kept-fp16": mask.num_kept * 2}
     for scheme, (log, _) in runs.items():
         assert log.attrs["allreduce_bytes_per_step"] == expected[scheme], scheme
         assert log.measurements["allreduce_bytes"].tolist() == [s * expected[scheme] for s in log.measurements["step"]]
-    assert expected["mask"] == pytest.approx(0.1 * dense * 4, abs=4)  # density x dense x 4, to one weight
+    assert expected["kept"] == pytest.approx(0.1 * dense * 4, abs=4)  # density x dense x 4, to one weight
 
 
 def test_pruned_entries_stay_exactly_zero_with_every_scheme(runs):

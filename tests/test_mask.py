@@ -64,12 +64,12 @@ def test_non_bool_tensors_are_refused():
         Mask({"w": torch.ones(3)})
 
 
-def test_layer_density_and_packed_round_trip():
+def test_layer_density_and_bits_round_trip():
     model = tiny()
     mask = half_mask(model)
     density = mask.layer_density()
     assert list(density) == [n for n, _ in model.named_parameters()]
     assert density["0.weight"] == 0.5 and density["2.bias"] == 0.5 and density["0.bias"] == pytest.approx(2 / 3)
     shapes = {n: tuple(t.shape) for n, t in mask.items()}
-    back = Mask.from_packed(mask.packed(), shapes)
+    back = Mask.from_bits(mask.bits(), shapes)
     assert back == mask and back.sha256() == mask.sha256()

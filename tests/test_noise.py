@@ -47,7 +47,7 @@ def test_no_estimate_while_the_gradient_is_all_noise():
 def linear(tmp_path_factory):
     """The trainer's measurement on linear regression at np=2 and np=1 (halves), same global batch."""
     out = {}
-    for np_, scheme, masked in ((2, "none", "dense"), (1, "none", "dense"), (2, "mask", "masked")):
+    for np_, scheme, masked in ((2, "none", "dense"), (1, "none", "dense"), (2, "kept", "masked")):
         path = tmp_path_factory.mktemp("noise") / "result.json"
         proc = horovodrun(np_, [str(REPO / "tests" / "rank_programs" / "noise_linear.py"), str(path), scheme, masked,
                                 "3000"], timeout=240)
@@ -76,7 +76,7 @@ def test_only_unpruned_entries_count(linear):
 def test_training_logs_the_noise_scale_at_every_evaluation(tmp_path):
     proc = run_train(2, "--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--batch-size", "32",
                      "--max-steps", "40", "--eval-every", "10", "--goal-error", "0", "--noise-scale-every", "2",
-                     "--grad-compression", "mask", "--out", str(tmp_path))
+                     "--grad-compression", "kept", "--out", str(tmp_path))
     assert proc.returncode == 0, describe(proc)
     (path,) = tmp_path.glob("*.h5")
     m = read_log(path).measurements

@@ -224,7 +224,7 @@ def test_evaluation_through_the_channels_last_twin_matches_the_model(model_name,
     from hvd_sparse import dist
     from hvd_sparse.data import Split
     from hvd_sparse.models import build_model
-    from hvd_sparse.train import Evaluator
+    from hvd_sparse.engine import Evaluator
 
     dist.init()
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from hvd_sparse.config import Config, DataConfig, ModelConfig, PruneConfig
 from hvd_sparse.data import load_datasets
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model
-from hvd_sparse.train import prepare_mask
+from hvd_sparse.engine import prepare_mask
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 dist.init()

@@ -17,7 +17,7 @@ from torch import nn
 from hvd_sparse import dist
 from hvd_sparse.mask import Mask
 from hvd_sparse.noise import NoiseScale, local_gradients, masks_of
-from hvd_sparse.train import measure_noise
+from hvd_sparse.engine import measure_noise
 
 out, scheme, masked, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "masked", int(sys.argv[4])
 D, SIGMA, BATCH = 10, 1.0, 64

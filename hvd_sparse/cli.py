@@ -1,0 +1,104 @@
+"""What the commands share: argument parsing, messages, logging set-up, and the exit codes.
+
+Each failure a user can meet ends as one line on every rank: 2 for input the user must fix
+(configuration, data, logs), 1 for runtime failures (storage, other ranks), 0 after a stop signal
+(the trial checkpointed: a scheduler may requeue the job, and the same command resumes it).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
+
+from hvd_sparse.config import Config, ConfigError, add_config_arguments, config_from_namespace
+
+if TYPE_CHECKING:
+    from hvd_sparse.engine import Interrupted
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise ConfigError (reported by ``guarded`` as one line), no usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
+def parse_config(argv: Sequence[str] | None, prog: str, description: str,
+                 names: Mapping[str, Sequence[str]] | None = None) -> Config:
+    """Parse argv into a validated Config (one ``--field-name`` per config field); any problem
+    raises ConfigError with a one-line message."""
+    parser = ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser, names=names)
+    return config_from_namespace(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+
+
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Whole lines in one write: launchers tag and interleave ranks' output per write() chunk."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def configure_logging(level: str, is_root: bool) -> None:
+    """``level`` on rank 0, warnings only elsewhere (call after ``dist.init``)."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        level=getattr(logging, level.upper()) if is_root else logging.WARNING,
+        force=True,
+    )
+
+
+def error_line(error: Exception, prog: str) -> None:
+    say(f"{prog}: error: {error}", sys.stderr)
+
+
+# The distributed commands' part below imports the engine and Horovod when called, not when this
+# module is imported: the aggregator parses its arguments with this module and needs neither.
+
+
+def fail(error: Exception, code: int, prog: str) -> int:
+    """One error line on this rank; every rank that fails together leaves together."""
+    from hvd_sparse import dist
+
+    error_line(error, prog)
+    dist.exit_barrier()
+    return code
+
+
+def report_interrupted(error: Interrupted) -> int:
+    """Rank 0 says so; and where the launcher asked (launch/srun-resumable sets
+    HVD_SPARSE_INTERRUPTED_FILE), it leaves that file, so the job is requeued only if the ranks
+    really stopped and checkpointed (not when a late signal met a trial that ended anyway)."""
+    from hvd_sparse import dist
+
+    if dist.is_root():
+        say(f"INTERRUPTED: {error}")
+        marker = os.environ.get("HVD_SPARSE_INTERRUPTED_FILE")
+        if marker:
+            Path(marker).write_text(f"{error}\n")
+    return 0
+
+
+def guarded(body: Callable[[], int], prog: str) -> int:
+    """A distributed command's body with the stop handlers installed, and its exit code: each failure
+    one line."""
+    from hvd_sparse import dist
+    from hvd_sparse.engine import Interrupted, install_stop_handlers
+    from hvd_sparse.log import StorageError
+
+    install_stop_handlers()
+    try:
+        return body()
+    except Interrupted as e:
+        return report_interrupted(e)
+    except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
+        return fail(e, 2, prog)
+    except (dist.DistributedError, StorageError) as e:
+        return fail(e, 1, prog)
+    except dist.PeerFailure:
+        return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1, prog)

@@ -1,0 +1,495 @@
+"""The trial engine: one trial's state, its loop of steps and evaluations, and rank 0's recorder.
+
+``train`` (one trial) and ``study`` (many) both drive ``run_trial``. What changes while a trial
+trains is a ``TrialState``, exactly what its checkpoint stores; stopping on a signal and resuming
+are a checkpoint of that state and a load of it. The files (log, checkpoint, final model) are the
+``Recorder``'s, held by rank 0; the other ranks hold a ``NullRecorder``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NoReturn, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import hvd_sparse
+from hvd_sparse import dist
+from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
+from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
+from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
+from hvd_sparse.log import TrialLog, write_atomically
+from hvd_sparse.mask import Mask
+from hvd_sparse.models import build_model, get_factory, prunable_names
+from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm, masks_of
+from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
+from hvd_sparse.pruning import snip
+
+logger = logging.getLogger("hvd_sparse")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_CHECK_EVERY = 10  # steps between the collective checks for a stop signal
+_received: list[int] = []  # stop signals this process received
+
+
+class Interrupted(Exception):
+    """A stop signal reached a rank: the trial checkpointed at an agreed step and the job should end
+    (exit 0, so that a scheduler can requeue it); running the same command again resumes."""
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warnings) stop training cleanly."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _received.append(signum))
+
+
+def stop_requested() -> bool:
+    """Whether this process received a stop signal."""
+    return bool(_received)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    status: str  # COMPLETE, INCOMPLETE or INFEASIBLE
+    steps_to_result: int | None
+    best_val_error: float
+    steps_done: int
+    world_size: int
+    density: float
+    layer_density: dict[str, float]
+    mask_sha256: str
+    test_error: float | None
+    log_path: Path | None
+
+
+# -- the job: checks, ranks, data --------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data and no ranks, so every rank fails fast and identically."""
+    check_data_dir(cfg.data)
+    get_factory(cfg.model.model)
+    if cfg.optim.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optim.optimizer!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
+
+
+def check_batch(train: TrainConfig) -> None:
+    """The checks that need the world size; the same answer on every rank."""
+    if train.batch_size % dist.size():
+        raise ConfigError(f"--batch-size {train.batch_size} is not divisible by the {dist.size()} ranks")
+    if train.noise_scale_every and dist.size() == 1 and (train.batch_size < 2 or train.batch_size % 2):
+        raise ConfigError(f"--noise-scale-every at np=1 splits the batch in two halves: --batch-size {train.batch_size} "
+                          "must be even")
+
+
+def select_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def load_data_everywhere(cfg: Config, device: torch.device) -> Datasets:
+    """The data on every rank, and proof that every rank read the same files (a node with a stale
+    or partial copy would otherwise train on other data without a word)."""
+
+    def load() -> Datasets:
+        data = load_datasets(cfg.data)
+        if cfg.train.report_test and data.test is None:
+            raise DataError(f"--report-test: dataset {cfg.data.dataset} has no test split")
+        return data.to(device)
+
+    data = dist.agree(load, "loading the data")
+    dist.verify_same_everywhere(data.fingerprint, f"{cfg.data.dataset} data (sha256 of the files' arrays)")
+    return data
+
+
+# -- the state, the evaluation and the recorder ------------------------------------------------
+
+
+@dataclass
+class TrialState:
+    """What changes while a trial trains, and so exactly what its checkpoint stores: the ``progress()``
+    scalars, the model and the optimizer. The same on every rank but ``loss_sums``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    noise: NoiseScale
+    clock: float  # time.time() at wall time 0: the wall time continues across resumes
+    loss_sums: torch.Tensor  # this rank's [sum of batch losses, batches] since the last evaluation
+    step: int = 0
+    best_val_error: float = math.inf
+    resumed_at: int | None = None  # the step a resume began at: its evaluation is in the log already
+
+    @classmethod
+    def begin(cls, model: nn.Module, optimizer: torch.optim.Optimizer, noise: NoiseScale, progress: Progress | None,
+              t_init: float) -> "TrialState":
+        """A fresh state (``progress`` None), or the checkpointed one (model and optimizer loaded already)."""
+        device = next(model.parameters()).device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        if progress is None:
+            return cls(model, optimizer, noise, t_init, sums)
+        noise.restore(progress.noise)
+        if len(progress.train_loss) == dist.size():  # stopped between two evaluations: each rank's own sums
+            sums += torch.tensor(progress.train_loss[dist.rank()], dtype=torch.float64, device=device)
+        elif progress.train_loss and dist.rank() == 0:  # another world size: the total on rank 0
+            sums += torch.tensor([sum(a for a, _ in progress.train_loss), sum(b for _, b in progress.train_loss)],
+                                 dtype=torch.float64, device=device)
+        return cls(model, optimizer, noise, time.time() - progress.wall_time, sums, progress.step,
+                   progress.best_val_error, resumed_at=progress.step)
+
+    def progress(self, wall_time: float | None = None, train_loss: tuple[tuple[float, float], ...] = ()) -> Progress:
+        wall = time.time() - self.clock if wall_time is None else wall_time
+        return Progress(self.step, self.best_val_error, wall, train_loss, self.noise.state)
+
+
+class Evaluator:
+    """Evaluates the trained model on a disjoint slice of a split per rank.
+
+    On the CPU a convolutional model is evaluated through a channels-last twin, refreshed from the
+    trained weights (a copy, values unchanged) before each evaluation: its forward pass is faster
+    there (BENCHMARKS.md, benchmarks/eval_profile.py), and training itself, its layout and its numbers
+    are untouched. Its logits differ from the plain model's only by float summation order (~1e-6).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model = model
+        self.twin: nn.Module | None = None
+        if device.type == "cpu" and any(p.dim() == 4 for p in model.parameters()):
+            self.twin = copy.deepcopy(model).requires_grad_(False).to(memory_format=torch.channels_last).eval()
+
+    @torch.inference_mode()
+    def __call__(self, split: Split, batch_size: int) -> torch.Tensor:
+        """[errors, examples, loss sum] over this rank's disjoint slice of ``split``."""
+        part = eval_slice(len(split), dist.rank(), dist.size())
+        x, y = split.x[part], split.y[part]
+        if self.twin is not None:
+            self.twin.load_state_dict(self.model.state_dict())
+            model, x = self.twin, x.contiguous(memory_format=torch.channels_last)
+        else:
+            model = self.model.eval()
+        errors = torch.zeros((), dtype=torch.float64, device=x.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        for start in range(0, len(y), batch_size):
+            logits = model(x[start : start + batch_size])
+            target = y[start : start + batch_size]
+            errors += (logits.argmax(dim=1) != target).sum()
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+        self.model.train()
+        return torch.stack([errors, torch.tensor(float(len(y)), dtype=torch.float64, device=x.device), loss_sum])
+
+
+class Recorder:
+    """Rank 0's record of one trial: its HDF5 log, its checkpoint and its final model. The engine calls
+    every method on every rank inside ``dist.agree`` (the other ranks hold a NullRecorder), so a write
+    that fails on rank 0 ends the trial on every rank, with the files on disk as they were."""
+
+    def __init__(self, cfg: Config, path: Path, mask: Mask, bytes_per_step: int):
+        self.cfg, self.path, self.mask, self.bytes_per_step = cfg, path, mask, bytes_per_step
+        self.mask_sha256 = mask.sha256()
+        self.log = TrialLog(path)
+
+    def open(self, resumed: Progress | None, attrs: Mapping[str, Any]) -> None:
+        """A new log, or the resumed one without the evaluations made after its checkpoint (redone)."""
+        if resumed is not None:
+            self.log.truncate(resumed.step)
+            return
+        import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
+
+        attrs = {
+            **attrs,
+            "config": self.cfg.to_json(), "run_hash": self.cfg.run_hash(), "world_size": dist.size(),
+            "mask_sha256": self.mask_sha256, "mask_density": self.mask.density,
+            "mask_layer_density": json.dumps(self.mask.layer_density()),
+            "allreduce_bytes_per_step": self.bytes_per_step, "hvd_sparse_version": hvd_sparse.__version__,
+            "torch_version": torch.__version__, "horovod_version": dist.horovod_version(),
+        }
+        # plan_start has ruled out a finished log unless --overwrite; a RUNNING one without checkpoint restarts
+        self.log = TrialLog.create(self.path, attrs, self.mask, overwrite=True)
+
+    def _checkpoint(self, state: TrialState, progress: Progress) -> None:
+        if self.cfg.run.checkpoint:
+            save_checkpoint(self.path, progress, state.model, state.optimizer, self.cfg.run_hash(), self.mask_sha256)
+
+    def evaluation(self, row: Mapping[str, float], state: TrialState | None) -> None:
+        """One evaluation into the log; then a checkpoint of ``state`` unless the trial ends here (None)."""
+        self.log.append(row)
+        if state is not None:
+            self._checkpoint(state, state.progress(wall_time=row["wall_time"]))
+
+    def interrupted(self, why: str, state: TrialState, progress: Progress) -> None:
+        self._checkpoint(state, progress)
+        self.log.interrupted(why)
+
+    def finish(self, status: str, steps_to_result: int | None, extra: Mapping[str, Any], model: nn.Module) -> None:
+        if self.cfg.run.save_model:  # before the status: a trial recorded as ended has all its files
+            params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+            write_atomically(final_model_path(self.path), lambda tmp: torch.save(params, tmp), "final model")
+        self.log.finish(status, steps_to_result, **extra)
+        checkpoint_path(self.path).unlink(missing_ok=True)  # an ended trial is never resumed
+
+
+class NullRecorder(Recorder):
+    """What the ranks other than 0 record: nothing."""
+
+    def __init__(self) -> None:  # noqa: D107 - holds nothing
+        pass
+
+    def open(self, resumed: Progress | None, attrs: Mapping[str, Any]) -> None:
+        pass
+
+    def evaluation(self, row: Mapping[str, float], state: TrialState | None) -> None:
+        pass
+
+    def interrupted(self, why: str, state: TrialState, progress: Progress) -> None:
+        pass
+
+    def finish(self, status: str, steps_to_result: int | None, extra: Mapping[str, Any], model: nn.Module) -> None:
+        pass
+
+
+def final_model_path(log: Path) -> Path:
+    return log.with_suffix(".final.pt")
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+class _LinesOut:
+    """A stream for tqdm that turns each carriage-return refresh into a line of its own."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    """tqdm on a terminal; under a launcher (horovodrun, srun pipe output) a line every 30 s."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, disable=not enabled, desc="train", unit="step", mininterval=1.0, file=sys.stderr)
+    return tqdm(total=total, disable=not enabled, desc="train", unit="step", mininterval=30.0,
+                file=_LinesOut(sys.stderr), ascii=True)
+
+
+def grads_finite(model: nn.Module) -> bool:
+    """Whether the averaged gradient is finite; the same answer on every rank (same values)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms).sum()))
+
+
+def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, masks: list[torch.Tensor | None],
+                  batch_size: int, world: int) -> None:
+    """One scalar allreduce: the mean over ranks of |local gradient|^2 (batch B/k; at np=1, of the two
+    halves, B/2) beside |averaged gradient|^2 (batch B), into the noise-scale estimates."""
+    small = dist.allreduce_mean(local_sq.reshape(1).cpu(), name="noise.local_sq").item()
+    big = masked_sq_norm([p.grad for p in model.parameters() if p.requires_grad], masks).item()
+    noise.update(small, big, batch_size // max(world, 2), batch_size)
+
+
+@dataclass
+class Engine:
+    """One trial's fixed parts and the operations its loop is made of; ``state`` is what changes."""
+
+    cfg: Config
+    data: Datasets
+    mask: Mask
+    sync: dist.GradientSync
+    recorder: Recorder
+    state: TrialState
+    evaluator: Evaluator = field(init=False)
+    batches: GlobalBatches = field(init=False)
+    noise_masks: list[torch.Tensor | None] = field(init=False)
+    bar: tqdm | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        model, train = self.state.model, self.cfg.train
+        self.evaluator = Evaluator(model, self.data.train.x.device)
+        self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
+        self.noise_masks = masks_of(model, self.mask) if train.noise_scale_every else []
+
+    def train(self) -> tuple[str, int | None]:
+        """Steps and evaluations until the goal, the step budget, a non-finite loss or a stop signal
+        (``Interrupted``, after a checkpoint); returns (status, steps-to-result)."""
+        state, max_steps = self.state, self.cfg.train.max_steps
+        self.bar = progress_bar(max_steps, enabled=dist.is_root() and self.cfg.run.progress)
+        self.bar.update(state.step)
+        state.model.train()
+        try:
+            while True:
+                if self.evaluation_due():
+                    ended = self.evaluate()
+                    if ended is not None:
+                        return ended
+                if state.step == max_steps:
+                    return "INCOMPLETE", None
+                if state.step % STOP_CHECK_EVERY == 0 and dist.any_rank(stop_requested(), "stop.check"):
+                    self.stop()
+                if not self.step():
+                    return "INFEASIBLE", None
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+
+    def evaluation_due(self) -> bool:
+        step, train = self.state.step, self.cfg.train
+        return (step % train.eval_every == 0 or step == train.max_steps) and step != self.state.resumed_at
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.state.model(x), y)
+
+    def step(self) -> bool:
+        """One optimizer step on this rank's shard of the global batch; False if the averaged gradient
+        is not finite (the trial is INFEASIBLE and the step is not taken)."""
+        state, train, world = self.state, self.cfg.train, dist.size()
+        idx = self.batches.shard(state.step, dist.rank(), world).to(self.data.train.x.device)
+        x, y = self.data.train.x[idx], self.data.train.y[idx]
+        measure = train.noise_scale_every > 0 and state.step % train.noise_scale_every == 0
+        self.sync.zero_grad()
+        if measure:  # this rank's own gradient, before the allreduce, and its norm
+            loss, local_sq = local_gradients(state.model, self.loss, x, y, self.noise_masks, halves=world == 1)
+        else:
+            loss = self.loss(x, y)
+            loss.backward()
+        self.sync.synchronize()  # p.grad: the average over ranks, masked
+        if not grads_finite(state.model):
+            return False
+        if measure:
+            measure_noise(state.noise, local_sq, state.model, self.noise_masks, train.batch_size, world)
+        set_learning_rate(self.sync.optimizer, learning_rate(self.cfg.optim, state.step, train.max_steps))
+        self.sync.step()
+        self.mask.apply_to_params(state.model)
+        state.loss_sums[0] += loss.detach()
+        state.loss_sums[1] += 1
+        state.step += 1
+        return True
+
+    def evaluate(self) -> tuple[str, int | None] | None:
+        """Evaluate, log, checkpoint; (status, steps-to-result) if the trial ends here."""
+        state, train = self.state, self.cfg.train
+        local = torch.cat([self.evaluator(self.data.val, train.eval_batch_size), state.loss_sums]).cpu()
+        errors, count, loss_sum, tl_sum, tl_n = dist.allreduce_sum(local, name="eval.totals").tolist()
+        state.loss_sums.zero_()
+        row = {
+            "step": state.step, "val_error": errors / count, "val_loss": loss_sum / count,
+            "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - state.clock,
+            "allreduce_bytes": state.step * self.sync.bytes_per_step,
+            "noise_scale": state.noise.b_simple, "grad_sq": state.noise.grad_sq, "grad_trace": state.noise.grad_trace,
+        }
+        state.best_val_error = min(state.best_val_error, row["val_error"])
+        diverged, reached = not math.isfinite(row["val_loss"]), row["val_error"] <= train.goal_error
+        goes_on = not (diverged or reached) and state.step < train.max_steps
+        dist.agree(lambda: self.recorder.evaluation(row, state if goes_on else None), "writing the log")
+        if self.bar is not None:
+            self.bar.set_postfix(val_error=f"{row['val_error']:.4f}", refresh=False)
+        logger.info("step %d: val_error %.4f val_loss %.4f train_loss %.4f (%.1f s)",
+                    state.step, row["val_error"], row["val_loss"], row["train_loss"], row["wall_time"])
+        if diverged:
+            return "INFEASIBLE", None
+        return ("COMPLETE", state.step) if reached else None
+
+    def stop(self) -> NoReturn:
+        """A stop signal reached some rank: checkpoint this step (with every rank's training-loss sums,
+        so the resumed run measures exactly the same), mark the log, raise Interrupted on every rank."""
+        state = self.state
+        pairs = dist.allgather_object(tuple(state.loss_sums.tolist()), name="stop.train_loss")
+        names = sorted({signal.Signals(s).name for s in _received}) or ["a stop signal on another rank"]
+        why = f"{'/'.join(names)} at step {state.step}"
+        progress = state.progress(train_loss=tuple(pairs))
+        dist.agree(lambda: self.recorder.interrupted(why, state, progress), "checkpointing on a stop signal")
+        resume = "run the same command again to resume" if self.cfg.run.checkpoint else "not checkpointed (--no-checkpoint)"
+        raise Interrupted(f"stopped by {why}: {resume}")
+
+    def finish(self, status: str, steps_to_result: int | None) -> TrialResult:
+        """The test split if asked, then the log's final record (the model file first)."""
+        state, train = self.state, self.cfg.train
+        extra: dict[str, float | int] = {"best_val_error": state.best_val_error, "steps_done": state.step}
+        test_error = None
+        if train.report_test and self.data.test is not None:
+            local = self.evaluator(self.data.test, train.eval_batch_size).cpu()
+            errors, count, loss_sum = dist.allreduce_sum(local, name="eval.test").tolist()
+            test_error, extra["test_error"], extra["test_loss"] = errors / count, errors / count, loss_sum / count
+        dist.agree(lambda: self.recorder.finish(status, steps_to_result, extra, state.model), "finishing the log")
+        return TrialResult(
+            status=status, steps_to_result=steps_to_result, best_val_error=state.best_val_error,
+            steps_done=state.step, world_size=dist.size(), density=self.mask.density,
+            layer_density=self.mask.layer_density(), mask_sha256=self.mask.sha256(), test_error=test_error,
+            log_path=self.recorder.path if dist.is_root() else None,
+        )
+
+
+# -- building a trial --------------------------------------------------------------------------
+
+
+def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | None) -> Mask:
+    """Rank 0's mask on every rank, checksum-verified: ``known`` (a resumed run's) or SNIP's.
+
+    SNIP runs on rank 0 only; the other ranks do not touch the data for it.
+    """
+    names = prunable_names(model, cfg.prune.prune_biases)
+
+    def compute() -> Mask:
+        if known is not None:
+            return known.to(next(model.parameters()).device)
+        return snip(
+            model, names, data.train, cfg.prune.sparsity,
+            batch_size=cfg.prune.snip_batch_size, num_batches=cfg.prune.snip_batches,
+            seed=cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed,
+        )
+
+    return dist.broadcast_mask(dist.on_root(compute, "SNIP"), Mask.ones(model, names))
+
+
+def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None) -> tuple[nn.Module, Mask, dist.GradientSync]:
+    """The model (rank 0's initial or checkpointed weights on every rank), its mask, and the
+    optimizer inside its gradient synchronization (rank 0's state on every rank)."""
+    device = data.train.x.device
+    model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model)
+    dist.broadcast_parameters(model)
+    mask = prepare_mask(cfg, model, data, ckpt.mask if ckpt else None)
+    mask.apply_to_params(model)
+    sync = dist.gradient_sync(cfg.dist.grad_compression, build_optimizer(model.parameters(), cfg.optim), model, mask)
+    if ckpt is not None:
+        sync.optimizer.load_state_dict(ckpt.optimizer)
+    dist.broadcast_optimizer_state(sync.optimizer)
+    mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
+    return model, mask, sync
+
+
+def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] | None = None) -> TrialResult:
+    """Train one trial whose log is ``path`` on data already on the device, resuming it if it was
+    interrupted; the caller holds its lock. ``attrs`` go into the log (a study's trial id and
+    metaparameters)."""
+    t_init = time.time()
+    ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite), "reading the earlier log")
+    resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
+    model, mask, sync = build(cfg, data, ckpt)
+    state = TrialState.begin(model, sync.optimizer, NoiseScale(cfg.train.noise_scale_smoothing), resumed, t_init)
+    logger.info(
+        "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)%s",
+        dist.size(), cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
+        f", resuming at step {state.step}" if resumed else "",
+    )
+    recorder = Recorder(cfg, path, mask, sync.bytes_per_step) if dist.is_root() else NullRecorder()
+    dist.agree(lambda: recorder.open(resumed, attrs or {}), "opening the log")
+    engine = Engine(cfg, data, mask, sync, recorder, state)
+    return engine.finish(*engine.train())
+

@@ -1,0 +1,30 @@
+"""The command-line plumbing: arguments derived from the config, errors as one line."""
+import pytest
+
+from hvd_sparse.cli import parse_config
+from hvd_sparse.config import ConfigError
+
+
+def test_cli_is_derived_from_the_dataclasses():
+    cfg = parse_config(
+        ["--dataset", "synthetic", "--sparsity", "0.9", "--optimizer", "nesterov", "--lr", "0.05",
+         "--batch-size", "128", "--no-prune-biases", "--snip-seed", "7", "--out", "x"],
+        "prog", "",
+    )
+    assert cfg.data.dataset == "synthetic"
+    assert cfg.prune.sparsity == 0.9 and cfg.prune.prune_biases is False and cfg.prune.snip_seed == 7
+    assert cfg.optim.optimizer == "nesterov" and cfg.optim.lr == 0.05
+    assert cfg.train.batch_size == 128 and cfg.run.out == "x"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--batch-size", "3.5"], "invalid int value"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_cli_errors_are_one_line_config_errors(argv, fragment, capsys):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(argv, "prog", "")
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+    assert capsys.readouterr().err == ""  # no usage dump
