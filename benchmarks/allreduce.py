@@ -1,4 +1,4 @@
-"""Gradient allreduce cost of none / fp16 / mask / mask-fp16, side by side, in one Horovod job.
+"""Gradient allreduce cost of none / fp16 / kept / kept-fp16, side by side, in one Horovod job.
 
     horovodrun -np 2 python benchmarks/allreduce.py [--reps 15]
 
@@ -10,15 +10,13 @@ of them alike; medians, ranks aligned by a barrier before each timing; rank 0 pr
   wire ms   the collective alone: one grouped allreduce of all gradient tensors (none, fp16: what
             Horovod's DistributedOptimizer fuses) or one allreduce of the packed kept entries
   sync ms   what a training step pays after backward: the collective plus masking the averaged
-            gradients (none, fp16) or plus the gather and scatter of the kept entries (mask*)
+            gradients (none, fp16) or plus the gather and scatter of the kept entries (kept*)
   step ms   a whole training step with hvd_sparse's GradientSync for the scheme: forward, backward
             (with the allreduce overlapped for none/fp16), synchronize, SGD step, re-zero
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from typing import Callable
 
@@ -26,13 +24,16 @@ import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
 
+from common import medians
+
 from hvd_sparse import dist
+from hvd_sparse.cli import say
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import MLP
 
 SIZES = {"0.1M": (96,), "1M": (1000,), "10M": (3072, 2048)}
 SPARSITIES = (0.0, 0.5, 0.9, 0.99)
-SCHEMES = ("none", "fp16", "mask", "mask-fp16")
+SCHEMES = ("none", "fp16", "kept", "kept-fp16")
 BATCH, INPUT = 64, (1, 32, 32)
 
 
@@ -52,13 +53,13 @@ class Case:
     def backward(self) -> None:
         self.sync.zero_grad()
         F.cross_entropy(self.model(self.x), self.y).backward()
-        if not self.scheme.startswith("mask"):
+        if not self.scheme.startswith("kept"):
             self.sync.optimizer.synchronize()  # the hooks' own allreduces, done before ours are timed
 
     def wire(self) -> None:
-        if self.scheme.startswith("mask"):
-            packed = self.sync.flat.index_select(0, self.sync.index)
-            payload = [packed.half() if self.scheme == "mask-fp16" else packed]
+        if self.scheme.startswith("kept"):
+            kept = self.sync.flat.index_select(0, self.sync.index)
+            payload = [kept.half() if self.scheme == "kept-fp16" else kept]
         else:
             grads = [p.grad for p in self.model.parameters()]
             payload = [g.half() for g in grads] if self.scheme == "fp16" else grads
@@ -68,7 +69,7 @@ class Case:
         self.times["wire"].append(time.perf_counter() - start)
 
     def synchronize(self) -> None:
-        if self.scheme.startswith("mask"):
+        if self.scheme.startswith("kept"):
             run = self.sync.synchronize
         else:
             def run() -> None:
@@ -95,12 +96,7 @@ class Case:
         self.times[key].append(time.perf_counter() - start)
 
     def median_ms(self, key: str) -> float:
-        return statistics.median(self.times[key]) * 1000
-
-
-def say(text: str) -> None:
-    sys.stdout.write(text + "\n")  # one write per line: mpirun interleaves ranks per chunk
-    sys.stdout.flush()
+        return medians(self.times)[key] * 1000
 
 
 def main() -> None:

@@ -11,11 +11,11 @@ Median of interleaved repeats; the goal is >= 3x.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from common import interleaved, medians
 
 from hvd_sparse.data import GlobalBatches
 
@@ -53,12 +53,11 @@ def main() -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g)
-    runs: dict[str, list[float]] = {"hvd_sparse in-memory": [], "DataLoader, 0 workers": [], "DataLoader, 2 workers": []}
-    for _ in range(args.repeats):
-        runs["hvd_sparse in-memory"].append(in_memory(x, y, args.batch_size, args.batches))
-        runs["DataLoader, 0 workers"].append(data_loader(x, y, args.batch_size, args.batches, 0))
-        runs["DataLoader, 2 workers"].append(data_loader(x, y, args.batch_size, args.batches // 3, 2))
-    med = {k: statistics.median(v) for k, v in runs.items()}
+    med = medians(interleaved({
+        "hvd_sparse in-memory": lambda: in_memory(x, y, args.batch_size, args.batches),
+        "DataLoader, 0 workers": lambda: data_loader(x, y, args.batch_size, args.batches, 0),
+        "DataLoader, 2 workers": lambda: data_loader(x, y, args.batch_size, args.batches // 3, 2),
+    }, args.repeats))
     ours = med["hvd_sparse in-memory"]
     print(f"batches/s, batch {args.batch_size}, MNIST shapes in memory, median of {args.repeats}")
     print(f"{'path':<24} {'batches/s':>10} {'us/batch':>9} {'hvd_sparse speed-up':>20}")

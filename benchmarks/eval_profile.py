@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import mean_ms
 
-from hvd_sparse.checkpoint import Start, save_checkpoint
+from hvd_sparse.checkpoint import Progress, save_checkpoint
 from hvd_sparse.config import DataConfig
 from hvd_sparse.data import load_datasets
 from hvd_sparse.log import TrialLog
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model, prunable_names
-
-
-def ms(fn, repeats: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats * 1000
 
 
 def main() -> None:
@@ -43,16 +35,16 @@ def main() -> None:
     twin = build_model("simple-cnn", data.input_shape, data.num_classes, seed=0).eval()
     twin = twin.to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        forward = ms(lambda: model(x), args.repeats)
-        channels_last = ms(lambda: twin(x.contiguous(memory_format=torch.channels_last)), args.repeats)
+        forward = mean_ms(lambda: model(x), args.repeats)
+        channels_last = mean_ms(lambda: twin(x.contiguous(memory_format=torch.channels_last)), args.repeats)
         same = bool(torch.equal(model(x).argmax(1), twin(x.contiguous(memory_format=torch.channels_last)).argmax(1)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         path = Path(tmp) / "t.h5"
         log = TrialLog.create(path, {"config": "{}", "run_hash": "x"}, Mask.ones(model, prunable_names(model, True)))
         row = {"step": 0, "val_error": 0.5, "val_loss": 1.0, "train_loss": 1.0, "wall_time": 0.0, "allreduce_bytes": 0}
-        append = ms(lambda: log.append(row), args.repeats)
-        checkpoint = ms(lambda: save_checkpoint(path, Start(1), model, optimizer, "x", "y"), args.repeats)
+        append = mean_ms(lambda: log.append(row), args.repeats)
+        checkpoint = mean_ms(lambda: save_checkpoint(path, Progress(1), model, optimizer, "x", "y"), args.repeats)
         sizes = path.stat().st_size, path.with_suffix(".ckpt.pt").stat().st_size
     print(f"one evaluation, Simple-CNN, 250 digits, 1 thread, mean of {args.repeats}")
     print(f"{'forward, contiguous (inference_mode)':<36} {forward:8.1f} ms")

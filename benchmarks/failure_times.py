@@ -14,7 +14,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO
+
 TESTS = [
     "tests/test_failures.py",
     "tests/test_train.py::test_bad_input_fails_on_every_rank_without_hanging",

@@ -3,7 +3,7 @@
     python benchmarks/horovod_knobs.py [--batch-size 64] [--repeats 2] [--settings NAME ...] [--loops NAME ...]
 
 Loops: the bare Horovod example loop (benchmarks/peers.py, Simple-CNN: 12 tensors), and hvd_sparse's
-CLI (step_overhead.py's figure) on Simple-CNN (dense and packed allreduce) and on ResNet-8 (dense:
+CLI (step_overhead.py's figure) on Simple-CNN (dense and kept-entries allreduce) and on ResNet-8 (dense:
 many more, smaller tensors, where tensor fusion matters most). Each setting is the environment of the
 whole launch, over a baseline with every knob named here unset (``HVD_SPARSE_HOROVOD_DEFAULTS=0``
 turns off the toolkit's own defaults, so that "Horovod's defaults" are really Horovod's).
@@ -13,10 +13,8 @@ Interleaved, median of repeats, ratios against Horovod's defaults in the same ru
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 
-from step_overhead import ENV, hvd_sparse_ms, peer_ms
+from common import CORES, ENV, interleaved, medians, ms_per_step, peer_ms
 
 from hvd_sparse.dist import LAUNCH_DEFAULTS
 
@@ -30,9 +28,10 @@ SETTINGS: dict[str, dict[str, str]] = {
 }
 LOOPS = {
     "bare loop": lambda b, env: peer_ms("horovod", b, env),
-    "cnn dense": lambda b, env: hvd_sparse_ms(b, "none", env),
-    "cnn packed": lambda b, env: hvd_sparse_ms(b, "mask", env),
-    "resnet8 dense": lambda b, env: hvd_sparse_ms(b, "none", env, "resnet8", "synthetic-cifar", steps=100),
+    "cnn dense": lambda b, env: ms_per_step(env=env, batch_size=b, grad_compression="none"),
+    "cnn kept": lambda b, env: ms_per_step(env=env, batch_size=b, grad_compression="kept"),
+    "resnet8 dense": lambda b, env: ms_per_step(steps=100, env=env, batch_size=b, grad_compression="none",
+                                                model="resnet8", dataset="synthetic-cifar"),
 }
 
 
@@ -44,15 +43,13 @@ def main() -> None:
     parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=list(LOOPS))
     args = parser.parse_args()
     base = {k: v for k, v in ENV.items() if k not in KNOBS}
-    times = {(s, lp): [] for s in args.settings for lp in args.loops}
-    for _ in range(args.repeats):
-        for s in args.settings:
-            for lp in args.loops:
-                times[s, lp].append(LOOPS[lp](args.batch_size, {**base, **SETTINGS[s]}))
-    med = {key: statistics.median(t) for key, t in times.items()}
+    med = medians(interleaved({
+        (s, lp): (lambda s=s, lp=lp: LOOPS[lp](args.batch_size, {**base, **SETTINGS[s]}))
+        for s in args.settings for lp in args.loops
+    }, args.repeats))
     ref = "Horovod's defaults" if "Horovod's defaults" in args.settings else args.settings[0]
     print(f"ms per step (x {ref}), np=2, global batch {args.batch_size}, median of {args.repeats} interleaved, "
-          f"{os.cpu_count()} cores")
+          f"{CORES} cores")
     print(f"{'setting':<28}" + "".join(f"{lp:>22}" for lp in args.loops))
     for s in args.settings:
         cells = [f"{med[s, lp]:7.1f} ({med[s, lp] / med[ref, lp]:4.2f}x)" for lp in args.loops]

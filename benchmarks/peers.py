@@ -37,6 +37,17 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
 
+def plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    """The step every peer takes: zero, forward, backward, optimizer step (its own model and optimizer)."""
+
+    def step(idx: torch.Tensor) -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+    return step
+
+
 def loop(step_fn, steps: int, local: int, n: int, barrier, rank: int) -> None:
     gen = torch.Generator().manual_seed(rank)
     for i in range(steps):
@@ -56,13 +67,7 @@ def horovod(steps: int, batch: int) -> None:
     x, y, model = setup(hvd.local_size())
     opt = hvd.DistributedOptimizer(optimizer(model), named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-
-    def step(idx: torch.Tensor) -> None:
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-
-    loop(step, steps, batch // hvd.size(), len(y), hvd.barrier, hvd.rank())
+    loop(plain_step(model, opt, x, y), steps, batch // hvd.size(), len(y), hvd.barrier, hvd.rank())
 
 
 def ddp_prune(steps: int, batch: int) -> None:
@@ -75,27 +80,13 @@ def ddp_prune(steps: int, batch: int) -> None:
     prunable = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     prune.global_unstructured(prunable, pruning_method=prune.L1Unstructured, amount=0.9)  # masks, re-applied every forward
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = optimizer(ddp)
-
-    def step(idx: torch.Tensor) -> None:
-        opt.zero_grad()
-        F.cross_entropy(ddp(x[idx]), y[idx]).backward()
-        opt.step()
-
-    loop(step, steps, batch // world, len(y), torch_dist.barrier, rank)
+    loop(plain_step(ddp, optimizer(ddp), x, y), steps, batch // world, len(y), torch_dist.barrier, rank)
     torch_dist.destroy_process_group()
 
 
 def compute(steps: int, batch: int) -> None:
     x, y, model = setup(2)  # the share of the cores one of two ranks gets
-    opt = optimizer(model)
-
-    def step(idx: torch.Tensor) -> None:
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-
-    loop(step, steps, batch // 2, len(y), lambda: None, 0)
+    loop(plain_step(model, optimizer(model), x, y), steps, batch // 2, len(y), lambda: None, 0)
 
 
 if __name__ == "__main__":

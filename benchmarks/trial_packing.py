@@ -17,21 +17,17 @@ thread per rank is tests/test_study.py::test_packed_trials_measure_exactly_what_
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import tempfile
 from pathlib import Path
 
-from study_throughput import add_study_arguments, one_job, study_of
+from common import CORES, add_study_arguments, medians, spec_file, study_of, study_seconds
 
 from hvd_sparse.aggregate import read_trials
-
 
 SCHEMES = {
     "np=2, each trial on both ranks": (2, ()),
     "np=2 --pack 2 (2 trials at a time)": (2, ("--pack", "2")),
-    "np=1, one rank with 2 threads": (1, ()),
+    "np=1, one rank with 2 threads": (0, ()),
 }
 
 
@@ -50,15 +46,14 @@ def main() -> None:
     found = {}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            spec_path = Path(tmp) / "spec.json"
-            spec_path.write_text(json.dumps(spec_d))
+            spec_path = spec_file(spec_d, Path(tmp))
             for i, (name, (np_, extra)) in enumerate(SCHEMES.items()):
                 out = Path(tmp) / f"study{i}"
-                runs[name].append(one_job(np_, spec_path, out, *extra))
+                runs[name].append(study_seconds(np_, spec_path, out, *extra))
                 found[name] = results(out)
-    seconds = {name: statistics.median(t) for name, t in runs.items()}
+    seconds = medians(runs)
     base = seconds["np=2, each trial on both ranks"]
-    print(f"{title}, {os.cpu_count()} cores, median of {args.repeats}")
+    print(f"{title}, {CORES} cores, median of {args.repeats}")
     print(f"{'scheme':<36} {'wall s':>7} {'trials/hour':>12} {'vs np=2':>8}")
     for name, t in seconds.items():
         print(f"{name:<36} {t:7.1f} {3600 * args.trials / t:12.0f} {base / t:7.2f}x")
@@ -69,6 +64,7 @@ def main() -> None:
         worst = max(abs(packed[k] - other[k]) for k in packed)
         print(f"best validation error, packed vs {name}: equal in {equal}/{len(packed)} trials, "
               f"largest difference {worst:.4f}")
+
 
 if __name__ == "__main__":
     main()
