@@ -12,7 +12,7 @@ STUDY ?= studies/mini-mnist5k.yaml
 STUDY_OUT ?= runs/studies
 FIGURES ?= docs/mini-study
 
-.PHONY: setup demo replicate failure-times test clean
+.PHONY: setup demo replicate failure-times test test-fast clean
 
 setup:
 	@bash launch/setup.sh
@@ -31,9 +31,13 @@ replicate: setup
 failure-times: setup
 	python benchmarks/failure_times.py
 
-## make test: set up, then the whole test suite
+## make test: set up, then the whole test suite (what CI runs)
 test: setup
 	python -m pytest $(PYTEST_ARGS)
+
+## make test-fast: set up, then the tests that start no process (no horovodrun, no srun): the loop while working
+test-fast: setup
+	python -m pytest -m "not launches" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv runs .pytest_cache

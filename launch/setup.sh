@@ -52,7 +52,19 @@ base_key() {
     } | sha256sum | cut -c1-12
 }
 
-# Horovod 0.28.1 predates torch 2.14: see shared/notes/horovod-build.md for why each fix is needed.
+# Horovod 0.28.1 (its last release, June 2023) predates torch 2.14, and PyPI has only its source, so
+# it is always compiled (several minutes on 2 cores; the wheel is cached). Four things fail without a fix:
+#  1. torch 2.14's ATen headers stop with "C++20 or later compatible compiler is required", while
+#     Horovod asks CMake for C++14: both CMakeLists.txt that set the standard are patched to 20.
+#  2. The bundled Gloo's cmake_minimum_required is too old for pip's CMake 4.x, which refuses it:
+#     CMAKE_POLICY_VERSION_MINIMUM=3.5 lets it configure.
+#  3. The PyPI torch wheel is a CUDA build, so Horovod's CMake looks for the CUDA toolkit and its
+#     unversioned libcudart.so ("Could NOT find CUDAToolkit" / "FOUND_LIB_cudart NOTFOUND"). CUDA
+#     toolkits ship only libcudart.so.N, so the build gets a folder with a libcudart.so link to it
+#     (CMAKE_LIBRARY_PATH, LIBRARY_PATH) and CUDA_HOME; it runs on CPUs all the same.
+#  4. Horovod's build imports torch to find its headers and ABI: with pip's build isolation it would
+#     see none, so the build runs with --no-build-isolation in the base env that holds torch.
+# The result is checked with `horovodrun --check-build` (PyTorch, MPI and Gloo must be built in).
 build_horovod_wheel() ( # a subshell, so that its EXIT trap cleans up the build folder
     local base=$1 dest=$2 tmp src cudart
     tmp=$(mktemp -d)

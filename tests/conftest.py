@@ -1,4 +1,10 @@
-"""Shared helpers: launching real Horovod ranks with horovodrun, and reading their output."""
+"""Shared helpers: launching real Horovod ranks with horovodrun, and reading their output.
+
+Every test that starts a process (horovodrun, mpirun, srun, a CLI) carries the ``launches`` marker,
+and the fast tier (``make test-fast``: ``-m "not launches"``) leaves them out. ``launch_env()``, which
+every launch goes through, fails a test that starts a process without the marker, so the fast tier
+stays fast and the marker stays true.
+"""
 from __future__ import annotations
 
 import os
@@ -12,9 +18,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 _TAG = re.compile(r"^\[(?:\d+,)?(\d+)\]<std(?:out|err)>:(.*)$")
+_running: list[pytest.Item | None] = [None]  # the test being set up or run
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[0] = item  # before its fixtures: a module fixture may launch for it
+
+
+def require_launches_marker() -> None:
+    """Fail the running test unless it is marked ``launches``."""
+    item = _running[0]
+    if item is not None and item.get_closest_marker("launches") is None:
+        pytest.fail(f"{item.nodeid} starts a process: mark it @pytest.mark.launches (the fast tier leaves those out)")
 
 
 def launch_env() -> dict[str, str]:
+    """The environment of every process a test starts (the venv's tools first)."""
+    require_launches_marker()
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"  # horovodrun passes --allow-run-as-root to mpirun itself

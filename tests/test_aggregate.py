@@ -140,6 +140,7 @@ def cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.launches
 def test_cli_prints_the_table_and_reports_bad_files_in_one_line_each(runs, tmp_path):
     proc = cli(runs, "--out", tmp_path / "agg", "--no-plots")
     assert proc.returncode == 0, proc.stderr
@@ -149,6 +150,7 @@ def test_cli_prints_the_table_and_reports_bad_files_in_one_line_each(runs, tmp_p
     assert line.split()[1] == "1600" and line.split()[-2:] == ["64", "128"]
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("make", [lambda p: None, lambda p: p.mkdir(), lambda p: (p.mkdir(), (p / "x.h5").write_bytes(b""))])
 def test_cli_with_nothing_to_aggregate_is_a_clear_error(tmp_path, make):
     folder = tmp_path / "runs"

@@ -57,6 +57,7 @@ def assert_same_measurements(a, b):
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("np_", [1, 2])
 def test_killed_run_resumes_with_identical_measurements(tmp_path, np_, record_property):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -91,6 +92,7 @@ def test_killed_run_resumes_with_identical_measurements(tmp_path, np_, record_pr
     assert_same_measurements(the_log(whole), log)
 
 
+@pytest.mark.launches
 def test_a_finished_run_is_not_run_again_unless_asked(tmp_path):
     short = ["--max-steps", "20", "--eval-every", "10"]
     assert run(1, tmp_path, *short).returncode == 0
@@ -102,6 +104,7 @@ def test_a_finished_run_is_not_run_again_unless_asked(tmp_path):
     assert read_log(the_log(tmp_path)).status == "INCOMPLETE"
 
 
+@pytest.mark.launches
 def test_a_trial_already_running_elsewhere_is_refused(tmp_path):
     short = ["--max-steps", "20", "--eval-every", "10"]
     assert run(1, tmp_path, *short).returncode == 0

@@ -1,4 +1,4 @@
-"""Gradient synchronization schemes: packed mask allreduce vs Horovod's dense one."""
+"""Gradient synchronization schemes: the kept-entries allreduce vs Horovod's dense one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,16 +30,16 @@ def backward(model, sync):
 
 
 @pytest.mark.parametrize("scheme, element_bytes", [("kept", 4), ("kept-fp16", 2)])
-def test_packed_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, element_bytes):
+def test_kept_entries_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, element_bytes):
     model, mask = model_and_mask()
     reference, _ = model_and_mask()
     dense = dist.gradient_sync("none", torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)
-    packed = dist.gradient_sync(scheme, torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
-    assert packed.bytes_per_step == mask.num_kept * element_bytes
+    kept = dist.gradient_sync(scheme, torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
+    assert kept.bytes_per_step == mask.num_kept * element_bytes
     assert dense.bytes_per_step == mask.num_total * 4
     for _ in range(2):  # twice: the flat buffer must be reused and re-zeroed
-        backward(model, packed)
-        packed.synchronize()
+        backward(model, kept)
+        kept.synchronize()
         backward(reference, dense)
         dense.synchronize()
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
@@ -47,14 +47,25 @@ def test_packed_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, eleme
             assert torch.count_nonzero(p.grad[~mask[name]]) == 0
 
 
-def test_packed_sync_survives_replaced_gradients(hvd_single):
+def test_kept_entries_sync_rebinds_gradients_that_were_replaced(hvd_single):
+    """Horovod's optimizer-state broadcast gives every parameter a fresh p.grad; zero_grad must bind
+    p.grad to its view of the flat buffer again, or the allreduce would read stale zeros and the step
+    would apply gradients the allreduce never saw."""
     model, mask = model_and_mask()
+    reference, _ = model_and_mask()
     sync = dist.gradient_sync("kept", torch.optim.SGD(model.parameters(), lr=0.1), model, mask)
+    dense = dist.gradient_sync("none", torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # what Horovod's optimizer-state broadcast does
     backward(model, sync)
+    flat = sync.flat.data_ptr(), sync.flat.data_ptr() + sync.flat.numel() * sync.flat.element_size()
+    for p in model.parameters():
+        assert flat[0] <= p.grad.data_ptr() < flat[1]  # a view into the buffer the allreduce sends
     sync.synchronize()
-    assert any(torch.count_nonzero(p.grad) for p in model.parameters())
+    backward(reference, dense)
+    dense.synchronize()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.count_nonzero(q.grad) > 0 and torch.equal(p.grad, q.grad), name
 
 
 def test_unknown_scheme_is_refused(hvd_single):
@@ -81,14 +92,16 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_mask_is_bitwise_the_same_optimization_as_none_at_np2(runs):
-    (log_none, p_none), (log_mask, p_mask) = runs["none"], runs["kept"]
-    assert log_none.attrs["world_size"] == log_mask.attrs["world_size"] == 2
+@pytest.mark.launches
+def test_kept_is_bitwise_the_same_optimization_as_none_at_np2(runs):
+    (log_none, p_none), (log_kept, p_kept) = runs["none"], runs["kept"]
+    assert log_none.attrs["world_size"] == log_kept.attrs["world_size"] == 2
     for name in p_none:  # two summands: a + b == b + a, so packing changes no bit
-        assert torch.equal(p_none[name], p_mask[name]), name
-    assert log_none.measurements["val_loss"].tolist() == log_mask.measurements["val_loss"].tolist()
+        assert torch.equal(p_none[name], p_kept[name]), name
+    assert log_none.measurements["val_loss"].tolist() == log_kept.measurements["val_loss"].tolist()
 
 
+@pytest.mark.launches
 def test_fp16_schemes_stay_close_to_fp32(runs):
     # fp16 rounds each averaged gradient to ~3 significant digits; over 20 momentum steps a few
     # weights drift more, so the whole parameter vector is compared, and the validation loss
@@ -101,6 +114,7 @@ def test_fp16_schemes_stay_close_to_fp32(runs):
         assert abs(runs[scheme][0].measurements["val_loss"][-1] / loss_none[-1] - 1) < 1e-2, scheme
 
 
+@pytest.mark.launches
 def test_logged_bytes_are_density_times_dense(runs):
     log, _ = runs["none"]
     mask = log.mask
@@ -112,6 +126,7 @@ def test_logged_bytes_are_density_times_dense(runs):
     assert expected["kept"] == pytest.approx(0.1 * dense * 4, abs=4)  # density x dense x 4, to one weight
 
 
+@pytest.mark.launches
 def test_pruned_entries_stay_exactly_zero_with_every_scheme(runs):
     for scheme, (log, params) in runs.items():
         for name, keep in log.mask.items():

@@ -47,6 +47,7 @@ def per_rank(module, extra_for_rank_1, args, timeout=LIMIT * 2):
 # -- ranks that disagree -----------------------------------------------------------------------------
 
 
+@pytest.mark.launches
 def test_ranks_given_different_arguments_stop_together(tmp_path, record_property):
     started = time.time()
     proc = per_rank("hvd_sparse.train", ["--lr", "0.2"], [*TRAIN[2:], "--lr", "0.1", "--out", str(tmp_path)])
@@ -54,6 +55,7 @@ def test_ranks_given_different_arguments_stop_together(tmp_path, record_property
     assert not list(tmp_path.rglob("*.h5"))
 
 
+@pytest.mark.launches
 def test_ranks_reading_different_data_stop_together(tmp_path, record_property):
     write_mnist(tmp_path / "node-a", n_train=200, n_test=20)
     stale = tmp_path / "node-b"
@@ -70,6 +72,7 @@ def test_ranks_reading_different_data_stop_together(tmp_path, record_property):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.h5"))
 
 
+@pytest.mark.launches
 def test_a_study_whose_ranks_run_different_shards_stops_together(tmp_path, record_property):
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps(TINY_STUDY))
@@ -80,6 +83,7 @@ def test_a_study_whose_ranks_run_different_shards_stops_together(tmp_path, recor
     assert not list(tmp_path.rglob("*.h5"))
 
 
+@pytest.mark.launches
 def test_a_bad_argument_on_one_rank_only_ends_the_job(tmp_path, record_property):
     """Rank 1 fails before its first collective, outside any agreement: rank 0 learns it from Horovod."""
     started = time.time()
@@ -92,6 +96,7 @@ def test_a_bad_argument_on_one_rank_only_ends_the_job(tmp_path, record_property)
 # -- bad data and unwritable folders ---------------------------------------------------------------
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "bytes, expected"),
     ("labels", "labels must be in 0..9"),
@@ -112,6 +117,7 @@ def test_malformed_data_fails_on_every_rank(tmp_path, record_property, damage, m
     assert_every_rank_failed(proc, started, message, record_property)
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("program", ["train", "study"])
 def test_a_read_only_output_folder_fails_before_training(tmp_path, mount_tmpfs, record_property, program):
     read_only = mount_tmpfs("ro,size=1m")
@@ -126,6 +132,7 @@ def test_a_read_only_output_folder_fails_before_training(tmp_path, mount_tmpfs, 
     assert_every_rank_failed(proc, started, "Read-only file system", record_property, prog=prog)
 
 
+@pytest.mark.launches
 def test_an_existing_study_folder_made_read_only_fails_before_training(tmp_path, mount_tmpfs, record_property):
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps(TINY_STUDY))
@@ -145,6 +152,7 @@ def test_an_existing_study_folder_made_read_only_fails_before_training(tmp_path,
 # -- a disk that fills up during training --------------------------------------------------------
 
 
+@pytest.mark.launches
 def test_a_full_disk_mid_training_stops_every_rank_and_the_run_resumes_once_there_is_room(
         tmp_path, mount_tmpfs, record_property):
     disk = mount_tmpfs("size=8m")
@@ -189,6 +197,7 @@ def test_a_full_disk_mid_training_stops_every_rank_and_the_run_resumes_once_ther
 # -- a corrupt log in a study ----------------------------------------------------------------------
 
 
+@pytest.mark.launches
 def test_a_corrupt_log_in_a_study_stops_it_on_every_rank_and_is_left_alone(tmp_path, record_property):
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))

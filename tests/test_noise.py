@@ -56,6 +56,7 @@ def linear(tmp_path_factory):
     return out
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("case", [(2, "dense"), (1, "dense"), (2, "masked")], ids=["np2", "np1-halves", "np2-masked"])
 def test_estimate_matches_the_closed_form_within_10_percent(linear, case):
     result = linear[case]
@@ -63,16 +64,19 @@ def test_estimate_matches_the_closed_form_within_10_percent(linear, case):
         assert result[key] == pytest.approx(result["exact"][key], rel=0.10), (key, result)
 
 
+@pytest.mark.launches
 def test_np1_halves_and_np2_agree_for_the_same_global_batch(linear):
     assert linear[(1, "dense")]["b_simple"] == pytest.approx(linear[(2, "dense")]["b_simple"], rel=0.10)
 
 
+@pytest.mark.launches
 def test_only_unpruned_entries_count(linear):
     dense, masked = linear[(2, "dense")], linear[(2, "masked")]
     assert masked["exact"]["grad_trace"] < 0.7 * dense["exact"]["grad_trace"]  # half the entries pruned
     assert masked["grad_trace"] == pytest.approx(masked["exact"]["grad_trace"], rel=0.10)
 
 
+@pytest.mark.launches
 def test_training_logs_the_noise_scale_at_every_evaluation(tmp_path):
     proc = run_train(2, "--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--batch-size", "32",
                      "--max-steps", "40", "--eval-every", "10", "--goal-error", "0", "--noise-scale-every", "2",

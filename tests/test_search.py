@@ -1,6 +1,7 @@
 import math
 
 import pytest
+from scipy.stats import qmc
 
 from hvd_sparse.config import ConfigError
 from hvd_sparse.search import Param, SearchSpace, reference_space
@@ -32,13 +33,31 @@ def test_reference_space_follows_optimizer_and_schedule():
     assert reference_space("momentum", "linear").names == ("lr", "momentum", "decay_steps", "end_factor")
 
 
-def test_points_are_deterministic_and_independent_of_anything_else():
+def expected_points(space, n, skip=1, seed=None):
+    """The same points computed another way: scipy's Sobol sequence generated from its first point
+    (no fast-forward) and sliced, then mapped through each parameter's scale."""
+    unit = qmc.Sobol(d=len(space.params), scramble=seed is not None, seed=seed).random(skip + n)[skip:]
+    return [{p.name: p.value(float(u)) for p, u in zip(space.params, row)} for row in unit]
+
+
+@pytest.mark.filterwarnings("ignore:The balance properties of Sobol")
+def test_points_are_the_sobol_sequence_after_skip_and_a_bigger_budget_only_extends_it():
     space = reference_space("momentum", "linear")
-    assert space.points(20) == space.points(20)
-    assert space.points(20)[:5] == space.points(5)  # a bigger budget extends, never reshuffles
-    assert space.points(4, skip=2)[0] == space.points(4, skip=1)[1]
+    points = space.points(20)
+    assert points == expected_points(space, 20)
+    assert space.points(4, skip=2) == expected_points(space, 4, skip=2) == points[1:5]
+    assert points[:5] == space.points(5)  # a bigger budget extends, never reshuffles
+    assert len({tuple(p.values()) for p in points}) == 20  # no point twice
+    for p in points:
+        assert 1e-4 <= p["lr"] <= 1 and 0.9 <= p["momentum"] <= 0.9999 and 30000 <= p["decay_steps"] <= 60000
+
+
+@pytest.mark.filterwarnings("ignore:The balance properties of Sobol")
+def test_a_seed_gives_owens_scrambling_of_that_seed():
+    space = reference_space("momentum", "constant")
     scrambled = space.points(8, seed=3)
-    assert scrambled == space.points(8, seed=3) and scrambled != space.points(8)
+    assert scrambled == expected_points(space, 8, seed=3)
+    assert scrambled != space.points(8) and scrambled != space.points(8, seed=4)
 
 
 def test_round_trip_and_errors():

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from hvd_sparse.log import read_log
-from conftest import BIN, REPO, horovodrun
+from conftest import BIN, REPO, horovodrun, require_launches_marker
 
 sys.path.insert(0, str(REPO / "launch"))
 from slurm_hosts import expand_hostlist, expand_tasks, hosts_with_slots  # noqa: E402
@@ -53,6 +53,7 @@ def test_tasks_per_node_and_slots():
 
 @pytest.fixture(scope="module")
 def slurm():
+    require_launches_marker()
     if os.geteuid() != 0:
         pytest.skip("starting a private SLURM cluster needs root (slurmd, munged)")
     cluster = SlurmCluster()
@@ -78,6 +79,7 @@ def write_spec(tmp_path, **changes):
     return path
 
 
+@pytest.mark.launches
 def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
     out = tmp_path / "runs"
     job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", "slurm/train.sbatch",
@@ -93,6 +95,7 @@ def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
     assert "world_size=2" in text
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("launcher", ["launch/horovodrun-slurm", "launch/mpirun -np 2"])
 def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
     out = tmp_path / "runs"
@@ -106,6 +109,7 @@ def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
     assert read_log(log).attrs["world_size"] == 2
 
 
+@pytest.mark.launches
 def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
     spec, root = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3), tmp_path / "runs"
     job = slurm.sbatch("--wait", "--array=1-2", "--ntasks-per-node=1", f"--output={tmp_path}/array-%a.out",
@@ -121,6 +125,7 @@ def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
     assert all(f"shard {i}/2" in outputs[i] for i in (0, 1))
 
 
+@pytest.mark.launches
 def test_a_packed_study_under_srun_runs_each_trial_on_its_own_group(slurm, tmp_path):
     spec, root = write_spec(tmp_path, max_steps=60, eval_every=20), tmp_path / "runs"
     job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", "slurm/study.sbatch", str(spec),
@@ -133,6 +138,7 @@ def test_a_packed_study_under_srun_runs_each_trial_on_its_own_group(slurm, tmp_p
     assert len(logs) == 4 and all(read_log(p).attrs["world_size"] == 1 for p in logs)
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
 def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path, sig):
     spec = write_spec(tmp_path)
@@ -168,6 +174,7 @@ def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(s
                 np.testing.assert_array_equal(values, lb.measurements[column], err_msg=f"{b}: {column}")
 
 
+@pytest.mark.launches
 def test_a_rank_killed_under_srun_ends_the_job_and_keeps_the_log(slurm, tmp_path, record_property):
     """With --mpi=pmix, slurmstepd's PMIx error handler cancels the step when a task dies (seen with
     plain srun too); launch/srun-resumable also passes --kill-on-bad-exit=1, for sites whose MPI

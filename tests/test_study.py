@@ -192,6 +192,7 @@ def uninterrupted(tmp_path_factory):
     return tmp / "runs", proc
 
 
+@pytest.mark.launches
 def test_a_study_runs_every_trial_once_in_one_job(uninterrupted):
     root, proc = uninterrupted
     directory, logs = logs_of(root)
@@ -210,6 +211,7 @@ def test_a_study_runs_every_trial_once_in_one_job(uninterrupted):
     assert not rank_lines(proc.stdout, 1)  # rank 1 prints nothing
 
 
+@pytest.mark.launches
 def test_rerun_skips_ended_trials_and_leaves_their_logs_alone(uninterrupted, tmp_path):
     root, _ = uninterrupted
     _, logs = logs_of(root)
@@ -220,6 +222,7 @@ def test_rerun_skips_ended_trials_and_leaves_their_logs_alone(uninterrupted, tmp
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in logs} == before
 
 
+@pytest.mark.launches
 def test_sigkill_mid_study_then_rerun_measures_exactly_the_uninterrupted_study(uninterrupted, tmp_path):
     root = tmp_path / "runs"
     proc = subprocess.Popen(study_cmd(2, write_spec(tmp_path), root), env=launch_env(), cwd=REPO,
@@ -246,6 +249,7 @@ def test_sigkill_mid_study_then_rerun_measures_exactly_the_uninterrupted_study(u
     assert read_log(victim.with_name("trial-001.h5")).attrs["resumes"] == 1
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("victim", [0, 1])
 def test_one_rank_killed_mid_study_ends_the_job_and_the_rerun_measures_the_same(uninterrupted, tmp_path, victim,
                                                                                 record_property):
@@ -281,6 +285,7 @@ def test_one_rank_killed_mid_study_ends_the_job_and_the_rerun_measures_the_same(
     assert_same_study(uninterrupted[0], root)
 
 
+@pytest.mark.launches
 def test_changed_spec_in_an_existing_study_dir_is_refused_on_every_rank(uninterrupted, tmp_path, record_property):
     root, _ = uninterrupted
     directory, logs = logs_of(root)
@@ -296,6 +301,7 @@ def test_changed_spec_in_an_existing_study_dir_is_refused_on_every_rank(uninterr
     assert {p: p.read_bytes() for p in logs} == before
 
 
+@pytest.mark.launches
 def test_diverging_trials_are_infeasible_and_the_study_goes_on(tmp_path):
     spec_path = write_spec(tmp_path, search={"lr": {"range": [1e4, 1e6], "scale": "log"}}, optimizers=["sgd"])
     proc = run_study(1, spec_path, tmp_path / "runs", timeout=120)
@@ -305,6 +311,7 @@ def test_diverging_trials_are_infeasible_and_the_study_goes_on(tmp_path):
     assert proc.stdout.count(": INFEASIBLE") == 4
 
 
+@pytest.mark.launches
 def test_a_trial_locked_by_another_process_is_left_to_it(tmp_path):
     spec_path = write_spec(tmp_path, max_steps=20, eval_every=10)
     s = StudySpec.load(spec_path)
@@ -318,6 +325,7 @@ def test_a_trial_locked_by_another_process_is_left_to_it(tmp_path):
     assert not target.exists()
 
 
+@pytest.mark.launches
 def test_list_prints_the_trials_without_running(tmp_path):
     spec_path = write_spec(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "hvd_sparse.study", str(spec_path), "--out", str(tmp_path / "runs"),
@@ -332,6 +340,7 @@ def test_list_prints_the_trials_without_running(tmp_path):
     assert proc.stdout.strip() == str(study_dir(StudySpec.load(spec_path), tmp_path / "runs"))
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("content, message", [
     ("name: [unclosed\n", "not a valid YAML study spec"),
     (json.dumps({**RUN_SPEC, "dataset": "nope"}), "unknown dataset"),
@@ -350,6 +359,7 @@ def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, me
     assert not list(tmp_path.rglob("*.h5"))
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("sig, ranks", [(signal.SIGUSR1, "all"), (signal.SIGTERM, "rank 1")])
 def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_measures_the_same(uninterrupted, tmp_path, sig, ranks):
     root = tmp_path / "runs"
@@ -383,6 +393,7 @@ def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_measures_the_same(unint
 PACK_SPEC = {"batch_sizes": [16, 32], "max_steps": 100, "eval_every": 25}
 
 
+@pytest.mark.launches
 def test_packed_trials_measure_exactly_what_one_rank_measures(tmp_path, monkeypatch):
     """np=2 --pack 2 runs two single-rank trials at a time: every log is bitwise the np=1 study's
     (one intra-op thread in both, so float sums run in the same order), and world rank 0 prints the
@@ -404,6 +415,7 @@ def test_packed_trials_measure_exactly_what_one_rank_measures(tmp_path, monkeypa
     assert rerun.returncode == 0 and rerun.stdout.count("(skipped,") == 4, describe(rerun)
 
 
+@pytest.mark.launches
 def test_pack_that_does_not_split_the_world_fails_on_every_rank(tmp_path):
     proc = run_study(2, write_spec(tmp_path, **PACK_SPEC), tmp_path / "runs", "--pack", "3", timeout=60)
     assert proc.returncode == 2
@@ -413,6 +425,7 @@ def test_pack_that_does_not_split_the_world_fails_on_every_rank(tmp_path):
     assert not list(tmp_path.rglob("*.h5"))
 
 
+@pytest.mark.launches
 def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path, monkeypatch):
     """Three trials in two groups: group 1 ends its one trial and waits for group 0; a stop signal
     then ends both (group 0 checkpoints, group 1 stops waiting), exit 0, and the rerun measures
@@ -445,6 +458,7 @@ def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path
     assert_same_study(tmp_path / "alone", root)
 
 
+@pytest.mark.launches
 def test_groups_of_two_ranks_measure_exactly_what_a_two_rank_job_measures(tmp_path, monkeypatch):
     """np=4 --pack 2 (as np=8 would be 4 x 2 on a cluster): each trial runs data-parallel on its
     group's two ranks, rank 0 of the group computing and broadcasting the mask; every log is

@@ -35,6 +35,7 @@ def np1_np2(tmp_path_factory):
     return out
 
 
+@pytest.mark.launches
 def test_np2_is_the_same_optimization_as_np1(np1_np2):
     p1 = torch.load(np1_np2[1][1].with_suffix(".final.pt"))
     p2 = torch.load(np1_np2[2][1].with_suffix(".final.pt"))
@@ -48,6 +49,7 @@ def test_np2_is_the_same_optimization_as_np1(np1_np2):
     assert l1.measurements["val_error"].tolist() == l2.measurements["val_error"].tolist()
 
 
+@pytest.mark.launches
 def test_pruned_weights_stay_exactly_zero_with_nesterov(np1_np2):
     log = read_log(np1_np2[2][1])
     params = torch.load(log.path.with_suffix(".final.pt"))
@@ -60,6 +62,7 @@ def test_pruned_weights_stay_exactly_zero_with_nesterov(np1_np2):
         assert pruned.numel() > 0 and torch.count_nonzero(pruned) == 0, name
 
 
+@pytest.mark.launches
 def test_log_schema(np1_np2):
     proc, path = np1_np2[2]
     log = read_log(path)
@@ -73,6 +76,7 @@ def test_log_schema(np1_np2):
     assert str(path) in proc.stdout and "INCOMPLETE" in proc.stdout
 
 
+@pytest.mark.launches
 def test_every_rank_holds_rank_0s_mask(tmp_path):
     proc = horovodrun(2, [str(REPO / "tests" / "rank_programs" / "mask_check.py"), str(tmp_path), "agree"])
     assert proc.returncode == 0, describe(proc)
@@ -82,6 +86,7 @@ def test_every_rank_holds_rank_0s_mask(tmp_path):
     assert density == pytest.approx(0.2, abs=1e-4)
 
 
+@pytest.mark.launches
 def test_a_mask_mismatch_stops_every_rank(tmp_path, record_property):
     start = time.time()
     proc = horovodrun(2, [str(REPO / "tests" / "rank_programs" / "mask_check.py"), str(tmp_path), "mismatch"], timeout=90)
@@ -92,6 +97,7 @@ def test_a_mask_mismatch_stops_every_rank(tmp_path, record_property):
     assert time.time() - start < 30
 
 
+@pytest.mark.launches
 def test_goal_reached_stops_the_trial_and_records_steps_to_result(tmp_path):
     proc = run_train(2, "--dataset", "synthetic", "--model", "mlp-tiny", "--sparsity", "0.5", "--optimizer", "momentum",
                      "--lr", "0.05", "--batch-size", "64", "--max-steps", "400", "--eval-every", "20",
@@ -104,6 +110,7 @@ def test_goal_reached_stops_the_trial_and_records_steps_to_result(tmp_path):
     assert f"steps_to_result={steps[-1]}" in proc.stdout
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("dataset, model", [("mnist5k", "simple-cnn"), ("synthetic-cifar", "resnet8")])
 def test_the_papers_workloads_train_under_horovodrun(tmp_path, dataset, model):
     proc = run_train(2, "--dataset", dataset, "--model", model, "--sparsity", "0.5", "--optimizer", "nesterov",
@@ -117,6 +124,7 @@ def test_the_papers_workloads_train_under_horovodrun(tmp_path, dataset, model):
     assert "layer density:" in proc.stdout and abs(log.mask.density - 0.5) < 1e-4
 
 
+@pytest.mark.launches
 def test_report_test_evaluates_the_test_split_at_the_end(tmp_path):
     proc = run_train(2, "--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "40",
                      "--eval-every", "20", "--goal-error", "0", "--report-test", "--out", str(tmp_path))
@@ -132,6 +140,7 @@ def single_rank(*flags, **kw):
     return subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.launches
 def test_divergence_is_infeasible_not_a_crash(tmp_path):
     proc = single_rank("--dataset", "synthetic", "--model", "mlp-tiny", "--lr", "1e8", "--max-steps", "50",
                        "--eval-every", "10", "--out", str(tmp_path))
@@ -141,6 +150,7 @@ def test_divergence_is_infeasible_not_a_crash(tmp_path):
     assert log.status == "INFEASIBLE" and log.steps_to_result is None and "INFEASIBLE" in out
 
 
+@pytest.mark.launches
 def test_log_is_readable_while_the_run_goes_on(tmp_path):
     proc = single_rank("--dataset", "synthetic", "--model", "simple-cnn", "--max-steps", "100000", "--eval-every", "5",
                        "--goal-error", "0", "--out", str(tmp_path))
@@ -161,6 +171,7 @@ def test_log_is_readable_while_the_run_goes_on(tmp_path):
     assert log.status == "RUNNING" and len(log.measurements["step"]) >= 4
 
 
+@pytest.mark.launches
 def test_linear_schedule_is_applied_in_the_loop(tmp_path):
     """Decay to lr * 1e-6 after one step: 40 steps then end (almost) where 2 steps do."""
     def final_params(name, *flags):
@@ -195,6 +206,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
 def test_bad_input_fails_on_every_rank_without_hanging(tmp_path, flags, message, record_property):
     out = tmp_path / "runs"
