@@ -50,7 +50,7 @@ def linear(tmp_path_factory):
     for np_, scheme, masked in ((2, "none", "dense"), (1, "none", "dense"), (2, "kept", "masked")):
         path = tmp_path_factory.mktemp("noise") / "result.json"
         proc = horovodrun(np_, [str(REPO / "tests" / "rank_programs" / "noise_linear.py"), str(path), scheme, masked,
-                                "3000"], timeout=240)
+                                "1000"], timeout=240)
         assert proc.returncode == 0, describe(proc)
         out[(np_, masked)] = json.loads(path.read_text())
     return out
