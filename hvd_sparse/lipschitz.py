@@ -1,0 +1,95 @@
+"""The gradient's Lipschitz smoothness along the update, measured as the paper's authors do.
+
+At the step before a multiple of K, keep the weights w_prev and the full-training-split gradient
+g_prev (mean cross-entropy, through the mask); after the optimizer step, w_next. For gamma in
+0.1, ..., 0.9, at w_g = (1 - gamma) w_prev + gamma w_next:
+
+    L_g = ||g(w_g) - g_prev|| / ||gamma (w_next - w_prev)||
+
+and the measurement is the largest L_g. Each full gradient is data-parallel: every rank sums the
+gradient over its own slice of the training split (in chunks, weighted by their size) and one
+allreduce adds the slices up, so a measurement costs each rank 10/np passes over the split. The
+weights are put back bitwise and no ``p.grad`` or optimizer state is touched, so measuring never
+changes the trajectory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvd_sparse.mask import Mask
+
+GAMMAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def due(step: int, every: int) -> bool:
+    """Whether the optimizer step taken at ``step`` (to step + 1) is measured."""
+    return every > 0 and (step + 1) % every == 0
+
+
+def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, reduction="sum")
+
+
+class LipschitzProbe:
+    """Measures one trial's model. ``loss_sum(outputs, targets)`` is the loss summed over the examples
+    (the training loss is its mean); ``reduce`` sums a tensor over the ranks (the identity at one rank)."""
+
+    def __init__(self, model: nn.Module, mask: Mask, x: torch.Tensor, y: torch.Tensor, total: int, batch_size: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor],
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
+        """``x``, ``y``: this rank's slice of the training split, of ``total`` examples over all ranks."""
+        self.model, self.x, self.y, self.total, self.batch_size = model, x, y, total, batch_size
+        self.reduce, self.loss_sum = reduce, loss_sum
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.keep = [mask[names[id(p)]].to(p.device) if names[id(p)] in mask else None for p in self.params]
+        self.w_prev: list[torch.Tensor] = []
+        self.g_prev = torch.zeros(0)
+
+    def full_gradient(self) -> torch.Tensor:
+        """The mean loss's gradient over the whole training split, masked, flat, float64."""
+        total = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.x.device)
+        was_training = self.model.training
+        self.model.eval()  # the same as train mode for these models (no dropout, no batch norm), and says so
+        for start in range(0, len(self.y), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            loss = self.loss_sum(self.model(self.x[chunk]), self.y[chunk])
+            grads = torch.autograd.grad(loss, self.params)  # leaves p.grad (and Horovod's hooks) alone
+            total += torch.cat([g.reshape(-1) for g in grads]).double()
+        self.model.train(was_training)
+        return self._masked(self.reduce(total) / self.total)
+
+    def _masked(self, flat: torch.Tensor) -> torch.Tensor:
+        parts = flat.split([p.numel() for p in self.params])
+        return torch.cat([part if keep is None else part * keep.reshape(-1) for part, keep in zip(parts, self.keep)])
+
+    def before_step(self) -> None:
+        """Keep w_prev and g_prev (call right before the optimizer step that is measured)."""
+        self.w_prev = [p.detach().clone() for p in self.params]
+        self.g_prev = self.full_gradient()
+
+    @torch.no_grad()
+    def _set(self, weights: list[torch.Tensor]) -> None:
+        for p, w in zip(self.params, weights):
+            p.copy_(w)
+
+    def after_step(self) -> tuple[float, list[float]]:
+        """(max over gamma of L_g, [L_g per gamma]) with the weights after the step, which stay as they were."""
+        w_next = [p.detach().clone() for p in self.params]
+        moved = torch.cat([(b - a).reshape(-1) for a, b in zip(self.w_prev, w_next)]).double()
+        per_gamma = []
+        try:
+            for gamma in GAMMAS:
+                self._set([a + gamma * (b - a) for a, b in zip(self.w_prev, w_next)])
+                step = float((gamma * moved).norm())
+                change = float((self.full_gradient() - self.g_prev).norm())
+                per_gamma.append(change / step if step > 0 else math.nan)
+        finally:
+            self._set(w_next)  # bitwise the weights the optimizer made
+        finite = [v for v in per_gamma if math.isfinite(v)]
+        return (max(finite) if finite else math.nan), per_gamma
