@@ -93,6 +93,8 @@ def trial_row(path: Path, root: Path) -> dict:
         "density": float(log.attrs.get("mask_density", math.nan)),
         "grad_compression": cfg.get("dist", {}).get("grad_compression", "none"),
         "noise_at_result": noise_at(m, reached) if reached is not None else math.nan,
+        "lipschitz_at_result": lipschitz_near(log.lipschitz, reached) if reached is not None else math.nan,
+        "lipschitz_last": float(log.lipschitz["value"][-1]) if len(log.lipschitz.get("value", [])) else math.nan,
     }
 
 
@@ -101,6 +103,14 @@ def noise_at(measurements: Mapping[str, np.ndarray], step: int) -> float:
     steps, noise = measurements.get("step", np.array([])), measurements.get("noise_scale", np.array([]))
     found = np.flatnonzero(steps[: len(noise)] == step)
     return float(noise[found[0]]) if len(found) else math.nan
+
+
+def lipschitz_near(lipschitz: Mapping[str, np.ndarray], step: int) -> float:
+    """The Lipschitz measurement nearest to ``step`` (the earlier one of two as near); NaN if none."""
+    steps = lipschitz.get("step", np.array([]))
+    if not len(steps):
+        return math.nan
+    return float(lipschitz["value"][int(np.argmin(np.abs(steps - step)))])
 
 
 def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -165,10 +175,11 @@ def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataF
             "best_momentum": float(best.momentum) if best is not None else math.nan,
             "best_val_error": float(group.best_val_error.min()),
             "best_noise_scale": float(best.get("noise_at_result", math.nan)) if best is not None else math.nan,
+            "best_lipschitz": float(best.get("lipschitz_at_result", math.nan)) if best is not None else math.nan,
         })
     return pd.DataFrame(rows, columns=STUDY + ["trials", "complete", "incomplete", "infeasible", "running",
                                                "steps_to_result", "best_trial", "best_lr", "best_momentum",
-                                               "best_val_error", "best_noise_scale"])
+                                               "best_val_error", "best_noise_scale", "best_lipschitz"])
 
 
 def regimes(batch_sizes: Sequence[int], steps: Sequence[float], rules: Rules) -> tuple[float, float]:
@@ -255,6 +266,39 @@ def format_noise(noise: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def lipschitz_table(studies: pd.DataFrame) -> pd.DataFrame:
+    """Per curve: the Lipschitz constant near the result step of each batch size's best trial,
+    summarized as its median over batch sizes (and range), beside the steps-to-result at the smallest
+    batch size: the paper's finding is a larger constant, and more steps, at higher sparsity."""
+    rows = []
+    for key, group in studies.groupby(CURVE, sort=True):
+        values = group.best_lipschitz[np.isfinite(group.best_lipschitz)] if "best_lipschitz" in group else []
+        if len(values) == 0:
+            continue
+        reached = group[np.isfinite(group.steps_to_result)].sort_values("batch_size")
+        rows.append({**dict(zip(CURVE, key)), "batch_sizes": len(values), "lipschitz_at_result": float(values.median()),
+                     "lipschitz_min": float(values.min()), "lipschitz_max": float(values.max()),
+                     "smallest_batch": int(reached.batch_size.iloc[0]) if len(reached) else -1,
+                     "steps_at_smallest": float(reached.steps_to_result.iloc[0]) if len(reached) else math.nan})
+    return pd.DataFrame(rows, columns=CURVE + ["batch_sizes", "lipschitz_at_result", "lipschitz_min", "lipschitz_max",
+                                               "smallest_batch", "steps_at_smallest"])
+
+
+def format_lipschitz(table: pd.DataFrame) -> str:
+    if table.empty:
+        return ""
+    lines = ["gradient Lipschitz constant near the result step (median over batch sizes of the best trials, and their",
+             "range), beside steps-to-result at the smallest batch size",
+             f"{'workload':<40} {'sparsity':>8} {'Lipschitz':>10} {'(range)':>13} {'steps':>7} {'at B':>5}"]
+    for r in table.itertuples():
+        workload = f"{r.dataset} {r.model} {r.optimizer} goal {r.goal_error:g}"
+        span = f"{r.lipschitz_min:.3g}-{r.lipschitz_max:.3g}"
+        steps = "-" if not math.isfinite(r.steps_at_smallest) else f"{r.steps_at_smallest:.0f}"
+        lines.append(f"{workload:<40} {r.sparsity:>8g} {r.lipschitz_at_result:>10.4g} {span:>13} {steps:>7} "
+                     f"{r.smallest_batch:>5}")
+    return "\n".join(lines)
+
+
 def optimizer_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Critical batch size per sparsity (rows) and optimizer (columns), per dataset/model/schedule/goal."""
     if curves.empty:
@@ -279,22 +323,26 @@ def best_trial_paths(studies: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple,
             if best >= 0 and (*key, int(best)) in index}
 
 
-def noise_series(studies: pd.DataFrame, trials: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """The noise scale B_simple over training of each study's best trial, read from its log: one row
-    per (study, evaluation where it was measured); empty when no trial measured it."""
-    frames = []
-    if "best_noise_scale" in studies and np.isfinite(studies.best_noise_scale).any():
-        for key, path in best_trial_paths(studies, trials).items():
-            try:
-                m = read_log(root / path, with_mask=False).measurements
-            except LogError:
-                continue
-            if "noise_scale" not in m:
-                continue
+def best_trial_series(studies: pd.DataFrame, trials: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Over training, for each study's best trial (read from its log): the noise scale B_simple at each
+    evaluation where it was measured, and every Lipschitz measurement; one row per (study, step) in
+    each table, empty when no trial measured it."""
+    noise, lipschitz = [], []
+    for key, path in best_trial_paths(studies, trials).items():
+        try:
+            log = read_log(root / path, with_mask=False)
+        except LogError:
+            continue
+        m, study = log.measurements, dict(zip(STUDY, key))
+        if "noise_scale" in m:
             ok = np.isfinite(m["noise_scale"]) & (m["noise_scale"] > 0)
-            frames.append(pd.DataFrame({**dict(zip(STUDY, key)), "step": m["step"][ok],
-                                        "noise_scale": m["noise_scale"][ok]}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STUDY + ["step", "noise_scale"])
+            noise.append(pd.DataFrame({**study, "step": m["step"][ok], "value": m["noise_scale"][ok]}))
+        if log.lipschitz:
+            ok = np.isfinite(log.lipschitz["value"])
+            lipschitz.append(pd.DataFrame({**study, "step": log.lipschitz["step"][ok], "value": log.lipschitz["value"][ok]}))
+    empty = pd.DataFrame(columns=STUDY + ["step", "value"])
+    return (pd.concat(noise, ignore_index=True) if noise else empty,
+            pd.concat(lipschitz, ignore_index=True) if lipschitz else empty)
 
 
 def curve_of(curves: pd.DataFrame, **key: Any) -> pd.Series | None:
@@ -347,11 +395,11 @@ def write_outputs(out: Path, trials: pd.DataFrame, studies: pd.DataFrame, curves
         path = out / "critical_by_optimizer.csv"
         optimizers.to_csv(path, float_format="%.6g")
         written.append(path)
-    noise = noise_table(studies, curves) if not studies.empty else pd.DataFrame()
-    if not noise.empty:
-        path = out / "noise_scale.csv"
-        noise.to_csv(path, index=False, float_format="%.6g")
-        written.append(path)
+    for name, table in (("noise_scale", noise_table(studies, curves)), ("lipschitz", lipschitz_table(studies))):
+        if not table.empty:
+            path = out / f"{name}.csv"
+            table.to_csv(path, index=False, float_format="%.6g")
+            written.append(path)
     return written
 
 
@@ -363,7 +411,7 @@ def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, 
     curves = curve_table(studies, rules)
     write_outputs(Path(out), trials, studies, curves)
     if plots and not studies.empty:
-        plot_all(with_regimes(studies, curves), noise_series(studies, trials, Path(root)), Path(out))
+        plot_all(with_regimes(studies, curves), *best_trial_series(studies, trials, Path(root)), Path(out))
     return trials, studies, curves, problems
 
 
@@ -398,8 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in problems:
         say(f"{PROG}: {line}", sys.stderr)
     report = format_studies(studies, curves) if not studies.empty else "no ended trials to aggregate"
-    noise = format_noise(noise_table(studies, curves)) if not studies.empty else ""
-    report += f"\n\n{noise}" if noise else ""
+    for extra in (format_noise(noise_table(studies, curves)), format_lipschitz(lipschitz_table(studies))) \
+            if not studies.empty else ():
+        report += f"\n\n{extra}" if extra else ""
     say(f"{len(trials)} trial logs, {len(studies)} studies, {len(curves)} curves -> {out}\n{report}")
     return 0
 

@@ -143,6 +143,10 @@ class TrainConfig:
     noise_scale_smoothing: float = _field(
         0.9, "exponential moving average factor of the noise-scale estimates, per measurement", identity=False
     )
+    lipschitz_every: int = _field(
+        0, "measure the gradient's Lipschitz constant along the update every this many steps (0: never): ten "
+        "full-gradient passes over the training split, data-parallel; logged when measured", identity=False,
+    )
 
     def __post_init__(self) -> None:
         _require(_is_int(self.batch_size) and self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
@@ -153,6 +157,8 @@ class TrainConfig:
         _require(_is_int(self.eval_batch_size) and self.eval_batch_size > 0, "--eval-batch-size must be > 0")
         _require(_is_int(self.noise_scale_every) and self.noise_scale_every >= 0,
                  f"--noise-scale-every must be a non-negative integer, got {self.noise_scale_every}")
+        _require(_is_int(self.lipschitz_every) and self.lipschitz_every >= 0,
+                 f"--lipschitz-every must be a non-negative integer, got {self.lipschitz_every}")
         _require(0.0 <= self.noise_scale_smoothing < 1.0,
                  f"--noise-scale-smoothing must be in [0, 1), got {self.noise_scale_smoothing}")
 

@@ -28,6 +28,8 @@ from hvd_sparse import dist
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
 from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
+from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe
+from hvd_sparse.lipschitz import due as lipschitz_due
 from hvd_sparse.log import TrialLog, write_atomically
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model, get_factory, prunable_names
@@ -226,6 +228,9 @@ class Recorder:
         if state is not None:
             self._checkpoint(state, state.progress(wall_time=row["wall_time"]))
 
+    def lipschitz(self, step: int, value: float, per_gamma: list[float]) -> None:
+        self.log.append_lipschitz(step, value, per_gamma, GAMMAS)
+
     def interrupted(self, why: str, state: TrialState, progress: Progress) -> None:
         self._checkpoint(state, progress)
         self.log.interrupted(why)
@@ -248,6 +253,9 @@ class NullRecorder(Recorder):
         pass
 
     def evaluation(self, row: Mapping[str, float], state: TrialState | None) -> None:
+        pass
+
+    def lipschitz(self, step: int, value: float, per_gamma: list[float]) -> None:
         pass
 
     def interrupted(self, why: str, state: TrialState, progress: Progress) -> None:
@@ -316,6 +324,7 @@ class Engine:
     evaluator: Evaluator = field(init=False)
     batches: GlobalBatches = field(init=False)
     noise_masks: list[torch.Tensor | None] = field(init=False)
+    lipschitz: LipschitzProbe | None = field(init=False)
     bar: tqdm | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -323,6 +332,11 @@ class Engine:
         self.evaluator = Evaluator(model, self.data.train.x.device)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
         self.noise_masks = masks_of(model, self.mask) if train.noise_scale_every else []
+        self.lipschitz = None
+        if train.lipschitz_every:
+            self.lipschitz = LipschitzProbe(
+                model, self.mask, self.data.train.x, self.data.train.y, train.eval_batch_size, dist.rank(), dist.size(),
+                reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device))
 
     def train(self) -> tuple[str, int | None]:
         """Steps and evaluations until the goal, the step budget, a non-finite loss or a stop signal
@@ -358,6 +372,9 @@ class Engine:
         """One optimizer step on this rank's shard of the global batch; False if the averaged gradient
         is not finite (the trial is INFEASIBLE and the step is not taken)."""
         state, train, world = self.state, self.cfg.train, dist.size()
+        probe = self.lipschitz if lipschitz_due(state.step, train.lipschitz_every) else None
+        if probe is not None:
+            probe.before_step()  # w_prev and g_prev; p.grad untouched
         idx = self.batches.shard(state.step, dist.rank(), world).to(self.data.train.x.device)
         x, y = self.data.train.x[idx], self.data.train.y[idx]
         measure = train.noise_scale_every > 0 and state.step % train.noise_scale_every == 0
@@ -378,7 +395,15 @@ class Engine:
         state.loss_sums[0] += loss.detach()
         state.loss_sums[1] += 1
         state.step += 1
+        if probe is not None:
+            self.record_lipschitz(*probe.after_step())
         return True
+
+    def record_lipschitz(self, value: float, per_gamma: list[float]) -> None:
+        step = self.state.step
+        dist.agree(lambda: self.recorder.lipschitz(step, value, per_gamma), "writing the log")
+        logger.info("step %d: Lipschitz constant %.4g (the largest along the update; gamma 0.1: %.4g, 0.9: %.4g)",
+                    step, value, per_gamma[0], per_gamma[-1])
 
     def evaluate(self) -> tuple[str, int | None] | None:
         """Evaluate, log, checkpoint; (status, steps-to-result) if the trial ends here."""

@@ -6,9 +6,11 @@ g_prev (mean cross-entropy, through the mask); after the optimizer step, w_next.
 
     L_g = ||g(w_g) - g_prev|| / ||gamma (w_next - w_prev)||
 
-and the measurement is the largest L_g. Each full gradient is data-parallel: every rank sums the
-gradient over its own slice of the training split (in chunks, weighted by their size) and one
-allreduce adds the slices up, so a measurement costs each rank 10/np passes over the split. The
+and the measurement is the largest L_g. Each full gradient is data-parallel: the training split is
+cut into chunks (the evaluation batch size), rank r sums the loss gradient over chunks r, r + np,
+..., and one allreduce adds the ranks' sums up, so a measurement costs each rank 10/np passes over
+the split. The chunks do not depend on the world size, so np=1 and np=2 add the very same chunk
+gradients (in float64), only in another order. The
 weights are put back bitwise and no ``p.grad`` or optimizer state is touched, so measuring never
 changes the trajectory.
 """
@@ -39,12 +41,12 @@ class LipschitzProbe:
     """Measures one trial's model. ``loss_sum(outputs, targets)`` is the loss summed over the examples
     (the training loss is its mean); ``reduce`` sums a tensor over the ranks (the identity at one rank)."""
 
-    def __init__(self, model: nn.Module, mask: Mask, x: torch.Tensor, y: torch.Tensor, total: int, batch_size: int,
-                 reduce: Callable[[torch.Tensor], torch.Tensor],
+    def __init__(self, model: nn.Module, mask: Mask, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 rank: int, world: int, reduce: Callable[[torch.Tensor], torch.Tensor],
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
-        """``x``, ``y``: this rank's slice of the training split, of ``total`` examples over all ranks."""
-        self.model, self.x, self.y, self.total, self.batch_size = model, x, y, total, batch_size
-        self.reduce, self.loss_sum = reduce, loss_sum
+        """``x``, ``y``: the whole training split; this rank takes its chunks of it."""
+        self.model, self.x, self.y, self.reduce, self.loss_sum = model, x, y, reduce, loss_sum
+        self.chunks = [slice(start, start + batch_size) for start in range(0, len(y), batch_size)][rank::world]
         self.params = [p for p in model.parameters() if p.requires_grad]
         names = {id(p): n for n, p in model.named_parameters()}
         self.keep = [mask[names[id(p)]].to(p.device) if names[id(p)] in mask else None for p in self.params]
@@ -56,13 +58,12 @@ class LipschitzProbe:
         total = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.x.device)
         was_training = self.model.training
         self.model.eval()  # the same as train mode for these models (no dropout, no batch norm), and says so
-        for start in range(0, len(self.y), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        for chunk in self.chunks:
             loss = self.loss_sum(self.model(self.x[chunk]), self.y[chunk])
             grads = torch.autograd.grad(loss, self.params)  # leaves p.grad (and Horovod's hooks) alone
             total += torch.cat([g.reshape(-1) for g in grads]).double()
         self.model.train(was_training)
-        return self._masked(self.reduce(total) / self.total)
+        return self._masked(self.reduce(total) / len(self.y))
 
     def _masked(self, flat: torch.Tensor) -> torch.Tensor:
         parts = flat.split([p.numel() for p in self.params])

@@ -11,6 +11,8 @@ unless that record reached the disk. Schema (documented in README.md):
          mask_sha256, mask_density, hvd_sparse_version, torch_version, horovod_version,
          created, finished
   measurements/<column>  1-D datasets, one entry per evaluation (see COLUMNS)
+  lipschitz/step, value  one entry per Lipschitz measurement (--lipschitz-every; absent if never
+  lipschitz/per_gamma    measured): its step, the largest L_g, and every L_g (attr ``gammas``)
   mask/<param name>      np.packbits of the flattened boolean mask, attr ``shape``
                          (attr mask_names lists them in model order; read_log returns a Mask)
 """
@@ -22,9 +24,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -43,6 +45,7 @@ COLUMNS: dict[str, type] = {
     "grad_trace": np.float64,  # the smoothed tr(Sigma) estimate behind it
 }
 OPTIONAL_COLUMNS = ("noise_scale", "grad_sq", "grad_trace")  # NaN in a row that does not have them
+LIPSCHITZ = "lipschitz"  # the group of the Lipschitz measurements
 STATUSES = ("RUNNING", "COMPLETE", "INCOMPLETE", "INFEASIBLE")
 REQUIRED_ATTRS = (
     "config", "run_hash", "status", "steps_to_result", "world_size", "mask_sha256",
@@ -189,14 +192,36 @@ class TrialLog:
 
         self._update(change)
 
-    def truncate(self, last_step: int) -> None:
-        """Drop evaluations after ``last_step`` (written after the checkpoint a run resumes from)."""
+    def append_lipschitz(self, step: int, value: float, per_gamma: Sequence[float], gammas: Sequence[float]) -> None:
+        """Append one Lipschitz measurement; it is on disk (fsynced) when this returns."""
 
         def change(f: h5py.File) -> None:
-            group = f["measurements"]
-            keep = int(np.searchsorted(group["step"][()], last_step, side="right"))
-            for name in COLUMNS:
-                group[name].resize((min(keep, group[name].shape[0]),))
+            if LIPSCHITZ not in f:
+                group = f.create_group(LIPSCHITZ)
+                group.attrs["gammas"] = np.asarray(gammas, dtype=np.float64)
+                group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
+                group.create_dataset("value", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,))
+                group.create_dataset("per_gamma", shape=(0, len(gammas)), maxshape=(None, len(gammas)),
+                                     dtype=np.float64, chunks=(64, len(gammas)))
+            group = f[LIPSCHITZ]
+            n = group["step"].shape[0]
+            for name, entry in (("step", step), ("value", value), ("per_gamma", per_gamma)):
+                group[name].resize(n + 1, axis=0)
+                group[name][n] = entry
+
+        self._update(change)
+
+    def truncate(self, last_step: int) -> None:
+        """Drop evaluations and Lipschitz measurements after ``last_step`` (written after the checkpoint a
+        run resumes from: they are redone)."""
+
+        def change(f: h5py.File) -> None:
+            for group, names in (("measurements", COLUMNS), (LIPSCHITZ, ("step", "value", "per_gamma"))):
+                if group not in f:
+                    continue
+                keep = int(np.searchsorted(f[group]["step"][()], last_step, side="right"))
+                for name in names:
+                    f[group][name].resize(min(keep, f[group][name].shape[0]), axis=0)
             f.attrs["resumes"] = int(f.attrs.get("resumes", 0)) + 1
 
         self._update(change)
@@ -231,6 +256,7 @@ class LogData:
     attrs: dict[str, Any]
     measurements: dict[str, np.ndarray]
     mask: Mask | None  # None when read with with_mask=False
+    lipschitz: dict[str, np.ndarray] = field(default_factory=dict)  # step, value, per_gamma, gammas; {} if none
 
     @property
     def config(self) -> dict[str, Any]:
@@ -267,6 +293,7 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
             columns = {name: group[name][()] for name in COLUMNS if name in group}
             n = min((len(c) for c in columns.values()), default=0)
             columns = {k: v[:n] for k, v in columns.items()}  # a column may be one ahead mid-append
+            lipschitz = _read_lipschitz(f)
             mask = None
             if with_mask and "mask" in f:
                 # insertion (model) order, which the checksum depends on; h5py lists names sorted
@@ -277,4 +304,13 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise LogError(f"{path}: unreadable or corrupt HDF5 log: {e}") from None
-    return LogData(path, attrs, columns, mask)
+    return LogData(path, attrs, columns, mask, lipschitz)
+
+
+def _read_lipschitz(f: h5py.File) -> dict[str, np.ndarray]:
+    if LIPSCHITZ not in f:
+        return {}
+    group = f[LIPSCHITZ]
+    out = {name: group[name][()] for name in ("step", "value", "per_gamma")}
+    n = min(len(v) for v in out.values())
+    return {**{k: v[:n] for k, v in out.items()}, "gammas": np.asarray(group.attrs["gammas"])}

@@ -2,14 +2,16 @@
 ``hvd_sparse.aggregate`` computed, and compute and read nothing themselves.
 
 The input is the studies table with each curve's regime boundaries on every row
-(``aggregate.with_regimes``) and, for the noise figure, ``aggregate.noise_series``. One figure set per
-(dataset, model, schedule, goal error), one panel per optimizer, one line per sparsity:
+(``aggregate.with_regimes``) and, for the figures over training, ``aggregate.best_trial_series``.
+One figure set per (dataset, model, schedule, goal error), one panel per optimizer, one line per
+sparsity:
 - ``steps_*``: steps-to-result vs batch size, log2-log2, with each curve's dashed perfect-scaling
   line from its smallest batch size; o marks the critical batch size, x the diminishing-returns one;
 - ``normalized_*``: the same curves divided by their value at the smallest batch size;
 - ``metaparams_*``: the best trial's learning rate (and momentum) vs batch size;
 - ``noise_*`` (when the trials measured it): the gradient noise scale over training, beside the
-  critical batch size the studies measured.
+  critical batch size the studies measured;
+- ``lipschitz_*`` (when the trials measured it): the gradient's Lipschitz constant over training.
 """
 from __future__ import annotations
 
@@ -125,10 +127,11 @@ def plot_metaparams(points: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
-def plot_noise(points: pd.DataFrame, series: pd.DataFrame, out: Path) -> list[Path]:
-    """``noise_*``: B_simple over training of each batch size's best trial (one colour per sparsity),
-    and in the same colour the batch sizes the studies measured: critical (dashed) and
-    diminishing-returns (dotted)."""
+def plot_series(points: pd.DataFrame, series: pd.DataFrame, out: Path, stem: str, ylabel: str, title: str,
+                bounds: bool) -> list[Path]:
+    """A quantity over training (``series``: study keys, step, value) of each batch size's best trial,
+    one colour per sparsity; with ``bounds``, in the same colour the batch sizes the studies measured:
+    critical (dashed) and diminishing-returns (dotted)."""
     if series.empty:
         return []
     written = []
@@ -144,27 +147,33 @@ def plot_noise(points: pd.DataFrame, series: pd.DataFrame, out: Path) -> list[Pa
                 label = f"sparsity {sparsity:g}"
                 lines = in_figure[(in_figure.optimizer == optimizer) & (in_figure.sparsity == sparsity)]
                 for _, line in lines.groupby("batch_size", sort=True):
-                    ax.plot(line.step, line.noise_scale, color=f"C{i}", alpha=0.7, linewidth=1, label=label)
+                    ax.plot(line.step, line.value, color=f"C{i}", alpha=0.7, linewidth=1, label=label)
                     label = None
-                for value, style in zip(_bounds(rows), ("--", ":")):
+                for value, style in zip(_bounds(rows), ("--", ":")) if bounds else ():
                     if math.isfinite(value):
                         ax.axhline(value, color=f"C{i}", linestyle=style, linewidth=1.4)
-            ax.plot([], [], color="gray", linestyle="--", label="measured critical B")
-            ax.plot([], [], color="gray", linestyle=":", label="measured diminishing-returns B")
+            if bounds:
+                ax.plot([], [], color="gray", linestyle="--", label="measured critical B")
+                ax.plot([], [], color="gray", linestyle=":", label="measured diminishing-returns B")
             ax.set_yscale("log", base=2)
             ax.grid(True, which="major", alpha=0.3)
             ax.set_xlabel("step")
-            ax.set_ylabel("noise scale B_simple (best trial per batch size)")
+            ax.set_ylabel(ylabel)
             ax.set_title(optimizer)
             if ax.has_data():
                 ax.legend(fontsize=8)
-        fig.suptitle(f"gradient noise scale: {key[0]} {key[1]} ({key[2]}),\ngoal error {key[3]:g}")
-        written += _save(fig, out, "noise_" + _name(key))
+        fig.suptitle(f"{title}: {key[0]} {key[1]} ({key[2]}),\ngoal error {key[3]:g}")
+        written += _save(fig, out, f"{stem}_" + _name(key))
     return written
 
 
-def plot_all(points: pd.DataFrame, noise: pd.DataFrame, out: Path) -> list[Path]:
-    """Every figure: ``points`` is ``aggregate.with_regimes``'s table, ``noise`` ``aggregate.noise_series``'s."""
+def plot_all(points: pd.DataFrame, noise: pd.DataFrame, lipschitz: pd.DataFrame, out: Path) -> list[Path]:
+    """Every figure: ``points`` is ``aggregate.with_regimes``'s table, ``noise`` and ``lipschitz`` the two
+    tables of ``aggregate.best_trial_series``."""
     out.mkdir(parents=True, exist_ok=True)
     return (plot_steps(points, out, normalized=False) + plot_steps(points, out, normalized=True)
-            + plot_metaparams(points, out) + plot_noise(points, noise, out))
+            + plot_metaparams(points, out)
+            + plot_series(points, noise, out, "noise", "noise scale B_simple (best trial per batch size)",
+                          "gradient noise scale", bounds=True)
+            + plot_series(points, lipschitz, out, "lipschitz", "Lipschitz constant along the update (best trial per batch size)",
+                          "gradient Lipschitz constant", bounds=False))

@@ -158,3 +158,27 @@ def test_cli_with_nothing_to_aggregate_is_a_clear_error(tmp_path, make):
     proc = cli(folder)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "hvd_sparse.aggregate: error:" in proc.stderr
+
+
+def test_the_lipschitz_constant_near_each_result_by_hand(tmp_path):
+    """Measurements every 100 steps valued step/100 (+10 at sparsity 0.9): the best trial's value nearest
+    its result step, the median over batch sizes per curve, and the figure over training."""
+    from hvd_sparse.lipschitz import GAMMAS
+
+    for sparsity, offset in ((0.0, 0.0), (0.9, 10.0)):
+        for batch, steps in ((16, 340), (32, 160), (64, 90)):
+            path = write_log(tmp_path, "nesterov", sparsity, batch, 0, "RUNNING", steps)
+            log = TrialLog(path)
+            for step in range(100, 1001, 100):
+                value = step / 100 + offset
+                log.append_lipschitz(step, value, [value * g for g in GAMMAS[::-1]], GAMMAS)
+            log.finish("COMPLETE", steps)
+    trials, studies, _, _ = aggregate(tmp_path, tmp_path / "out")
+    # nearest measurement to 340 is 300, to 160 is 200, to 90 is 100
+    assert sorted(trials[trials.sparsity == 0].lipschitz_at_result) == [1.0, 2.0, 3.0]
+    assert sorted(studies[studies.sparsity == 0.9].best_lipschitz) == [11.0, 12.0, 13.0]
+    table = pd.read_csv(tmp_path / "out" / "lipschitz.csv").set_index("sparsity")
+    assert table.loc[0.0, "lipschitz_at_result"] == 2.0 and table.loc[0.9, "lipschitz_at_result"] == 12.0
+    assert table.loc[0.9, "lipschitz_min"] == 11.0 and table.loc[0.9, "steps_at_smallest"] == 340
+    assert (tmp_path / "out" / "lipschitz_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
+    assert not (tmp_path / "out" / "noise_synthetic_mlp-tiny_constant_goal0.1.png").exists()  # not measured

@@ -17,7 +17,8 @@ from conftest import BIN, REPO, describe, launch_env
 
 FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--optimizer", "momentum",
          "--lr", "0.02", "--batch-size", "32", "--max-steps", "1500", "--eval-every", "100", "--goal-error", "0",
-         "--save-model", "--no-progress", "--noise-scale-every", "7"]  # its moving averages must resume exactly too
+         "--save-model", "--no-progress", "--noise-scale-every", "7",  # its moving averages must resume exactly too
+         "--lipschitz-every", "350"]  # measured before the kill (350) and after (700, ...): none lost, none twice
 
 
 def command(np_, out):
@@ -52,6 +53,9 @@ def assert_same_measurements(a, b):
     for column in COLUMNS:
         if column != "wall_time":
             np.testing.assert_array_equal(la.measurements[column], lb.measurements[column], err_msg=column)
+    assert la.lipschitz["step"].tolist() == lb.lipschitz["step"].tolist() == [350, 700, 1050, 1400]
+    for key in ("value", "per_gamma"):
+        np.testing.assert_array_equal(la.lipschitz[key], lb.lipschitz[key], err_msg=key)
     assert la.status == lb.status and la.attrs["mask_sha256"] == lb.attrs["mask_sha256"]
     pa, pb = torch.load(a.with_suffix(".final.pt")), torch.load(b.with_suffix(".final.pt"))
     assert all(torch.equal(pa[n], pb[n]) for n in pa)

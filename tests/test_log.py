@@ -123,3 +123,21 @@ def test_a_log_removed_or_damaged_under_the_run_is_a_storage_error(tmp_path):
     with pytest.raises(StorageError, match="cannot update the log"):
         log.append(row(0))
     assert path.read_bytes() == b"\x89HDF\r\n\x1a\n" + b"\0" * 64  # left as it was
+
+
+def test_lipschitz_measurements_append_read_and_truncate_with_the_evaluations(tmp_path):
+    path = tmp_path / "t.h5"
+    log = TrialLog.create(path, {"config": "{}", "run_hash": "x", "world_size": 1, "mask_sha256": "m",
+                                 "hvd_sparse_version": "t", "torch_version": "t", "horovod_version": "t"}, mask())
+    assert read_log(path).lipschitz == {}
+    for step in (0, 10, 20, 30):
+        log.append(row(step))
+    for step in (10, 20, 30):
+        log.append_lipschitz(step, step / 10, [step / 10, step / 20], (0.1, 0.9))
+    back = read_log(path).lipschitz
+    assert back["step"].tolist() == [10, 20, 30] and back["value"].tolist() == [1.0, 2.0, 3.0]
+    assert back["per_gamma"].tolist()[1] == [2.0, 1.0] and back["gammas"].tolist() == [0.1, 0.9]
+    log.truncate(20)  # a resume from the checkpoint at step 20 redoes what came after it
+    back = read_log(path)
+    assert back.measurements["step"].tolist() == [0, 10, 20] and back.lipschitz["step"].tolist() == [10, 20]
+    assert back.lipschitz["per_gamma"].shape == (2, 2)
