@@ -52,12 +52,14 @@ def test_points_by_hand_and_shared_by_every_batch_size_and_sparsity():
 
 
 def test_grid_fields_reach_every_trial_config():
-    s = spec(config={"prune": {"snip_batches": 2}, "dist": {"grad_compression": "kept"}}, seed=10)
+    s = spec(config={"prune": {"snip_batches": 2}, "dist": {"grad_compression": "kept"},
+                     "train": {"lipschitz_every": 20}}, seed=10)
     for t in grid(s):
         c = t.config
         assert (c.data.dataset, c.model.model, c.train.batch_size, c.prune.sparsity) == ("synthetic", "mlp-tiny", t.batch_size, t.sparsity)
         assert (c.train.max_steps, c.train.eval_every, c.train.goal_error) == (40, 10, 0.0)
         assert c.prune.snip_batches == 2 and c.dist.grad_compression == "kept" and c.train.seed == 10 + t.trial_id
+        assert c.train.lipschitz_every == 20
         assert t.relpath().as_posix() == (
             f"synthetic/mlp-tiny/{t.optimizer}/sparsity-{t.sparsity:g}/batch-{t.batch_size}/trial-{t.trial_id:03d}.h5")
 
