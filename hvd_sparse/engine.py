@@ -369,8 +369,9 @@ class Engine:
         return F.cross_entropy(self.state.model(x), y)
 
     def step(self) -> bool:
-        """One optimizer step on this rank's shard of the global batch; False if the averaged gradient
-        is not finite (the trial is INFEASIBLE and the step is not taken)."""
+        """One optimizer step on this rank's shard of the global batch, with the measurements that ride
+        along when due (the noise scale reads this step's gradients; the Lipschitz probe looks before and
+        after it); False if the averaged gradient is not finite (INFEASIBLE; the step is not taken)."""
         state, train, world = self.state, self.cfg.train, dist.size()
         probe = self.lipschitz if lipschitz_due(state.step, train.lipschitz_every) else None
         if probe is not None:
