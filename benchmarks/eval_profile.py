@@ -5,7 +5,7 @@
 Simple-CNN, the 250 validation digits one of two ranks evaluates, and the writes rank 0 makes after
 each evaluation: the log append (in-memory HDF5 image, write, fsync, rename) and the checkpoint. The
 forward pass both on the model as it trains (contiguous) and on the channels-last twin the trainer
-evaluates through on the CPU (train.Evaluator), with whether their predictions are equal.
+evaluates through on the CPU (engine.Evaluator), with whether their predictions are equal.
 """
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ import pandas as pd
 
 from hvd_sparse.cli import ArgumentParser, error_line, say
 from hvd_sparse.log import LogError, read_log
-from hvd_sparse.plots import plot_all
 
 PROG = "hvd_sparse.aggregate"
 WORKLOAD = ["dataset", "model", "optimizer", "schedule", "goal_error"]
@@ -106,11 +105,12 @@ def noise_at(measurements: Mapping[str, np.ndarray], step: int) -> float:
 
 
 def lipschitz_near(lipschitz: Mapping[str, np.ndarray], step: int) -> float:
-    """The Lipschitz measurement nearest to ``step`` (the earlier one of two as near); NaN if none."""
+    """The last Lipschitz measurement at or before ``step``, else the first after it; NaN if none."""
     steps = lipschitz.get("step", np.array([]))
     if not len(steps):
         return math.nan
-    return float(lipschitz["value"][int(np.argmin(np.abs(steps - step)))])
+    before = np.flatnonzero(steps <= step)
+    return float(lipschitz["value"][before[-1] if len(before) else 0])
 
 
 def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -411,6 +411,8 @@ def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, 
     curves = curve_table(studies, rules)
     write_outputs(Path(out), trials, studies, curves)
     if plots and not studies.empty:
+        from hvd_sparse.plots import plot_all  # matplotlib only where figures are drawn (not on a study's ranks)
+
         plot_all(with_regimes(studies, curves), *best_trial_series(studies, trials, Path(root)), Path(out))
     return trials, studies, curves, problems
 

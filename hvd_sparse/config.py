@@ -107,14 +107,22 @@ GRAD_COMPRESSIONS = ("none", "fp16", "kept", "kept-fp16")
 RENAMED_COMPRESSIONS = {"mask": "kept", "mask-fp16": "kept-fp16"}  # their names before 0.2.0
 
 
+def legacy_identity(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config section's identity values as hashed before 0.2.0 renamed the gradient compressions, so
+    that run and study hashes (and with them resume, and the study directory) stay what they were."""
+    old = {new: old for old, new in RENAMED_COMPRESSIONS.items()}
+    if section == "dist" and values.get("grad_compression") in old:
+        return {**values, "grad_compression": old[values["grad_compression"]]}
+    return values
+
+
 @dataclass(frozen=True)
 class DistConfig:
     grad_compression: str = _field(
         "none",
         "gradient allreduce: none (dense, per tensor), fp16 (dense, half precision on the wire), "
         "kept (only the kept, i.e. unpruned, entries, gathered into one vector), kept-fp16 (both)",
-        choices=GRAD_COMPRESSIONS,
-    )
+    )  # no argparse choices: a name from before 0.2.0 must reach __post_init__'s message
 
     def __post_init__(self) -> None:
         renamed = RENAMED_COMPRESSIONS.get(self.grad_compression)
@@ -216,7 +224,7 @@ class Config:
             obj = getattr(self, section.name)
             kept = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("identity", True)}
             if kept:
-                out[section.name] = kept
+                out[section.name] = legacy_identity(section.name, kept)
         return out
 
     def run_hash(self) -> str:

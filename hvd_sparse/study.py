@@ -30,7 +30,7 @@ from hvd_sparse import dist
 from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
 from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
-from hvd_sparse.config import SCHEDULES, Config, ConfigError
+from hvd_sparse.config import SCHEDULES, Config, ConfigError, legacy_identity
 from hvd_sparse.engine import Interrupted, check_batch, load_data_everywhere, run_trial, select_device, stop_requested, validate
 from hvd_sparse.log import check_writable, read_log
 from hvd_sparse.search import SearchSpace, reference_space
@@ -166,6 +166,7 @@ class StudySpec:
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
         d.pop("data_dir")
+        d["config"] = {section: legacy_identity(section, dict(values)) for section, values in d["config"].items()}
         return d
 
     def study_hash(self) -> str:

@@ -28,3 +28,10 @@ def test_cli_errors_are_one_line_config_errors(argv, fragment, capsys):
         parse_config(argv, "prog", "")
     assert fragment in str(exc.value) and "\n" not in str(exc.value)
     assert capsys.readouterr().err == ""  # no usage dump
+
+
+def test_a_gradient_compression_renamed_in_0_2_0_names_its_new_name_on_the_command_line():
+    with pytest.raises(ConfigError, match="--grad-compression mask is now called kept"):
+        parse_config(["--grad-compression", "mask"], "prog", "")
+    with pytest.raises(ConfigError, match="must be one of none, fp16, kept, kept-fp16"):
+        parse_config(["--grad-compression", "topk"], "prog", "")

@@ -54,6 +54,14 @@ def test_run_hash_ignores_operational_fields_only():
         assert changed.run_hash() != base.run_hash()
 
 
+def test_run_hashes_of_runs_from_before_the_rename_stay_the_same():
+    """0.1.0 hashed grad_compression "mask"; the same run, now spelled "kept", must find its log and checkpoint."""
+    kept = Config.from_dict({"dist": {"grad_compression": "kept"}})
+    assert kept.identity()["dist"] == {"grad_compression": "mask"}
+    assert kept.run_hash() != Config().run_hash()
+    assert Config.from_dict({"dist": {"grad_compression": "kept-fp16"}}).identity()["dist"]["grad_compression"] == "mask-fp16"
+
+
 def test_a_renamed_gradient_compression_names_its_new_name():
     with pytest.raises(ConfigError, match="--grad-compression mask is now called kept"):
         DistConfig(grad_compression="mask")

@@ -98,8 +98,10 @@ def train(np_, out, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {}
+    kept = ["--grad-compression", "kept", "--noise-scale-every", "5"]  # gradients as views of one buffer
     for name, np_, extra in (("np1", 1, ["--lipschitz-every", "10"]), ("np2", 2, ["--lipschitz-every", "10"]),
-                             ("np2-off", 2, [])):
+                             ("np2-off", 2, []), ("np2-kept", 2, [*kept, "--lipschitz-every", "10"]),
+                             ("np2-kept-off", 2, kept)):
         out[name] = train(np_, tmp_path_factory.mktemp(name), *extra)
     return out
 
@@ -116,11 +118,13 @@ def test_np1_and_np2_measure_the_same_constant_at_the_same_steps(runs):
 
 
 @pytest.mark.launches
-def test_measuring_never_changes_the_trajectory(runs):
-    (_, on), (_, off) = runs["np2"], runs["np2-off"]
+@pytest.mark.parametrize("on, off", [("np2", "np2-off"), ("np2-kept", "np2-kept-off")], ids=["dense", "kept-noise"])
+def test_measuring_never_changes_the_trajectory(runs, on, off):
+    (_, on), (_, off) = runs[on], runs[off]
     assert off.lipschitz == {}
-    for column in ("val_error", "val_loss", "train_loss"):
+    for column in ("val_error", "val_loss", "train_loss", "noise_scale"):
         np.testing.assert_array_equal(on.measurements[column], off.measurements[column], err_msg=column)
     p_on, p_off = torch.load(on.path.with_suffix(".final.pt")), torch.load(off.path.with_suffix(".final.pt"))
     assert all(torch.equal(p_on[n], p_off[n]) for n in p_on)
     assert all(math.isfinite(v) for v in on.lipschitz["value"])
+    np.testing.assert_allclose(on.lipschitz["value"], runs["np2"][1].lipschitz["value"], rtol=1e-5)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from hvd_sparse.log import read_log
-from conftest import BIN, REPO, horovodrun, require_launches_marker
+from conftest import BIN, REPO, horovodrun, launch_env, require_launches_marker
 
 sys.path.insert(0, str(REPO / "launch"))
 from slurm_hosts import expand_hostlist, expand_tasks, hosts_with_slots  # noqa: E402
@@ -37,6 +37,7 @@ def test_bad_host_lists_are_errors(text):
         expand_hostlist(text)
 
 
+@pytest.mark.launches
 def test_tasks_per_node_and_slots():
     assert expand_tasks("2(x3),1") == [2, 2, 2, 1]
     assert hosts_with_slots("node[01-03,07]", "2(x3),1") == [("node01", 2), ("node02", 2), ("node03", 2), ("node07", 1)]
@@ -44,7 +45,7 @@ def test_tasks_per_node_and_slots():
     with pytest.raises(ValueError, match="3 hosts"):
         hosts_with_slots("n[1-3]", "2,2")
     out = subprocess.run([sys.executable, str(REPO / "launch" / "slurm_hosts.py"), "node[01-02]", "4(x2)"],
-                         capture_output=True, text=True, check=True).stdout
+                         env=launch_env(), capture_output=True, text=True, check=True).stdout
     assert out == "node01:4,node02:4\n"
 
 

@@ -51,6 +51,12 @@ def test_points_by_hand_and_shared_by_every_batch_size_and_sparsity():
     assert [t.index for t in trials] == list(range(len(trials)))
 
 
+def test_a_study_spelled_with_kept_keeps_the_hash_it_had_as_mask():
+    s = spec(config={"dist": {"grad_compression": "kept"}})
+    assert s.identity()["config"]["dist"] == {"grad_compression": "mask"}  # as hashed before 0.2.0
+    assert s.to_dict()["config"]["dist"] == {"grad_compression": "kept"}  # as written, and as run
+
+
 def test_grid_fields_reach_every_trial_config():
     s = spec(config={"prune": {"snip_batches": 2}, "dist": {"grad_compression": "kept"},
                      "train": {"lipschitz_every": 20}}, seed=10)
