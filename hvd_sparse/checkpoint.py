@@ -20,6 +20,10 @@ from hvd_sparse.log import LogError, read_log, write_atomically
 from hvd_sparse.mask import Mask
 
 
+# studies have no --overwrite: a study starts a trial over when its log and checkpoint are removed
+START_OVER = "remove it and the log beside it to start the trial over (hvd_sparse.train: or pass --overwrite)"
+
+
 def checkpoint_path(log: Path) -> Path:
     return log.with_suffix(".ckpt.pt")
 
@@ -75,9 +79,9 @@ def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-        raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); remove it or pass --overwrite") from None
+        raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); {START_OVER}") from None
     if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"]:
-        raise LogError(f"{path}: checkpoint of another run or mask; remove it or pass --overwrite")
+        raise LogError(f"{path}: checkpoint of another run or mask; {START_OVER}")
     assert data.mask is not None
     train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))
     progress = Progress(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]),

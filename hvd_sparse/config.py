@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -96,7 +97,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.optimizer), "--optimizer must not be empty")
-        _require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}")
         _require(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}")
         _require(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _require(_is_int(self.decay_steps) and self.decay_steps >= 0, f"--decay-steps must be >= 0, got {self.decay_steps}")

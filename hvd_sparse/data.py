@@ -11,6 +11,7 @@ import importlib.util
 import math
 import pickle
 import struct
+import zlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a broken deflate stream inside a .gz
         raise DataError(f"{path}: cannot read: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (expected the magic bytes 0x00 0x00, type, rank)")

@@ -35,7 +35,7 @@ from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model, get_factory, prunable_names
 from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm, masks_of
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
-from hvd_sparse.pruning import snip
+from hvd_sparse.pruning import kept_count, snip
 
 logger = logging.getLogger("hvd_sparse")
 
@@ -469,6 +469,8 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | No
     SNIP runs on rank 0 only; the other ranks do not touch the data for it.
     """
     names = prunable_names(model, cfg.prune.prune_biases)
+    ones = Mask.ones(model, names)
+    kept_count(ones.num_total, cfg.prune.sparsity)  # on every rank, before rank 0's SNIP: the same error everywhere
 
     def compute() -> Mask:
         if known is not None:
@@ -479,7 +481,7 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | No
             seed=cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed,
         )
 
-    return dist.broadcast_mask(dist.on_root(compute, "SNIP"), Mask.ones(model, names))
+    return dist.broadcast_mask(dist.on_root(compute, "SNIP"), ones)
 
 
 def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None) -> tuple[nn.Module, Mask, dist.GradientSync]:

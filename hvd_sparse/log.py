@@ -18,6 +18,7 @@ unless that record reached the disk. Schema (documented in README.md):
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -62,12 +63,25 @@ class StorageError(RuntimeError):
     on disk is still its previous, consistent version; the run stops on every rank (exit 1)."""
 
 
-def _reason(error: BaseException) -> str:
-    """One line for a failed write: the OS error's own words, else the first line of the message."""
+def _reason(error: BaseException, folder: Path | None = None) -> str:
+    """One line for a failed write: the OS error's own words, else the first line of the message;
+    a write that failed on a full filesystem says so, whatever the writer's words (torch.save's are
+    "unexpected pos ..." with the OSError lost)."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
+    if folder is not None and _is_full(folder):
+        return os.strerror(errno.ENOSPC)
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_full(folder: Path) -> bool:
+    """No room for another filesystem block (what a full disk or an exhausted quota leaves)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < stats.f_bsize
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
@@ -86,7 +100,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> No
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for a failed write
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{path}: cannot write the {what}: {_reason(e)}{_free_space(path.parent)}") from None
+        raise StorageError(f"{path}: cannot write the {what}: {_reason(e, path.parent)}{_free_space(path.parent)}") from None
 
 
 def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = False, what: str = "log") -> None:

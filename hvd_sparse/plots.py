@@ -73,7 +73,8 @@ def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
         for ax, optimizer in zip(axes[0], optimizers):
             group = fig_group[fig_group.optimizer == optimizer]
             for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
-                rows = rows[np.isfinite(rows.steps_to_result)].sort_values("batch_size")
+                # log axes: a goal reached at the first evaluation (0 steps) has no place on them
+                rows = rows[np.isfinite(rows.steps_to_result) & (rows.steps_to_result > 0)].sort_values("batch_size")
                 if rows.empty:
                     continue
                 color = f"C{i}"

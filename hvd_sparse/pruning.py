@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hvd_sparse.config import seed_for
+from hvd_sparse.config import ConfigError, seed_for
 from hvd_sparse.data import Split
 from hvd_sparse.mask import Mask, split_flat
 
@@ -51,10 +51,20 @@ def snip_scores(model: nn.Module, names: list[str], batches: Iterable[tuple[torc
     return dict(zip(names, scores))
 
 
+def kept_count(total: int, sparsity: float) -> int:
+    """How many of ``total`` prunable entries a mask of ``sparsity`` keeps: round(N * (1 - sparsity)),
+    at least one (ConfigError if the sparsity would keep none: a network of no weights trains nothing)."""
+    k = int(round(total * (1.0 - sparsity)))
+    if k < 1:
+        raise ConfigError(f"--sparsity {sparsity!r} keeps none of the {total} prunable weights "
+                          f"(at most {1 - 1 / total:.9g} keeps one)")
+    return k
+
+
 def top_k_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
     """Keep exactly round(N * (1 - sparsity)) entries with the highest scores, ties by position."""
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
-    k = int(round(flat.numel() * (1.0 - sparsity)))
+    k = kept_count(flat.numel(), sparsity)
     order = torch.argsort(flat, descending=True, stable=True)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[:k]] = True

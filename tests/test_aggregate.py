@@ -182,3 +182,12 @@ def test_the_lipschitz_constant_near_each_result_by_hand(tmp_path):
     assert table.loc[0.9, "lipschitz_max"] == 13.0 and table.loc[0.9, "steps_at_smallest"] == 340
     assert (tmp_path / "out" / "lipschitz_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
     assert not (tmp_path / "out" / "noise_synthetic_mlp-tiny_constant_goal0.1.png").exists()  # not measured
+
+
+def test_a_goal_reached_at_the_first_evaluation_is_plotted_without_it(tmp_path):
+    """Steps-to-result 0 (the goal met before training) has no place on log axes: the figure leaves it out."""
+    for batch, steps in ((16, 0), (32, 40), (64, 20)):
+        write_log(tmp_path, "nesterov", 0.0, batch, 0, "COMPLETE", steps)
+    trials, studies, curves, _ = aggregate(tmp_path, tmp_path / "out")
+    assert sorted(studies.steps_to_result) == [0, 20, 40]
+    assert (tmp_path / "out" / "steps_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000

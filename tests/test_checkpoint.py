@@ -117,3 +117,17 @@ def test_a_trial_already_running_elsewhere_is_refused(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = run(1, tmp_path, *short, "--overwrite")
     assert proc.returncode == 2 and "another process is running this trial" in proc.stderr
+
+
+def test_a_full_disk_while_checkpointing_says_so(mount_tmpfs):
+    """torch.save reports a full disk as "unexpected pos ..."; the error must say what happened."""
+    from hvd_sparse.checkpoint import Progress, save_checkpoint
+    from hvd_sparse.log import StorageError
+    from conftest import fill_disk
+
+    disk = mount_tmpfs("size=256k")
+    model = torch.nn.Linear(300, 300)  # 360 KB of weights: more than the disk holds
+    fill_disk(disk, leave_pages=8)
+    with pytest.raises(StorageError, match="cannot write the checkpoint: No space left on device") as exc:
+        save_checkpoint(disk / "t.h5", Progress(), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", "m")
+    assert "\n" not in str(exc.value) and not list(disk.glob("*.tmp"))

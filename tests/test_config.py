@@ -54,6 +54,12 @@ def test_run_hash_ignores_operational_fields_only():
         assert changed.run_hash() != base.run_hash()
 
 
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_learning_rate_must_be_finite_and_positive(lr):
+    with pytest.raises(ConfigError, match="--lr must be a finite number > 0"):
+        OptimConfig(lr=lr)
+
+
 def test_run_hashes_of_runs_from_before_the_rename_stay_the_same():
     """0.1.0 hashed grad_compression "mask"; the same run, now spelled "kept", must find its log and checkpoint."""
     kept = Config.from_dict({"dist": {"grad_compression": "kept"}})

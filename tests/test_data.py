@@ -190,6 +190,19 @@ def test_malformed_idx_files_name_the_file(tmp_path, damage, fragment):
     assert str(target) in str(exc.value)
 
 
+def test_a_broken_deflate_stream_in_a_gz_is_a_data_error_naming_the_file(tmp_path):
+    from hvd_sparse.data import get_loader
+
+    write_mnist(tmp_path, gz=True)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(images.read_bytes())
+    raw[20:40] = bytes(0xFF for _ in range(20))  # a valid gzip header, a broken compressed body
+    images.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="cannot read") as exc:
+        get_loader("mnist")(str(tmp_path))
+    assert str(images) in str(exc.value) and "\n" not in str(exc.value)
+
+
 def write_cifar(folder, per_batch=6, seed=0):
     import pickle
 

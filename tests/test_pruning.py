@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from hvd_sparse.data import Split
 from hvd_sparse.models import build_model, prunable_names
-from hvd_sparse.pruning import snip, snip_batches, snip_scores, top_k_mask
+from hvd_sparse.config import ConfigError
+from hvd_sparse.pruning import kept_count, snip, snip_batches, snip_scores, top_k_mask
 
 
 def data(n=60, seed=0):
@@ -80,3 +81,11 @@ def test_sparsity_zero_keeps_everything_and_seed_changes_batches():
     c = snip_scores(model, names, snip_batches(data(), 10, 1, seed=1))
     assert all(torch.equal(a[n], b[n]) for n in names)
     assert not all(torch.equal(a[n], c[n]) for n in names)
+
+
+def test_a_sparsity_that_keeps_no_weight_is_refused():
+    assert kept_count(1000, 0.9) == 100 and kept_count(1000, 0.9994) == 1
+    with pytest.raises(ConfigError, match="--sparsity 0.999999999 keeps none of the 1000 prunable weights"):
+        kept_count(1000, 0.999999999)
+    with pytest.raises(ConfigError, match="keeps none"):
+        top_k_mask({"w": torch.rand(10)}, 0.96)

@@ -196,6 +196,7 @@ BAD_INPUTS = [
     (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "-0.5"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "0.999999999"], "--sparsity 0.999999999 keeps none of the 8554 prunable weights"),
     (["--batch-size", "33"], "--batch-size 33 is not divisible by the 2 ranks"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--batch-size", "3.5"], "argument --batch-size: invalid int value: '3.5'"),
