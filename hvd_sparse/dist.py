@@ -25,6 +25,11 @@ class DistributedError(RuntimeError):
     """Some rank failed or ranks disagree; raised on every rank with the same message."""
 
 
+class PeerInputError(DistributedError, ValueError):
+    """Another rank's input was bad (a ValueError there: configuration, data, logs): the ranks that
+    did not see it fail as input errors too, so every rank exits with the same code (2)."""
+
+
 # Raised by a collective when Horovod shut down because another rank failed outside ``agree`` (it
 # exited before its first collective, or it called a different one): that rank said why itself.
 PeerFailure = HorovodInternalError
@@ -214,7 +219,8 @@ def agree(step: Callable[[], T], what: str) -> T:
     """Run ``step`` on every rank; if it raised anywhere, raise on every rank.
 
     A rank's own exception is re-raised as is (so user errors keep their type); ranks that
-    succeeded raise DistributedError naming the failed rank and its message.
+    succeeded raise DistributedError naming the failed rank and its message, a PeerInputError (also
+    a ValueError) when that rank's error was an input error, so that every rank exits alike.
     """
     result: Any = None
     error: BaseException | None = None
@@ -222,12 +228,14 @@ def agree(step: Callable[[], T], what: str) -> T:
         result = step()
     except Exception as e:  # noqa: BLE001 - re-raised below on this rank
         error = e
-    reports = allgather_object(None if error is None else f"{type(error).__name__}: {error}", name=f"agree.{what}")
+    report = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
+    reports = allgather_object(report, name=f"agree.{what}")
     if error is not None:
         raise error
-    for r, report in enumerate(reports):
-        if report is not None:
-            raise DistributedError(f"{what} failed on rank {r}: {report}")
+    for r, other in enumerate(reports):
+        if other is not None:
+            is_input, text = other
+            raise (PeerInputError if is_input else DistributedError)(f"{what} failed on rank {r}: {text}")
     return result
 
 

@@ -212,3 +212,22 @@ def test_a_corrupt_log_in_a_study_stops_it_on_every_rank_and_is_left_alone(tmp_p
     assert_every_rank_failed(proc, started, "unreadable or corrupt HDF5 log", record_property, prog="hvd_sparse.study")
     assert str(logs[1]) in proc.stdout + proc.stderr
     assert {p: p.read_bytes() for p in logs} == before
+
+
+@pytest.mark.launches
+def test_an_input_error_seen_by_rank_0_alone_exits_2_on_every_rank(tmp_path):
+    """Running a finished trial again: only rank 0 reads the log (LogError, an input error); rank 1
+    learns it through the agreement and must exit with the same code, 2, not 1."""
+    flags = ["-m", "hvd_sparse.train", "--no-progress", "--dataset", "synthetic", "--model", "mlp-tiny",
+             "--batch-size", "32", "--max-steps", "10", "--eval-every", "10", "--out", str(tmp_path / "runs")]
+    assert horovodrun(2, flags).returncode == 0
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    script = f'"{sys.executable}" "$@"; code=$?; echo $code > "{codes}/rank$OMPI_COMM_WORLD_RANK"; exit $code'
+    proc = subprocess.run([str(BIN / "horovodrun"), "-np", "2", "bash", "-c", script, "rank", *flags],
+                          env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, describe(proc)
+    for rank in (0, 1):
+        assert (codes / f"rank{rank}").read_text().strip() == "2", describe(proc)
+    assert "already ended (INCOMPLETE)" in rank_lines(proc.stderr, 0)[-1]
+    assert "failed on rank 0: LogError" in rank_lines(proc.stderr, 1)[-1]
