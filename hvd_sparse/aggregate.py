@@ -272,8 +272,8 @@ def lipschitz_table(studies: pd.DataFrame) -> pd.DataFrame:
     batch size: the paper's finding is a larger constant, and more steps, at higher sparsity."""
     rows = []
     for key, group in studies.groupby(CURVE, sort=True):
-        values = group.best_lipschitz[np.isfinite(group.best_lipschitz)] if "best_lipschitz" in group else []
-        if len(values) == 0:
+        values = group.best_lipschitz[np.isfinite(group.best_lipschitz)]
+        if values.empty:
             continue
         reached = group[np.isfinite(group.steps_to_result)].sort_values("batch_size")
         rows.append({**dict(zip(CURVE, key)), "batch_sizes": len(values), "lipschitz_at_result": float(values.median()),

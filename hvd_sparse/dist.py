@@ -344,14 +344,12 @@ class KeptEntriesSync(GradientSync):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool):
         self.optimizer, self.fp16 = optimizer, fp16
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        self.params = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
         self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
         self.views = split_flat(self.flat, [p.shape for p in self.params])
-        keep = torch.cat([mask[n].reshape(-1).to(device) if n in mask else torch.ones(p.numel(), dtype=torch.bool,
-                                                                                       device=device)
-                          for n, p in named])
+        keep = torch.cat([torch.ones(p.numel(), dtype=torch.bool, device=device) if m is None else m.reshape(-1).to(device)
+                          for m, p in zip(mask.by_parameter(model), self.params)])
         self.index = keep.nonzero().squeeze(1)
         self.bytes_per_step = self.index.numel() * (2 if fp16 else 4)
 

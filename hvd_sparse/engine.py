@@ -33,7 +33,7 @@ from hvd_sparse.lipschitz import due as lipschitz_due
 from hvd_sparse.log import TrialLog, write_atomically
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model, get_factory, prunable_names
-from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm, masks_of
+from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import kept_count, snip
 
@@ -331,7 +331,7 @@ class Engine:
         model, train = self.state.model, self.cfg.train
         self.evaluator = Evaluator(model, self.data.train.x.device)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
-        self.noise_masks = masks_of(model, self.mask) if train.noise_scale_every else []
+        self.noise_masks = self.mask.by_parameter(model) if train.noise_scale_every else []
         self.lipschitz = None
         if train.lipschitz_every:
             self.lipschitz = LipschitzProbe(

@@ -10,9 +10,8 @@ and the measurement is the largest L_g. Each full gradient is data-parallel: the
 cut into chunks (the evaluation batch size), rank r sums the loss gradient over chunks r, r + np,
 ..., and one allreduce adds the ranks' sums up, so a measurement costs each rank 10/np passes over
 the split. The chunks do not depend on the world size, so np=1 and np=2 add the very same chunk
-gradients (in float64), only in another order. The
-weights are put back bitwise and no ``p.grad`` or optimizer state is touched, so measuring never
-changes the trajectory.
+gradients (in float64), only in another order. The weights are put back bitwise and no ``p.grad``
+or optimizer state is touched, so measuring never changes the trajectory.
 """
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ class LipschitzProbe:
         self.model, self.x, self.y, self.reduce, self.loss_sum = model, x, y, reduce, loss_sum
         self.chunks = [slice(start, start + batch_size) for start in range(0, len(y), batch_size)][rank::world]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.keep = [mask[names[id(p)]].to(p.device) if names[id(p)] in mask else None for p in self.params]
+        self.keep = [None if m is None else m.to(p.device) for m, p in zip(mask.by_parameter(model), self.params)]
         self.w_prev: list[torch.Tensor] = []
         self.g_prev = torch.zeros(0)
 

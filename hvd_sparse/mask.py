@@ -104,6 +104,11 @@ class Mask:
         parts = split_flat(flat, [t.shape for t in self._tensors.values()])
         return Mask({name: part.to(torch.bool) for name, part in zip(self._tensors, parts)})
 
+    def by_parameter(self, model: nn.Module) -> list[torch.Tensor | None]:
+        """Per trainable parameter of ``model`` (model order), its boolean mask, or None where nothing
+        is pruned: the order in which gradients are gathered, normed and sent."""
+        return [self._tensors.get(name) for name, p in model.named_parameters() if p.requires_grad]
+
     def to(self, device: torch.device | str) -> "Mask":
         return Mask({n: t.to(device) for n, t in self._tensors.items()})
 

@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hvd_sparse.mask import Mask
 
 
 @dataclass
@@ -68,11 +67,6 @@ class NoiseScale:
     def restore(self, state: tuple[float, ...]) -> None:
         if state:
             self.g2, self.trace, self.weight = (float(v) for v in state)
-
-
-def masks_of(model: nn.Module, mask: Mask) -> list[torch.Tensor | None]:
-    """Per trainable parameter (model order), its boolean mask, or None where nothing is pruned."""
-    return [mask[name] if name in mask else None for name, p in model.named_parameters() if p.requires_grad]
 
 
 def masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor | None]) -> torch.Tensor:

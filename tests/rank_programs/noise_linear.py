@@ -16,7 +16,7 @@ from torch import nn
 
 from hvd_sparse import dist
 from hvd_sparse.mask import Mask
-from hvd_sparse.noise import NoiseScale, local_gradients, masks_of
+from hvd_sparse.noise import NoiseScale, local_gradients
 from hvd_sparse.engine import measure_noise
 
 out, scheme, masked, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "masked", int(sys.argv[4])
@@ -32,7 +32,7 @@ with torch.no_grad():
 keep = torch.arange(D) % 2 == 0 if masked else torch.ones(D, dtype=torch.bool)
 mask = Mask({"weight": keep[None].clone()})
 sync = dist.gradient_sync(scheme, torch.optim.SGD(model.parameters(), lr=0.0), model, mask)
-masks = masks_of(model, mask)
+masks = mask.by_parameter(model)
 noise = NoiseScale(smoothing=0.999)
 
 
