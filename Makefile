@@ -11,8 +11,11 @@ PYTEST_ARGS ?=
 STUDY ?= studies/mini-mnist5k.yaml
 STUDY_OUT ?= runs/studies
 FIGURES ?= docs/mini-study
+FASHION_SPECS ?= studies/fashion-mnist-nesterov.yaml studies/fashion-mnist-sgd.yaml
+FASHION_OUT ?= runs/fashion
+FASHION_FIGURES ?= docs/fashion-study
 
-.PHONY: setup demo replicate failure-times test test-fast clean
+.PHONY: setup demo replicate replicate-fashion failure-times test test-fast clean
 
 setup:
 	@bash launch/setup.sh
@@ -26,6 +29,12 @@ demo: setup
 replicate: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT)
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) --print-dir)" --out $(FIGURES)
+
+## make replicate-fashion: set up (which installs Debian's Fashion-MNIST), run the Fashion-MNIST studies
+## (trials two at a time, one core each; rerun to resume), then aggregate both into $(FASHION_FIGURES)
+replicate-fashion: setup
+	for spec in $(FASHION_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --pack $(NP) || exit 1; done
+	python -m hvd_sparse.aggregate $(FASHION_OUT) --out $(FASHION_FIGURES)
 
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup

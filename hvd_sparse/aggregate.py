@@ -7,10 +7,15 @@ is one (dataset, model, optimizer, schedule, goal error, sparsity, batch size); 
 is the minimum over its COMPLETE trials (``studies.csv``). A *curve* is steps-to-result against batch
 size for one workload and sparsity; ``curves.csv`` holds its regime boundaries:
 
+- the curve is first smoothed by the shape the theory gives it (``scaling_fit``): on log2-log2 axes,
+  a least-squares fit whose slope starts at -1 or above (nothing scales better than perfectly) and
+  only rises from one batch size to the next (returns only diminish). Measured steps-to-result carry
+  the noise of a finite search and of evaluating at intervals; the rules read the fitted curve;
 - critical batch size: the largest batch size B_k such that every batch size up to it needs at most
   ``(1 + tolerance)`` times the steps of perfect scaling from the smallest one, S_0 * B_0 / B_j;
-- diminishing-returns batch size: the first B_k from which going to the next batch size saves less
-  than ``min_saving`` of the steps per doubling, 1 - (S_k+1 / S_k) ** (1 / log2(B_k+1 / B_k)).
+- diminishing-returns (maximal useful) batch size: the first B_k from which going to the next batch
+  size saves less than ``min_saving`` of the steps per doubling, 1 - (S_k+1 / S_k) ** (1 / log2(B_k+1 / B_k));
+  on the fitted curve the saving only falls with B, so no larger batch size saves more.
 
 Aggregation is a pure function of the trials table; ``hvd_sparse.plots`` draws what it computed.
 """
@@ -182,24 +187,43 @@ def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataF
                                                "best_val_error", "best_noise_scale", "best_lipschitz"])
 
 
+def scaling_fit(batch_sizes: Sequence[float], steps: Sequence[float]) -> np.ndarray:
+    """The least-squares fit, in log2(steps) against log2(batch size), of a convex curve whose slope is
+    -1 or more: u_k = c - (x_k - x_0) + sum_i e_i max(0, x_k - x_i), with e_i >= 0 the slope's rise at
+    x_i. ``batch_sizes`` ascending, ``steps`` positive; returns the fitted steps at the same points."""
+    x, y = np.log2(np.asarray(batch_sizes, float)), np.log2(np.asarray(steps, float))
+    if len(x) < 2:
+        return np.asarray(steps, float)
+    hinges = np.maximum(0.0, x[:, None] - x[None, :-1])  # column i: max(0, x_k - x_i)
+    design = np.column_stack([np.ones_like(x), hinges])
+    target = y + (x - x[0])
+    from scipy.optimize import lsq_linear  # here: the aggregator's only scipy use, and not on import
+
+    lower = np.r_[-np.inf, np.zeros(len(x) - 1)]
+    fit = lsq_linear(design, target, bounds=(lower, np.full(len(x), np.inf)), method="bvls")
+    return 2.0 ** (design @ fit.x - (x - x[0]))
+
+
 def regimes(batch_sizes: Sequence[int], steps: Sequence[float], rules: Rules) -> tuple[float, float]:
     """(critical batch size, diminishing-returns batch size) of one curve; NaN where undetermined.
 
-    Only batch sizes with a finite steps-to-result count; the rules are in the module docstring.
+    Only batch sizes with a finite, positive steps-to-result count; the rules (module docstring) read
+    the curve ``scaling_fit`` fits through them.
     """
     points = sorted((int(b), float(s)) for b, s in zip(batch_sizes, steps) if math.isfinite(s) and s > 0)
     if not points:
         return math.nan, math.nan
-    b0, s0 = points[0]
+    sizes = [b for b, _ in points]
+    fitted = scaling_fit(sizes, [s for _, s in points])
+    b0, s0 = sizes[0], fitted[0]
     critical = float(b0)
-    for b, s in points:
-        if s > (1 + rules.tolerance) * s0 * b0 / b:
+    for b, s in zip(sizes, fitted):
+        if s > (1 + rules.tolerance) * s0 * b0 / b * (1 + 1e-9):  # 1e-9: the fit's own rounding
             break
         critical = float(b)
     diminishing = math.nan
-    for (b1, s1), (b2, s2) in zip(points, points[1:]):
-        saving = 1 - (s2 / s1) ** (1 / math.log2(b2 / b1))
-        if saving < rules.min_saving:
+    for b1, s1, b2, s2 in zip(sizes, fitted, sizes[1:], fitted[1:]):
+        if 1 - (s2 / s1) ** (1 / math.log2(b2 / b1)) < rules.min_saving:
             diminishing = float(b1)
             break
     return critical, diminishing

@@ -181,13 +181,23 @@ def _read_idx_pair(root: Path, split: str, subdirs: tuple[str, ...]) -> tuple[np
     return images[:, None, :, :].copy(), labels.astype(np.int64)
 
 
+# where a system package puts a dataset: the folder used when --data-dir is not given
+SYSTEM_DATA_DIRS = {
+    "FashionMNIST": (Path("/usr/share/datasets/fashion-mnist"), "apt-get install dataset-fashion-mnist"),
+}
+
+
 def _idx_loader(folder: str) -> Callable[[str | None], RawData]:
     """MNIST-format loader; ``folder`` is torchvision's sub-folder name (MNIST, FashionMNIST)."""
     subdirs = ("", f"{folder}/raw", "raw", folder)
 
     def load(data_dir: str | None) -> RawData:
         if data_dir is None:
-            raise DataError(f"this dataset needs --data-dir (a folder with the four IDX files, or {folder}/raw/ under it)")
+            system, package = SYSTEM_DATA_DIRS.get(folder, (None, None))
+            if system is None or not system.is_dir():
+                place = f", or install it into {system} with `{package}`" if system else ""
+                raise DataError(f"this dataset needs --data-dir (a folder with the four IDX files, or {folder}/raw/ under it){place}")
+            data_dir = str(system)
         root = Path(data_dir)
         train_x, train_y = _read_idx_pair(root, "train", subdirs)
         test_x, test_y = _read_idx_pair(root, "test", subdirs)

@@ -74,7 +74,8 @@ class SearchSpace:
         if not self.params:
             return [{} for _ in range(n)]
         sampler = qmc.Sobol(d=len(self.params), scramble=seed is not None, seed=seed)
-        sampler.fast_forward(skip)
+        if skip:  # fast_forward(0) overflows in scipy 1.17
+            sampler.fast_forward(skip)
         with warnings.catch_warnings():  # skipping the first point breaks the power-of-2 balance, knowingly
             warnings.filterwarnings("ignore", message="The balance properties of Sobol", category=UserWarning)
             unit = sampler.random(n)

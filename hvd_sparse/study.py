@@ -54,6 +54,22 @@ def _ints(values: Any, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _per_batch(value: Any, batch_sizes: Sequence[int], what: str) -> int | dict[int, int]:
+    """A positive integer for every batch size, or a map from each batch size to its own (YAML
+    ``{16: 4000, 32: 2000}``; JSON's string keys are read as integers)."""
+    if not isinstance(value, Mapping):
+        return value  # an int: checked by the trial config
+    try:
+        per = {int(k): v for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"study spec: {what} maps batch sizes to values; got keys {list(value)}") from None
+    missing, extra = sorted(set(batch_sizes) - set(per)), sorted(set(per) - set(batch_sizes))
+    if missing or extra:
+        raise ConfigError(f"study spec: {what} must give exactly the batch sizes {list(batch_sizes)}"
+                          + (f"; missing {missing}" if missing else "") + (f"; not in the grid {extra}" if extra else ""))
+    return dict(sorted(per.items()))
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """A study grid. Every field but ``data_dir`` enters the study hash."""
@@ -66,10 +82,11 @@ class StudySpec:
     batch_sizes: tuple[int, ...]
     trials: int
     goal_error: float
-    max_steps: int
-    eval_every: int
+    max_steps: int | Mapping[int, int]  # the step budget; or one per batch size
+    eval_every: int | Mapping[int, int]  # the evaluation interval in steps; or one per batch size
     schedule: str = "constant"
     search: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # overrides of the reference space
+    lr_scaling: Mapping[str, int] | None = None  # {reference: B_ref, up_to: B_max}: lr x min(B, B_max) / B_ref
     sobol_skip: int = 1
     sobol_seed: int | None = None
     seed: int = 0
@@ -81,6 +98,8 @@ class StudySpec:
             raise ConfigError(f"study spec: name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ConfigError(f"study spec: trials must be a positive integer, got {self.trials!r}")
+        for key in ("max_steps", "eval_every"):
+            object.__setattr__(self, key, _per_batch(getattr(self, key), self.batch_sizes, key))
         if not isinstance(self.sparsities, tuple) or not self.sparsities:
             raise ConfigError("study spec: sparsities must be a non-empty list")
         for what in ("sparsities", "optimizers", "batch_sizes"):
@@ -96,11 +115,21 @@ class StudySpec:
             clash = set(values) if fixed is None else set(values) & fixed
             if clash:
                 raise ConfigError(f"study spec: config.{section} may not set {', '.join(sorted(clash))} (the grid sets it)")
+        self._check_lr_scaling()
         for optimizer in self.optimizers:
-            self.space(optimizer)  # unknown search names, bad ranges
+            self.space(optimizer), self.fixed(optimizer)  # unknown search names, bad ranges, bad values
             for sparsity in self.sparsities:
                 for batch_size in self.batch_sizes:  # every other field, by the config's own checks
-                    self.trial_config(optimizer, sparsity, batch_size, 0)
+                    self.trial_config(optimizer, sparsity, batch_size, 0, self.fixed(optimizer))
+
+    def _check_lr_scaling(self) -> None:
+        if self.lr_scaling is None:
+            return
+        scaling = self.lr_scaling
+        if not isinstance(scaling, Mapping) or set(scaling) != {"reference", "up_to"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in scaling.values()):
+            raise ConfigError(f"study spec: lr_scaling must look like {{reference: 16, up_to: 256}} (positive "
+                              f"batch sizes), got {scaling!r}")
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -135,6 +164,7 @@ class StudySpec:
                 **{**d, "sparsities": tuple(float(s) for s in sparsities), "optimizers": tuple(optimizers),
                    "batch_sizes": _ints(d["batch_sizes"], "batch_sizes"),
                    "search": {k: dict(v) for k, v in d.get("search", {}).items()},
+                   **({"lr_scaling": dict(d["lr_scaling"])} if isinstance(d.get("lr_scaling"), Mapping) else {}),
                    "config": {k: dict(v) for k, v in d.get("config", {}).items()}},
                 sobol_skip=sobol.get("skip", 1), sobol_seed=sobol.get("seed"),
             )
@@ -161,6 +191,11 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["sobol"] = {"skip": d.pop("sobol_skip"), "seed": d.pop("sobol_seed")}
+        if d["lr_scaling"] is None:
+            del d["lr_scaling"]  # specs from before it existed keep their hash
+        for key in ("max_steps", "eval_every"):  # string keys, as JSON (study.json) writes and reads them
+            if isinstance(d[key], Mapping):
+                d[key] = {str(b): v for b, v in d[key].items()}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def identity(self) -> dict[str, Any]:
@@ -185,11 +220,33 @@ class StudySpec:
                 f"(searched: {', '.join(sorted(searchable))})"
             )
         merged = {name: dict(self.search.get(name, spec)) for name, spec in base.items()}
-        return SearchSpace.from_dict(merged)
+        return SearchSpace.from_dict({name: spec for name, spec in merged.items() if "value" not in spec})
+
+    def fixed(self, optimizer: str) -> dict[str, float]:
+        """The metaparameters the spec holds at one value (``momentum: {value: 0.9}``) instead of searching."""
+        searched = set(reference_space(optimizer, self.schedule).names)
+        fixed = {name: spec for name, spec in self.search.items() if name in searched and "value" in spec}
+        for name, spec in fixed.items():
+            if set(spec) != {"value"} or not isinstance(spec["value"], (int, float)) or isinstance(spec["value"], bool):
+                raise ConfigError(f"study spec: search entry {name!r} is either {{value: x}} or {{range: [low, high], scale: ...}}")
+        return {name: float(spec["value"]) for name, spec in fixed.items()}
+
+    def lr_factor(self, batch_size: int) -> float:
+        """What ``lr_scaling`` multiplies a point's learning rate by at this batch size (1 without it):
+        the linear scaling rule from the reference batch size, held constant above ``up_to``."""
+        if self.lr_scaling is None:
+            return 1.0
+        return min(batch_size, self.lr_scaling["up_to"]) / self.lr_scaling["reference"]
+
+    def per_batch(self, key: str, batch_size: int) -> int:
+        """``max_steps`` or ``eval_every`` at this batch size."""
+        value = getattr(self, key)
+        return value[batch_size] if isinstance(value, Mapping) else value
 
     def points(self, optimizer: str) -> list[dict[str, float | int]]:
         """The trials' metaparameters; the same list for every sparsity and batch size."""
-        return self.space(optimizer).points(self.trials, skip=self.sobol_skip, seed=self.sobol_seed)
+        points = self.space(optimizer).points(self.trials, skip=self.sobol_skip, seed=self.sobol_seed)
+        return [{**point, **self.fixed(optimizer)} for point in points]
 
     def trial_config(self, optimizer: str, sparsity: float, batch_size: int, trial_id: int,
                      point: Mapping[str, float | int] | None = None) -> Config:
@@ -201,8 +258,12 @@ class StudySpec:
         put("data", dataset=self.dataset, data_dir=self.data_dir)
         put("model", model=self.model)
         put("prune", sparsity=sparsity)
-        put("optim", optimizer=optimizer, schedule=self.schedule, **(point or {}))
-        put("train", batch_size=batch_size, max_steps=self.max_steps, eval_every=self.eval_every,
+        point = dict(point or {})
+        if "lr" in point:
+            point["lr"] = point["lr"] * self.lr_factor(batch_size)
+        put("optim", optimizer=optimizer, schedule=self.schedule, **point)
+        put("train", batch_size=batch_size, max_steps=self.per_batch("max_steps", batch_size),
+            eval_every=self.per_batch("eval_every", batch_size),
             goal_error=self.goal_error, seed=self.seed + trial_id)
         put("run", progress=False, checkpoint=True)
         return Config.from_dict(sections)
@@ -342,7 +403,8 @@ def decide(path: Path, lock: Any) -> tuple:
 
 
 def format_outcome(o: Outcome, done: int, total: int) -> str:
-    params = " ".join(f"{k}={v:.4g}" for k, v in o.trial.params.items())
+    optim = o.trial.config.optim  # the values trained with: lr_scaling's factor applied
+    params = " ".join(f"{k}={getattr(optim, k):.4g}" for k in o.trial.params)
     reached = "-" if o.steps_to_result is None else str(o.steps_to_result)
     width = len(str(total))
     return (f"[{done:>{width}}/{total}] {o.trial.label()} {params}: {o.status} steps_to_result={reached} "

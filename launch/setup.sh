@@ -41,6 +41,21 @@ ensure_apt() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Debian's package of the full Fashion-MNIST (the paper's second workload; `make replicate-fashion`):
+# optional, so a machine without apt or root gets a message and carries on.
+FASHION_DIR=/usr/share/datasets/fashion-mnist
+FASHION_PACKAGE=dataset-fashion-mnist
+ensure_fashion_mnist() {
+    [ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] && return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        log "apt-get install $FASHION_PACKAGE (Fashion-MNIST into $FASHION_DIR)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "$FASHION_PACKAGE" >/dev/null && return 0
+    fi
+    log "note: Fashion-MNIST is not in $FASHION_DIR and could not be installed here (needs root and apt:" \
+        "apt-get install $FASHION_PACKAGE); give its four IDX files with --data-dir, or the spec's data_dir"
+}
+
 python_tag() { "$PYTHON" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")'; }
 
 base_key() {
@@ -173,6 +188,7 @@ ensure_project_venv() {
 
 main() {
     ensure_apt
+    ensure_fashion_mnist
     local key base
     key=$(base_key)
     base="$CACHE/envs/base-$key"

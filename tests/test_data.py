@@ -253,12 +253,25 @@ def test_malformed_cifar_names_the_file(tmp_path, damage, fragment):
     assert str(target) in str(exc.value)
 
 
-def test_datasets_that_need_a_folder_say_so():
+def test_datasets_that_need_a_folder_say_so(tmp_path, monkeypatch):
+    from hvd_sparse import data
     from hvd_sparse.data import get_loader
 
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "FashionMNIST", (tmp_path / "absent", "apt-get install dataset-fashion-mnist"))
     for name in ("mnist", "fashion-mnist", "cifar10"):
-        with pytest.raises(DataError, match="needs --data-dir"):
+        with pytest.raises(DataError, match="needs --data-dir") as exc:
             get_loader(name)(None)
+        assert ("apt-get install dataset-fashion-mnist" in str(exc.value)) == (name == "fashion-mnist")
+
+
+def test_fashion_mnist_without_a_folder_reads_the_system_package(tmp_path, monkeypatch):
+    from hvd_sparse import data
+    from hvd_sparse.data import get_loader
+
+    arrays = write_mnist(tmp_path / "fashion-mnist", gz=True)
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "FashionMNIST", (tmp_path / "fashion-mnist", "apt-get install x"))
+    raw = get_loader("fashion-mnist")(None)
+    assert np.array_equal(raw.train_y, arrays["train"][1]) and raw.test_x.shape == (10, 1, 28, 28)
 
 
 def test_synthetic_cifar_is_cifar_shaped():

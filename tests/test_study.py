@@ -94,6 +94,37 @@ def test_the_hash_follows_results_not_paths():
     assert study_dir(base, "runs").name == f"tiny-{base.study_hash()}"
 
 
+def test_budget_and_evaluation_interval_per_batch_size():
+    s = spec(max_steps={16: 400, 32: 200, 64: 100}, eval_every={16: 40, 32: 20, 64: 10})
+    for t in grid(s):
+        assert (t.config.train.max_steps, t.config.train.eval_every) == (6400 // t.batch_size, 640 // t.batch_size)
+    # study.json is JSON: its string keys read back as the same spec, with the same hash
+    again = StudySpec.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again == s and again.study_hash() == s.study_hash() != spec().study_hash()
+
+
+def test_fixed_metaparameters_and_lr_scaled_with_the_batch_size():
+    s = spec(search={"lr": {"range": [0.01, 0.1], "scale": "log"}, "momentum": {"value": 0.95}},
+             lr_scaling={"reference": 32, "up_to": 32}, sobol={"skip": 0, "seed": None})
+    lr = [0.01, 0.01 * 10 ** 0.5, 0.01 * 10 ** 0.75]  # 1-D unscrambled Sobol from 0: 0, 1/2, 3/4
+    for t in grid(s):
+        factor = min(t.batch_size, 32) / 32  # linear up to 32, constant above
+        assert t.config.optim.lr == pytest.approx(lr[t.trial_id] * factor)
+        assert t.params["lr"] == pytest.approx(lr[t.trial_id])  # the point itself, as search_params stores it
+        if t.optimizer == "nesterov":
+            assert t.config.optim.momentum == 0.95 and t.params["momentum"] == 0.95
+        else:
+            assert "momentum" not in t.params
+    assert s.study_hash() != spec(search=s.search, sobol={"skip": 0, "seed": None}).study_hash()
+
+
+def test_specs_without_the_newer_keys_keep_their_hash():
+    """lr_scaling, per-batch budgets and fixed values came in 0.3.0: a spec that uses none of them
+    hashes as before, so its study directory (and the trials in it) are found again."""
+    mini = StudySpec.load(REPO / "studies" / "mini-mnist5k.yaml")
+    assert "lr_scaling" not in mini.to_dict() and mini.study_hash() == "d0e0da17959c"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 3}, "unknown key"),
     ({"sobol": {"skip": 1, "scramble": True}}, "sobol must look like"),
@@ -108,6 +139,15 @@ def test_the_hash_follows_results_not_paths():
     ({"trials": 0}, "trials must be"),
     ({"name": "a/b"}, "name must be"),
     ({"schedule": "cosine"}, "schedule must be"),
+    ({"max_steps": {16: 40, 32: 20}}, r"max_steps must give exactly the batch sizes \[16, 32, 64\]; missing \[64\]"),
+    ({"eval_every": {16: 1, 32: 1, 64: 1, 128: 1}}, r"not in the grid \[128\]"),
+    ({"max_steps": {"sixteen": 1}}, "maps batch sizes to values"),
+    ({"eval_every": {16: 10, 32: 0, 64: 10}}, "--eval-every must be a positive integer"),
+    ({"search": {"momentum": {"value": 0.9, "range": [0.9, 0.99]}}}, "either {value: x} or"),
+    ({"search": {"momentum": {"value": "high"}}}, "either {value: x} or"),
+    ({"search": {"momentum": {"value": 1.5}}}, "--momentum must be in"),
+    ({"lr_scaling": {"reference": 16}}, "lr_scaling must look like"),
+    ({"lr_scaling": {"reference": 16, "up_to": 0}}, "lr_scaling must look like"),
 ])
 def test_bad_specs_are_one_line_config_errors(change, message):
     with pytest.raises(ConfigError, match=message) as e:
