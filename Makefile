@@ -31,10 +31,16 @@ replicate: setup
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) --print-dir)" --out $(FIGURES)
 
 ## make replicate-fashion: set up (which installs Debian's Fashion-MNIST), run the Fashion-MNIST studies
-## (trials two at a time, one core each; rerun to resume), then aggregate both into $(FASHION_FIGURES)
+## (trials two at a time, one core each; rerun to resume), then aggregate them into $(FASHION_FIGURES):
+## the grid (both optimizers), the Lipschitz study, and the stability check (its first 4 trials, and all 8)
 replicate-fashion: setup
 	for spec in $(FASHION_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --pack $(NP) || exit 1; done
+	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --pack $(NP)
+	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --pack $(NP)
 	python -m hvd_sparse.aggregate $(FASHION_OUT) --out $(FASHION_FIGURES)
+	python -m hvd_sparse.aggregate $(FASHION_OUT)-lipschitz --out $(FASHION_FIGURES)/lipschitz
+	python -m hvd_sparse.aggregate $(FASHION_OUT)-stability --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4
+	python -m hvd_sparse.aggregate $(FASHION_OUT)-stability --no-plots --out $(FASHION_FIGURES)/stability-8
 
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup

@@ -182,9 +182,20 @@ def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataF
             "best_noise_scale": float(best.get("noise_at_result", math.nan)) if best is not None else math.nan,
             "best_lipschitz": float(best.get("lipschitz_at_result", math.nan)) if best is not None else math.nan,
         })
-    return pd.DataFrame(rows, columns=STUDY + ["trials", "complete", "incomplete", "infeasible", "running",
-                                               "steps_to_result", "best_trial", "best_lr", "best_momentum",
-                                               "best_val_error", "best_noise_scale", "best_lipschitz"])
+    studies = pd.DataFrame(rows, columns=STUDY + ["trials", "complete", "incomplete", "infeasible", "running",
+                                                  "steps_to_result", "best_trial", "best_lr", "best_momentum",
+                                                  "best_val_error", "best_noise_scale", "best_lipschitz"])
+    return studies.assign(fitted_steps=fitted_steps(studies))
+
+
+def fitted_steps(studies: pd.DataFrame) -> pd.Series:
+    """Each study's steps-to-result as its curve's ``scaling_fit`` has it (NaN where not reached)."""
+    fitted = pd.Series(math.nan, index=studies.index, dtype=float)
+    for _, group in studies.groupby(CURVE, sort=False):
+        reached = group[np.isfinite(group.steps_to_result) & (group.steps_to_result > 0)].sort_values("batch_size")
+        if len(reached):
+            fitted[reached.index] = scaling_fit(reached.batch_size, reached.steps_to_result)
+    return fitted
 
 
 def scaling_fit(batch_sizes: Sequence[float], steps: Sequence[float]) -> np.ndarray:

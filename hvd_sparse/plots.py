@@ -5,13 +5,15 @@ The input is the studies table with each curve's regime boundaries on every row
 (``aggregate.with_regimes``) and, for the figures over training, ``aggregate.best_trial_series``.
 One figure set per (dataset, model, schedule, goal error), one panel per optimizer, one line per
 sparsity:
-- ``steps_*``: steps-to-result vs batch size, log2-log2, with each curve's dashed perfect-scaling
-  line from its smallest batch size; o marks the critical batch size, x the diminishing-returns one;
+- ``steps_*``: steps-to-result vs batch size, log2-log2: the measured points, the curve the regime
+  rules read (``aggregate.scaling_fit``) and its dashed perfect-scaling line from the smallest batch
+  size; o marks the critical batch size, x the diminishing-returns one;
 - ``normalized_*``: the same curves divided by their value at the smallest batch size;
 - ``metaparams_*``: the best trial's learning rate (and momentum) vs batch size;
 - ``noise_*`` (when the trials measured it): the gradient noise scale over training, beside the
   critical batch size the studies measured;
-- ``lipschitz_*`` (when the trials measured it): the gradient's Lipschitz constant over training.
+- ``lipschitz_*`` (when the trials measured it): the gradient's Lipschitz constant over training,
+  and ``lipschitz_by_sparsity_*``: every measurement, and their median, against sparsity.
 """
 from __future__ import annotations
 
@@ -81,15 +83,18 @@ def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
                 x, y = rows.batch_size.to_numpy(float), rows.steps_to_result.to_numpy(float)
                 if normalized:
                     y = y / y[0]
-                ax.plot(x, y, marker=".", color=color, label=f"sparsity {sparsity:g}")
-                ax.plot(x, y[0] * x[0] / x, linestyle="--", color=color, alpha=0.6, linewidth=1)
+                fit = rows.fitted_steps.to_numpy(float) / (rows.steps_to_result.iloc[0] if normalized else 1.0)
+                ax.plot(x, y, marker=".", linestyle="none", color=color, label=f"sparsity {sparsity:g}")
+                ax.plot(x, fit, color=color, linewidth=1.4)  # the fitted curve the regime rules read
+                ax.plot(x, fit[0] * x[0] / x, linestyle="--", color=color, alpha=0.6, linewidth=1)
                 critical, diminishing = _bounds(rows)
                 _mark(ax, x, y, critical, "o", color)
                 _mark(ax, x, y, diminishing, "X", color)
             _log2_axes(ax, all_b)
             ax.set_title(optimizer)
             ax.set_ylabel("steps / steps at smallest batch" if normalized else "steps to result")
-            ax.legend(fontsize=8, title="dashed: perfect scaling\no critical, x diminishing", title_fontsize=7)
+            ax.legend(fontsize=8, title="dots: measured, line: fit\ndashed: perfect scaling\no critical, x diminishing",
+                      title_fontsize=7)
         fig.suptitle(f"{key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
         written += _save(fig, out, ("normalized_" if normalized else "steps_") + _name(key))
     return written
@@ -168,6 +173,31 @@ def plot_series(points: pd.DataFrame, series: pd.DataFrame, out: Path, stem: str
     return written
 
 
+def plot_lipschitz_by_sparsity(lipschitz: pd.DataFrame, out: Path) -> list[Path]:
+    """Every Lipschitz measurement of the best trials (dots) and their median (line) against sparsity,
+    one panel per optimizer: the paper's fifth finding at a glance."""
+    if lipschitz.empty:
+        return []
+    written = []
+    for key, fig_group in lipschitz.groupby(FIGURE_KEYS, sort=True):
+        optimizers = sorted(fig_group.optimizer.unique())
+        fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
+        for ax, optimizer in zip(axes[0], optimizers):
+            rows = fig_group[fig_group.optimizer == optimizer]
+            ax.plot(rows.sparsity, rows.value, marker=".", linestyle="none", color="C0", alpha=0.6, label="measurements")
+            medians = rows.groupby("sparsity").value.median()
+            ax.plot(medians.index, medians.to_numpy(), marker="o", color="C1", label="median")
+            ax.set_yscale("log", base=2)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel("Lipschitz constant along the update")
+            ax.set_title(optimizer)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"gradient Lipschitz constant: {key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        written += _save(fig, out, "lipschitz_by_sparsity_" + _name(key))
+    return written
+
+
 def plot_all(points: pd.DataFrame, noise: pd.DataFrame, lipschitz: pd.DataFrame, out: Path) -> list[Path]:
     """Every figure: ``points`` is ``aggregate.with_regimes``'s table, ``noise`` and ``lipschitz`` the two
     tables of ``aggregate.best_trial_series``."""
@@ -177,4 +207,5 @@ def plot_all(points: pd.DataFrame, noise: pd.DataFrame, lipschitz: pd.DataFrame,
             + plot_series(points, noise, out, "noise", "noise scale B_simple (best trial per batch size)",
                           "gradient noise scale", bounds=True)
             + plot_series(points, lipschitz, out, "lipschitz", "Lipschitz constant along the update (best trial per batch size)",
-                          "gradient Lipschitz constant", bounds=False))
+                          "gradient Lipschitz constant", bounds=False)
+            + plot_lipschitz_by_sparsity(lipschitz, out))

@@ -183,6 +183,7 @@ def test_the_lipschitz_constant_near_each_result_by_hand(tmp_path):
     assert table.loc[0.0, "lipschitz_at_result"] == 1.0 and table.loc[0.9, "lipschitz_at_result"] == 11.0
     assert table.loc[0.9, "lipschitz_max"] == 13.0 and table.loc[0.9, "steps_at_smallest"] == 340
     assert (tmp_path / "out" / "lipschitz_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "lipschitz_by_sparsity_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
     assert not (tmp_path / "out" / "noise_synthetic_mlp-tiny_constant_goal0.1.png").exists()  # not measured
 
 
