@@ -1,0 +1,100 @@
+"""Ranks never outlive their launcher (hvd_sparse.watch): a launcher killed by any signal takes every
+rank with it within seconds, checkpointed where the ranks could stop cleanly, and the rerun resumes."""
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from hvd_sparse.log import read_log
+from hvd_sparse.watch import GRACE_SECONDS, is_launcher
+from conftest import BIN, REPO, describe, launch_env
+
+LIMIT = GRACE_SECONDS + 10  # seconds from the launcher's death to the exit of every rank and of mpirun
+
+
+@pytest.mark.parametrize("name, cmdline, launcher", [
+    ("mpirun", ["mpirun", "-np", "2", "python"], True),
+    ("sh", ["/bin/sh", "-c", "mpirun --allow-run-as-root -np 2 python -m hvd_sparse.train"], True),  # horovodrun, exec'd
+    ("python3", ["/usr/bin/python3", "/work/.venv/bin/horovodrun", "-np", "2"], True),
+    ("python3", ["python3", "-m", "torch.distributed.run", "--nproc-per-node", "2"], True),
+    ("slurmstepd", ["slurmstepd: [12.0]"], True),
+    ("prterun", ["prterun", "-np", "2"], True),
+    ("bash", ["bash", "-c", "for spec in a b; do horovodrun -np 2 python; done"], False),  # make's shell
+    ("bash", ["-bash"], False),
+    ("nohup", ["nohup", "python", "-m", "hvd_sparse.train"], False),
+    ("python3", ["python3", "-m", "hvd_sparse.train"], False),
+])
+def test_what_counts_as_a_launcher(name, cmdline, launcher):
+    assert is_launcher(name, cmdline) == launcher
+
+
+def train_cmd(out):
+    return [str(BIN / "horovodrun"), "-np", "2", sys.executable, "-m", "hvd_sparse.train", "--no-progress",
+            "--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "30000",
+            "--eval-every", "50", "--out", str(out)]
+
+
+def job_processes(out):
+    """Every process of the job: the ranks and mpirun carry the output folder in their command line."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if str(out) in " ".join(p.info["cmdline"] or []) and p.pid != psutil.Process().pid:
+            found.append(p)
+    return found
+
+
+def start_and_wait_for_a_checkpoint(out, output_file):
+    job = subprocess.Popen(train_cmd(out), env=launch_env(), cwd=REPO, stdout=output_file,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*.ckpt.pt")) and time.time() < deadline:
+        assert job.poll() is None, "the run ended before the launcher was killed"
+        time.sleep(0.05)
+    return job
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("target, sig", [("horovodrun", signal.SIGKILL), ("horovodrun", signal.SIGTERM),
+                                         ("horovodrun", signal.SIGHUP), ("mpirun", signal.SIGKILL)])
+def test_no_rank_outlives_its_launcher(tmp_path, record_property, target, sig):
+    out = tmp_path / "runs"
+    with open(tmp_path / "output.txt", "w") as output:
+        job = start_and_wait_for_a_checkpoint(out, output)
+        launcher = psutil.Process(job.pid)  # horovodrun, which has exec'd into sh -c 'mpirun ...'
+        if target == "mpirun":
+            (launcher,) = [p for p in launcher.children() if p.name() in ("mpirun", "prterun")]
+        launcher.send_signal(sig)
+        started = time.time()
+        job.wait(timeout=30)  # reaped at once: a zombie launcher counts as gone too, but this is what a shell does
+        while job_processes(out) and time.time() - started < LIMIT + 20:
+            time.sleep(0.2)
+        left = job_processes(out)
+        elapsed = time.time() - started
+        for p in left:
+            p.kill()
+    record_property("time_to_exit_s", round(elapsed, 1))
+    text = (tmp_path / "output.txt").read_text()
+    assert not left and elapsed < LIMIT, f"{len(left)} processes left after {elapsed:.1f} s\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    (log_path,) = out.glob("*.h5")
+    log = read_log(log_path, with_mask=False)
+    assert log.status == "RUNNING" and log.attrs["interruptions"] == 1, text[-3000:]  # checkpointed on the way out
+    assert "INTERRUPTED: stopped by" in text, text[-3000:]  # the launcher's exit, or a signal mpirun passed on
+    if sig == signal.SIGKILL and target == "horovodrun":  # the lock was let go: the rerun resumes at once
+        with open(tmp_path / "rerun.txt", "w") as output:
+            rerun = subprocess.Popen(train_cmd(out), env=launch_env(), cwd=REPO, stdout=output,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.time() + 60
+            while "resuming at step" not in (tmp_path / "rerun.txt").read_text() and time.time() < deadline:
+                assert rerun.poll() is None, (tmp_path / "rerun.txt").read_text()
+                time.sleep(0.1)
+            rerun.send_signal(signal.SIGTERM)  # the shell horovodrun became dies of it; the ranks see that
+            rerun.wait(timeout=30)
+            deadline = time.time() + LIMIT
+            while job_processes(out) and time.time() < deadline:
+                time.sleep(0.2)
+        assert not job_processes(out), (tmp_path / "rerun.txt").read_text()
+        assert read_log(log_path, with_mask=False).attrs["interruptions"] == 2, (tmp_path / "rerun.txt").read_text()
