@@ -91,7 +91,8 @@ def guarded(body: Callable[[], int], prog: str) -> int:
     from hvd_sparse.engine import Interrupted, install_stop_handlers
     from hvd_sparse.log import StorageError
 
-    install_stop_handlers()
+    install_stop_handlers(prog)
+    dist.program = prog
     try:
         return body()
     except Interrupted as e:

@@ -6,9 +6,11 @@ rank into the same exception on every rank, so no rank is ever left waiting in a
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -125,6 +127,55 @@ def world_verify_same(value: str, what: str) -> None:
     _require_same(_world.allgather(value), what)
 
 
+# -- the collective watchdog ----------------------------------------------------------------------
+#
+# A rank that freezes (SIGSTOP, a hung NFS mount, a wedged GPU driver) leaves the others waiting in a
+# collective forever: Horovod's stall inspector never fires then, because rank 0's background thread
+# is itself blocked in MPI (measured: HOROVOD_STALL_CHECK_TIME_SECONDS=5, one rank stopped, no
+# warning in 45 s). So each rank times its own waits in the collectives below; one that lasts longer
+# than the timeout ends this rank with one line, and the launcher then ends the job. Only waiting
+# counts, never computing, so long evaluations or a slow first step never trip it.
+
+COLLECTIVE_TIMEOUT = float(os.environ.get("HVD_SPARSE_COLLECTIVE_TIMEOUT", "300"))  # seconds; 0: never
+program = "hvd_sparse"  # the command's name in the watchdog's line (cli.guarded sets it)
+_waiting: list[tuple[str, float, float]] = []  # the collective this rank waits in, since when (monotonic), its limit
+_watchdog: threading.Thread | None = None
+AGREE_PATIENCE = 4.0  # ``agree`` waits for one rank's work (SNIP on rank 0 can take minutes): 4x the timeout
+
+
+def _watch(timeout: float) -> None:
+    poll = min(1.0, timeout / 4)
+    last = time.monotonic()
+    while True:
+        time.sleep(poll)
+        now = time.monotonic()
+        if now - last > poll + 2.0:  # this process was stopped itself (and is being woken to be ended):
+            _waiting[:] = [(name, since + now - last, limit) for name, since, limit in _waiting]  # not a wait
+        last = now
+        if _waiting and now - _waiting[-1][1] > _waiting[-1][2]:
+            name, _, limit = _waiting[-1]
+            print(f"{program}: error: rank {hvd.rank()} waited {limit:g} s in the collective {name!r} for "
+                  "the other ranks: one of them is frozen or lost (the ranks that print this line are the ones "
+                  "that arrived); ending the job, a rerun resumes from the last checkpoint "
+                  "(HVD_SPARSE_COLLECTIVE_TIMEOUT sets the limit)", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+@contextmanager
+def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
+    """Time this rank's wait in a collective for the watchdog (started on first use); the wait may
+    last ``patience`` times the timeout."""
+    global _watchdog
+    if COLLECTIVE_TIMEOUT > 0 and _watchdog is None and hvd.size() > 1:
+        _watchdog = threading.Thread(target=_watch, args=(COLLECTIVE_TIMEOUT,), name="hvd_sparse-watchdog", daemon=True)
+        _watchdog.start()
+    _waiting.append((name, time.monotonic(), COLLECTIVE_TIMEOUT * patience))
+    try:
+        yield
+    finally:
+        _waiting.pop()
+
+
 class GaveUp(Exception):
     """``world_gather`` stopped waiting for the other groups because ``give_up()`` said so."""
 
@@ -195,24 +246,29 @@ def horovod_version() -> str:
 
 
 def allreduce_sum(t: torch.Tensor, name: str) -> torch.Tensor:
-    return hvd.allreduce(t, op=hvd.Sum, name=name)
+    with waiting(name):
+        return hvd.allreduce(t, op=hvd.Sum, name=name)
 
 
 def allreduce_mean(t: torch.Tensor, name: str) -> torch.Tensor:
-    return hvd.allreduce(t, op=hvd.Average, name=name)
+    with waiting(name):
+        return hvd.allreduce(t, op=hvd.Average, name=name)
 
 
 def any_rank(flag: bool, name: str) -> bool:
     """Whether ``flag`` is set on any rank (one one-element allreduce)."""
-    return bool(hvd.allreduce(torch.tensor([1 if flag else 0], dtype=torch.int32), op=hvd.Sum, name=name).item())
+    with waiting(name):
+        return bool(hvd.allreduce(torch.tensor([1 if flag else 0], dtype=torch.int32), op=hvd.Sum, name=name).item())
 
 
-def allgather_object(obj: Any, name: str) -> list[Any]:
-    return hvd.allgather_object(obj, name=name)
+def allgather_object(obj: Any, name: str, patience: float = 1.0) -> list[Any]:
+    with waiting(name, patience):
+        return hvd.allgather_object(obj, name=name)
 
 
 def broadcast_object(obj: Any, name: str, root: int = 0) -> Any:
-    return hvd.broadcast_object(obj, root_rank=root, name=name)
+    with waiting(name):
+        return hvd.broadcast_object(obj, root_rank=root, name=name)
 
 
 def agree(step: Callable[[], T], what: str) -> T:
@@ -229,7 +285,8 @@ def agree(step: Callable[[], T], what: str) -> T:
     except Exception as e:  # noqa: BLE001 - re-raised below on this rank
         error = e
     report = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
-    reports = allgather_object(report, name=f"agree.{what}")
+    # the ranks that are done wait here for the others' step: rank 0's SNIP or files, in ``on_root``
+    reports = allgather_object(report, name=f"agree.{what}", patience=AGREE_PATIENCE)
     if error is not None:
         raise error
     for r, other in enumerate(reports):
@@ -251,17 +308,20 @@ def root_decides(decide: Callable[[], T], what: str) -> T:
 
 
 def broadcast_parameters(model: nn.Module) -> None:
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    with waiting("parameters.broadcast"):
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    with waiting("optimizer_state.broadcast"):
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
 
 def broadcast_mask(mask: Mask | None, template: Mask) -> Mask:
     """Rank 0's mask, on every rank, in one broadcast; then every rank's checksum is compared."""
     flat = mask.to_flat() if is_root() and mask is not None else template.to_flat().zero_()
-    flat = hvd.broadcast(flat, root_rank=0, name="mask.broadcast")
+    with waiting("mask.broadcast"):
+        flat = hvd.broadcast(flat, root_rank=0, name="mask.broadcast")
     received = template.from_flat(flat)
     verify_same_everywhere(received.sha256(), "mask checksum")
     return received
@@ -323,7 +383,8 @@ class DenseSync(GradientSync):
         self.optimizer.zero_grad()
 
     def synchronize(self) -> None:
-        self.optimizer.synchronize()
+        with waiting("grad.dense"):
+            self.optimizer.synchronize()
         self.mask.apply_to_grads(self.model)
 
     def step(self) -> None:
@@ -363,7 +424,8 @@ class KeptEntriesSync(GradientSync):
         kept = self.flat.index_select(0, self.index)
         if hvd.size() > 1:
             wire = kept.half() if self.fp16 else kept
-            kept = hvd.allreduce(wire, op=hvd.Average, name="grad.kept").to(self.flat.dtype)
+            with waiting("grad.kept"):
+                kept = hvd.allreduce(wire, op=hvd.Average, name="grad.kept").to(self.flat.dtype)
         self.flat.zero_()
         self.flat.index_copy_(0, self.index, kept)
 

@@ -34,6 +34,7 @@ from hvd_sparse.log import TrialLog, write_atomically
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model, get_factory, prunable_names
 from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm
+from hvd_sparse.watch import watch_launcher
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import kept_count, snip
 
@@ -41,7 +42,7 @@ logger = logging.getLogger("hvd_sparse")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_CHECK_EVERY = 10  # steps between the collective checks for a stop signal
-_received: list[int] = []  # stop signals this process received
+_received: list[str] = []  # the stop signals this process received (their names), or why it stops
 
 
 class Interrupted(Exception):
@@ -49,10 +50,12 @@ class Interrupted(Exception):
     (exit 0, so that a scheduler can requeue it); running the same command again resumes."""
 
 
-def install_stop_handlers() -> None:
-    """SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warnings) stop training cleanly."""
+def install_stop_handlers(prog: str) -> None:
+    """SIGTERM and SIGUSR1 (SLURM's preemption and time-limit warnings) stop training cleanly, and so
+    does the exit of the launcher above this rank (``watch``)."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: _received.append(signum))
+        signal.signal(sig, lambda signum, frame: _received.append(signal.Signals(signum).name))
+    watch_launcher(_received.append, prog)
 
 
 def stop_requested() -> bool:
@@ -435,7 +438,7 @@ class Engine:
         so the resumed run measures exactly the same), mark the log, raise Interrupted on every rank."""
         state = self.state
         pairs = dist.allgather_object(tuple(state.loss_sums.tolist()), name="stop.train_loss")
-        names = sorted({signal.Signals(s).name for s in _received}) or ["a stop signal on another rank"]
+        names = sorted(set(_received)) or ["a stop signal on another rank"]
         why = f"{'/'.join(names)} at step {state.step}"
         progress = state.progress(train_loss=tuple(pairs))
         dist.agree(lambda: self.recorder.interrupted(why, state, progress), "checkpointing on a stop signal")

@@ -98,3 +98,36 @@ def test_no_rank_outlives_its_launcher(tmp_path, record_property, target, sig):
                 time.sleep(0.2)
         assert not job_processes(out), (tmp_path / "rerun.txt").read_text()
         assert read_log(log_path, with_mask=False).attrs["interruptions"] == 2, (tmp_path / "rerun.txt").read_text()
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(tmp_path, monkeypatch, record_property, frozen):
+    """SIGSTOP on one rank: the other waits in a collective; after HVD_SPARSE_COLLECTIVE_TIMEOUT it
+    prints one line and exits, the launcher ends the job (the frozen rank too), and the trial resumes."""
+    monkeypatch.setenv("HVD_SPARSE_COLLECTIVE_TIMEOUT", "10")
+    out = tmp_path / "runs"
+    with open(tmp_path / "output.txt", "w") as output:
+        job = start_and_wait_for_a_checkpoint(out, output)
+        ranks = sorted((p for p in psutil.Process(job.pid).children(recursive=True)
+                        if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]), key=lambda p: p.pid)
+        assert len(ranks) == 2
+        (victim,) = [p for p in ranks if f"OMPI_COMM_WORLD_RANK={frozen}" in "\n".join(
+            f"{k}={v}" for k, v in p.environ().items())]
+        victim.suspend()
+        started = time.time()
+        try:
+            code = job.wait(timeout=60)
+        finally:
+            for p in job_processes(out):
+                p.kill()
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    text = (tmp_path / "output.txt").read_text()
+    assert code != 0 and elapsed < 10 + 15, text[-3000:]
+    other = 1 - frozen
+    lines = [line for line in text.splitlines() if "hvd_sparse.train: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"[1,{other}]<stderr>:") and \
+        f"rank {other} waited 10 s in the collective" in lines[0], text[-3000:]
+    assert "Traceback" not in text
+    assert list(out.glob("*.ckpt.pt")), "the checkpoint a rerun resumes from"

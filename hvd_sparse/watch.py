@@ -1,0 +1,108 @@
+"""Ranks never outlive their launcher.
+
+A hard kill of ``horovodrun`` (a CI runner's cancel, a scheduler's SIGKILL after its grace period, the
+OOM killer) leaves ``mpirun`` and every rank re-parented and training on, holding the trial's lock. So
+each rank watches the chain of launcher processes above it (``mpirun``, the shell ``horovodrun`` has
+become, ``srun``'s ``slurmstepd``, ``torchrun``), recorded when it starts: when a link of that chain
+is gone (exited, a zombie, or the rank re-parented), the rank treats it as a stop signal, so the trial
+checkpoints at the next agreed step as it does on SIGTERM; if the rank is still alive ``grace``
+seconds later (it was inside an evaluation, or a peer is gone too), it exits with one line.
+
+A rank started by hand (``python -m hvd_sparse.train``, even under ``nohup``) has no launcher above
+it and is not watched.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+import psutil
+
+LAUNCHERS = frozenset({"horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun", "slurmstepd", "torchrun"})
+GRACE_SECONDS = float(os.environ.get("HVD_SPARSE_LAUNCHER_GRACE", "10"))
+POLL_SECONDS = 0.5
+
+
+def is_launcher(name: str, cmdline: list[str]) -> bool:
+    """Whether a process (its name and argv) is one of LAUNCHERS: run directly, as a Python script
+    (``python .../horovodrun``, ``python -m torch.distributed.run``), or as the ``sh -c 'mpirun ...'``
+    that horovodrun execs into."""
+    if name in LAUNCHERS or not cmdline:
+        return name in LAUNCHERS
+    first = os.path.basename(cmdline[0])
+    if first in LAUNCHERS:
+        return True
+    if first.startswith("python") and len(cmdline) > 1:
+        return os.path.basename(cmdline[1]) in LAUNCHERS or cmdline[1:3] == ["-m", "torch.distributed.run"]
+    if first in ("sh", "bash", "dash") and len(cmdline) > 2 and cmdline[1] == "-c":
+        words = cmdline[2].split()
+        return bool(words) and os.path.basename(words[0]) in LAUNCHERS
+    return False
+
+
+def launcher_chain(process: psutil.Process | None = None) -> list[psutil.Process]:
+    """The consecutive launchers above ``process`` (default: this one), nearest first; empty when
+    its parent is not a launcher."""
+    chain = []
+    parent = (process or psutil.Process()).parent()
+    while parent is not None and parent.pid > 1:
+        try:
+            if not is_launcher(parent.name(), parent.cmdline()):
+                break
+        except psutil.Error:
+            break
+        chain.append(parent)
+        parent = parent.parent()
+    return chain
+
+
+def lost_link(me: psutil.Process, chain: list[psutil.Process]) -> psutil.Process | None:
+    """The first launcher of ``chain`` that is gone, or that its child no longer hangs below."""
+    child = me
+    for launcher in chain:
+        try:
+            if child.ppid() != launcher.pid or launcher.status() == psutil.STATUS_ZOMBIE:
+                return launcher
+        except psutil.Error:
+            return launcher
+        child = launcher
+    return None
+
+
+def describe(process: psutil.Process) -> str:
+    try:
+        words = process.cmdline()
+    except psutil.Error:
+        words = []
+    name = os.path.basename(words[0]) if words else "launcher"
+    if name.startswith("python") and len(words) > 1:
+        name = os.path.basename(words[1])
+    elif name in ("sh", "bash", "dash") and len(words) > 2:
+        name = os.path.basename(words[2].split()[0])
+    return f"{name} (pid {process.pid})"
+
+
+def watch_launcher(on_lost: Callable[[str], None], prog: str, grace: float = GRACE_SECONDS) -> threading.Thread | None:
+    """Start the watcher thread (a daemon); None when no launcher is above this process."""
+    me = psutil.Process()
+    chain = launcher_chain(me)
+    if not chain:
+        return None
+    names = [describe(p) for p in chain]  # now, while their command lines can still be read
+
+    def run() -> None:
+        while (lost := lost_link(me, chain)) is None:
+            time.sleep(POLL_SECONDS)
+        what = names[chain.index(lost)]
+        on_lost(f"the exit of its launcher {what}")
+        time.sleep(grace)
+        print(f"{prog}: error: the launcher {what} exited {grace:g} s ago and this rank did not stop by "
+              f"itself; exiting (a rerun resumes from the last checkpoint)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=run, name="hvd_sparse-launcher-watch", daemon=True)
+    thread.start()
+    return thread
