@@ -51,3 +51,39 @@ def test_the_lipschitz_study_is_main_trial_1_at_batch_128_measured():
         twin = main[(optimizer, sparsity, 128, 1)]
         assert cfg["train"].pop("lipschitz_every") == 100 and twin["train"].pop("lipschitz_every") == 0
         assert cfg == twin
+
+
+def two_cell_slice(tmp_path):
+    """studies/fashion-mnist-nesterov.yaml cut to two cells (sparsity 0, batch sizes 64 and 128) and
+    their first trial; everything else as in the spec."""
+    import yaml
+
+    spec = yaml.safe_load((STUDIES / "fashion-mnist-nesterov.yaml").read_text())
+    cells = [64, 128]
+    spec.update(name="fashion-slice", sparsities=[0.0], batch_sizes=cells, trials=1,
+                max_steps={b: spec["max_steps"][b] for b in cells}, eval_every={b: spec["eval_every"][b] for b in cells})
+    path = tmp_path / "slice.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.launches
+def test_a_two_cell_slice_runs_on_the_real_data_and_agrees_with_the_committed_tables(tmp_path):
+    """The real Fashion-MNIST (set-up installs it), two trials side by side (np=2 --pack 2), as
+    `make replicate-fashion` runs them; each ends as the committed trials.csv says, its steps-to-result
+    within 30% (another CPU may sum floats in another order; on this machine they are equal)."""
+    if not (SYSTEM_DATA_DIRS["FashionMNIST"][0] / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (launch/setup.sh installs it where it has root and apt)")
+    out = tmp_path / "runs"
+    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(two_cell_slice(tmp_path)), "--out", str(out), "--pack", "2"],
+                      timeout=110)
+    assert proc.returncode == 0, describe(proc)
+    committed = pd.read_csv(FIGURES / "trials.csv")
+    for log_path in sorted(out.rglob("trial-*.h5")):
+        log = read_log(log_path, with_mask=False)
+        batch = log.config["train"]["batch_size"]
+        (row,) = committed[(committed.optimizer == "nesterov") & (committed.sparsity == 0.0)
+                           & (committed.batch_size == batch) & (committed.trial_id == 0)].itertuples()
+        assert log.status == row.status, (batch, log.status, row.status)
+        if row.status == "COMPLETE":
+            assert log.steps_to_result == pytest.approx(row.steps_to_result, rel=0.3), (batch, log.steps_to_result)

@@ -82,7 +82,8 @@ def test_no_rank_outlives_its_launcher(tmp_path, record_property, target, sig):
     (log_path,) = out.glob("*.h5")
     log = read_log(log_path, with_mask=False)
     assert log.status == "RUNNING" and log.attrs["interruptions"] == 1, text[-3000:]  # checkpointed on the way out
-    assert "INTERRUPTED: stopped by" in text, text[-3000:]  # the launcher's exit, or a signal mpirun passed on
+    if target != "mpirun":  # the ranks' output went through mpirun: killed, it takes their last lines with it
+        assert "INTERRUPTED: stopped by" in text, text[-3000:]  # the launcher's exit, or a signal mpirun passed on
     if sig == signal.SIGKILL and target == "horovodrun":  # the lock was let go: the rerun resumes at once
         with open(tmp_path / "rerun.txt", "w") as output:
             rerun = subprocess.Popen(train_cmd(out), env=launch_env(), cwd=REPO, stdout=output,
