@@ -9,6 +9,8 @@ A lock file keeps two processes from running the same trial at once.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,34 @@ def save_checkpoint(log: Path, progress: Progress, model: torch.nn.Module, optim
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
-    write_atomically(checkpoint_path(log), lambda tmp: torch.save(state, tmp), "checkpoint")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    image = CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    write_atomically(checkpoint_path(log), lambda tmp: tmp.write_bytes(image), "checkpoint")
+
+
+# A checkpoint file: this line, the SHA-256 of the payload in hex and a newline, then the payload
+# (torch.save's bytes). torch's own format carries no checksum, so damaged bytes loaded without a word.
+CHECKPOINT_MAGIC = b"hvd_sparse checkpoint sha256 "
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The verified state of a checkpoint file; LogError (never the state) if any byte is off."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LogError(f"{path}: unreadable checkpoint ({e.strerror or e}); {START_OVER}") from None
+    if data.startswith(CHECKPOINT_MAGIC):
+        head, _, payload = data[len(CHECKPOINT_MAGIC):].partition(b"\n")
+        if hashlib.sha256(payload).hexdigest().encode() != head:
+            raise LogError(f"{path}: the checkpoint fails its checksum (damaged bytes), so it is not used; {START_OVER}")
+    else:
+        payload = data  # written before 0.3.0: no checksum to check
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); {START_OVER}") from None
 
 
 def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
@@ -76,10 +105,7 @@ def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
     path = checkpoint_path(log)
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-        raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); {START_OVER}") from None
+    state = load_checkpoint_state(path)
     if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"]:
         raise LogError(f"{path}: checkpoint of another run or mask; {START_OVER}")
     assert data.mask is not None

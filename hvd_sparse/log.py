@@ -15,10 +15,13 @@ unless that record reached the disk. Schema (documented in README.md):
   lipschitz/per_gamma    measured): its step, the largest L_g, and every L_g (attr ``gammas``)
   mask/<param name>      np.packbits of the flattened boolean mask, attr ``shape``
                          (attr mask_names lists them in model order; read_log returns a Mask)
+  attr content_sha256    SHA-256 of everything above (``content_digest``), set at every write and
+                         checked by read_log: a damaged byte is an error, never a measurement
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -103,6 +106,37 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> No
         raise StorageError(f"{path}: cannot write the {what}: {_reason(e, path.parent)}{_free_space(path.parent)}") from None
 
 
+CHECKSUM = "content_sha256"
+
+
+def content_digest(f: h5py.File) -> str:
+    """SHA-256 over every attribute and dataset of the file (names, dtypes, shapes, values), in a fixed
+    order, the checksum attribute itself left out."""
+    digest = hashlib.sha256()
+
+    def add_attrs(name: str, obj: h5py.HLObject) -> None:
+        for key in sorted(obj.attrs):
+            if name == "/" and key == CHECKSUM:
+                continue
+            value = np.asarray(obj.attrs[key])
+            digest.update(f"{name}@{key}:{value.dtype.str}:{value.shape}:".encode())
+            digest.update(value.tobytes() if value.dtype.kind != "O" else repr(value.tolist()).encode())
+
+    def add(name: str, obj: h5py.HLObject) -> None:
+        add_attrs(name, obj)
+        if isinstance(obj, h5py.Dataset):
+            data = obj[()]
+            digest.update(f"{name}:{data.dtype.str}:{data.shape}:".encode())
+            digest.update(np.ascontiguousarray(data).tobytes())
+
+    add_attrs("/", f)
+    names: list[str] = []
+    f.visit(names.append)
+    for name in sorted(names):
+        add(name, f[name])
+    return digest.hexdigest()
+
+
 def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = False, what: str = "log") -> None:
     """``change`` applied to the HDF5 file at ``path`` (to a new, empty one if ``fresh``), in memory;
     then the bytes are written with ``write_atomically``.
@@ -115,6 +149,9 @@ def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = Fa
         buffer = io.BytesIO(b"" if fresh else path.read_bytes())
         with h5py.File(buffer, "w" if fresh else "r+") as f:
             change(f)
+            # fixed-length bytes, rewritten in place: a variable-length string would leave its old value
+            # behind in the file at every write (882 KB after 250 evaluations instead of 30)
+            f.attrs.modify(CHECKSUM, np.bytes_(content_digest(f)))
     except OSError as e:  # the log vanished or was damaged under the run: say so, do not overwrite it
         raise StorageError(f"{path}: cannot update the {what}: {_reason(e)}") from None
     image = buffer.getvalue()
@@ -308,6 +345,10 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
             n = min((len(c) for c in columns.values()), default=0)
             columns = {k: v[:n] for k, v in columns.items()}  # a column may be one ahead mid-append
             lipschitz = _read_lipschitz(f)
+            _check_extents(f, path)
+            if CHECKSUM in attrs and content_digest(f) != attrs[CHECKSUM]:  # logs before 0.3.0 have none
+                raise LogError(f"{path}: the log fails its checksum (damaged bytes); not read. Delete it to "
+                               "run that trial again")
             mask = None
             if with_mask and "mask" in f:
                 # insertion (model) order, which the checksum depends on; h5py lists names sorted
@@ -316,9 +357,21 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
                 mask = Mask.from_bits(bits, {name: tuple(f["mask"][name].attrs["shape"]) for name in order})
     except LogError:
         raise
-    except (OSError, KeyError, ValueError) as e:
-        raise LogError(f"{path}: unreadable or corrupt HDF5 log: {e}") from None
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError, MemoryError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LogError(f"{path}: unreadable or corrupt HDF5 log: {first}") from None
     return LogData(path, attrs, columns, mask, lipschitz)
+
+
+def _check_extents(f: h5py.File, path: Path) -> None:
+    """A damaged dimension can make a dataset claim terabytes: refuse before reading any."""
+    limit = 1000 * max(path.stat().st_size, 1 << 20)
+    names: list[str] = []
+    f.visit(names.append)
+    for name in names:
+        obj = f[name]
+        if isinstance(obj, h5py.Dataset) and obj.size * obj.dtype.itemsize > limit:
+            raise LogError(f"{path}: corrupt HDF5 log: dataset {name} claims {obj.shape} entries")
 
 
 def _read_lipschitz(f: h5py.File) -> dict[str, np.ndarray]:

@@ -131,3 +131,25 @@ def test_a_full_disk_while_checkpointing_says_so(mount_tmpfs):
     with pytest.raises(StorageError, match="cannot write the checkpoint: No space left on device") as exc:
         save_checkpoint(disk / "t.h5", Progress(), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", "m")
     assert "\n" not in str(exc.value) and not list(disk.glob("*.tmp"))
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_never_used(tmp_path):
+    """A damaged checkpoint is refused with one line naming it (torch's format has no checksum of its
+    own: a flipped byte used to load without a word); one written before the checksum still loads."""
+    from hvd_sparse.checkpoint import CHECKPOINT_MAGIC, Progress, load_checkpoint_state, save_checkpoint
+    from hvd_sparse.log import LogError
+
+    model = torch.nn.Linear(20, 5)
+    save_checkpoint(tmp_path / "t.h5", Progress(step=40), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", "m")
+    path = checkpoint_path(tmp_path / "t.h5")
+    good = path.read_bytes()
+    assert good.startswith(CHECKPOINT_MAGIC) and load_checkpoint_state(path)["step"] == 40
+    for offset in (len(good) // 2, len(good) - 30):  # inside the weights; near the end (zip directory)
+        damaged = bytearray(good)
+        damaged[offset] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(LogError, match=r"t\.ckpt\.pt: the checkpoint fails its checksum \(damaged bytes\), so it is not used"):
+            load_checkpoint_state(path)
+    legacy = good.partition(b"\n")[2]  # the bare torch.save payload, as 0.2.0 wrote it
+    path.write_bytes(legacy)
+    assert load_checkpoint_state(path)["step"] == 40

@@ -141,3 +141,46 @@ def test_lipschitz_measurements_append_read_and_truncate_with_the_evaluations(tm
     back = read_log(path)
     assert back.measurements["step"].tolist() == [0, 10, 20] and back.lipschitz["step"].tolist() == [10, 20]
     assert back.lipschitz["per_gamma"].shape == (2, 2)
+
+
+def flipped(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_measurement_is_caught_not_believed(tmp_path):
+    path = tmp_path / "t.h5"
+    log = TrialLog.create(path, ATTRS, mask())
+    for i in range(5):
+        log.append(row(i))
+    with h5py.File(path, "r") as f:
+        offset = f["measurements/val_error"].id.get_chunk_info(0).byte_offset + 8  # inside val_error[1]
+    flipped(path, offset)
+    with pytest.raises(LogError, match=r"t\.h5: the log fails its checksum \(damaged bytes\)") as exc:
+        read_log(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_no_flipped_byte_anywhere_in_a_log_changes_what_is_read(tmp_path):
+    """Every 127th byte of a finished log flipped in turn: each read either raises LogError or returns
+    exactly the original (the byte was in unused space): never a changed measurement, never another error."""
+    path = tmp_path / "t.h5"
+    log = TrialLog.create(path, ATTRS, mask())
+    for i in range(3):
+        log.append(row(i))
+    log.finish("COMPLETE", 2, best_val_error=0.1)
+    original, good = read_log(path), path.read_bytes()
+    caught = 0
+    for offset in range(0, len(good), 127):
+        path.write_bytes(good)
+        flipped(path, offset)
+        try:
+            data = read_log(path)
+        except LogError:
+            caught += 1
+            continue
+        assert data.attrs == original.attrs and data.mask == original.mask, offset
+        assert all(np.array_equal(data.measurements[k], original.measurements[k], equal_nan=True)
+                   for k in original.measurements), offset
+    assert caught > 0
