@@ -448,14 +448,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
         say(f"study {directory} ({len(trials)} trials{'' if shard_of == (0, 1) else f', shard {shard_of[0]}/{shard_of[1]}'}"
             f", world size {dist.size() * groups}{packing})")
 
-    prefix = "" if groups == 1 else f"group {group}: "
-    mine = trials[group::groups]
-    outcomes = []
-    for done, trial in enumerate(mine, start=1):
-        outcome = run_one(spec, directory, trial, data)
-        outcomes.append(outcome)
-        if dist.is_root():
-            say(prefix + format_outcome(outcome, done, len(mine)))
+    outcomes = run_trials(spec, directory, trials, data, group, groups)
     try:
         everyone = dist.world_gather(outcomes if dist.is_root() else [], give_up=stop_requested)
     except dist.GaveUp:
@@ -463,6 +456,27 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
                           "had ended") from None
     if dist.world_is_root():
         say(summary_table([o for part in everyone or [] for o in part]))
+    return outcomes
+
+
+def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: Any, group: int, groups: int) -> list[Outcome]:
+    """This group's trials, with rank 0 printing each. One group runs them all in order. Packed groups
+    take the next trial that no group has taken (its lock says so), so a group that drew cheap
+    trials goes on to others rather than waiting for the slowest group at the end; a trial that had
+    ended before the job started is reported by one group only."""
+    prefix = "" if groups == 1 else f"group {group}: "
+    ended_before = set() if groups == 1 else set(dist.root_decides(
+        lambda: [t.index for t in trials if ended_result(directory / t.relpath()) is not None], "listing ended trials"))
+    outcomes: list[Outcome] = []
+    for trial in trials:
+        if trial.index in ended_before and trial.index % groups != group:
+            continue  # another group reports it
+        outcome = run_one(spec, directory, trial, data)
+        if groups > 1 and trial.index not in ended_before and outcome.action in ("busy", "skipped"):
+            continue  # another group of this job has it, or just ended it
+        outcomes.append(outcome)
+        if dist.is_root():
+            say(prefix + format_outcome(outcome, len(outcomes), len(trials)))
     return outcomes
 
 

@@ -456,7 +456,8 @@ def test_packed_trials_measure_exactly_what_one_rank_measures(tmp_path, monkeypa
     _, logs = logs_of(tmp_path / "packed")
     assert len(logs) == 4 and all(read_log(p, with_mask=False).attrs["world_size"] == 1 for p in logs)
     rank0, rank1 = rank_lines(packed.stdout, 0), rank_lines(packed.stdout, 1)
-    assert sum("group 0: [" in line for line in rank0) == 2 and sum("group 1: [" in line for line in rank1) == 2
+    ran = [sum("group 0: [" in line for line in rank0), sum("group 1: [" in line for line in rank1)]
+    assert sum(ran) == 4 and min(ran) >= 1, ran  # each trial once; the groups take the next free one
     table = [line for line in packed.stdout.splitlines() if "steps-to-result, complete/trials" in line]
     assert len(table) == 1 and rank0[-1].split()[1:] == ["-", "(0/2)", "-", "(0/2)", "-", "-"], describe(packed)
     rerun = run_study(2, spec_path, tmp_path / "packed", "--pack", "2")
