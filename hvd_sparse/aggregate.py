@@ -86,6 +86,7 @@ def trial_row(path: Path, root: Path) -> dict:
     return {
         "path": str(path.relative_to(root)),
         "study": log.attrs.get("study_name", ""),
+        "study_hash": log.attrs.get("study_hash", ""),
         **columns,
         "status": log.status,
         "steps_to_result": math.nan if log.steps_to_result is None else log.steps_to_result,
@@ -135,6 +136,7 @@ def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     table = pd.DataFrame(rows)
     if table.empty:
         raise AggregateError(f"{root}: none of the {len(paths)} *.h5 files is a readable trial log")
+    check_one_study_per_cell(table, root)
     running = table[table.status == "RUNNING"]
     if len(running):
         problems.append(f"{len(running)} trial(s) still running or interrupted (status RUNNING), not counted: "
@@ -151,6 +153,25 @@ def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 # -- aggregation: pure functions of the trials table -----------------------------------------------
+
+
+def check_one_study_per_cell(table: pd.DataFrame, root: str | Path) -> None:
+    """AggregateError if two study identities would be merged: one study name with two hashes (its
+    spec changed), or trials of two studies in the same cell of the grid. Single runs (no study) may
+    share cells: a search by hand."""
+    studies = table[table.study_hash != ""]
+    hashes = studies.groupby("study").study_hash.unique()
+    changed = {name: sorted(h) for name, h in hashes.items() if len(h) > 1}
+    if changed:
+        name, found = next(iter(changed.items()))
+        raise AggregateError(f"{root}: study {name!r} is there with {len(found)} different specs (hashes "
+                             f"{', '.join(found)}); aggregate one study directory at a time")
+    shared = studies.groupby(STUDY).study.unique()
+    shared = shared[shared.map(len) > 1]
+    if len(shared):
+        cell = " ".join(f"{k}={getattr(v, 'item', lambda: v)()}" for k, v in zip(STUDY, shared.index[0]))
+        raise AggregateError(f"{root}: the studies {', '.join(sorted(shared.iloc[0]))} both have trials of the cell "
+                             f"{cell}; aggregate one study directory at a time")
 
 
 def first_trials(trials: pd.DataFrame, max_trials: int | None) -> pd.DataFrame:

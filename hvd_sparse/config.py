@@ -19,6 +19,13 @@ class ConfigError(ValueError):
     """A configuration the user must fix; reported as one line, never a traceback."""
 
 
+def exact(value: float) -> str:
+    """A number for a file name: short (``0.5``, ``0``) where that reads back as the same number, all
+    its digits where it would not (``0.5000001``), so two values never share a name."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def seed_for(seed: int, stream: str, *extra: int) -> int:
     """An independent 63-bit seed for one named random stream of a trial (batch order, initialization,
     SNIP's batches): every seed derives from the config's, and streams never share one."""

@@ -263,7 +263,11 @@ def get_loader(name: str) -> Callable[[str | None], RawData]:
 def check_data_dir(cfg: DataConfig) -> None:
     """Cheap checks that can run before any distributed work starts."""
     get_loader(cfg.dataset)
-    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+    try:
+        found = cfg.data_dir is None or Path(cfg.data_dir).is_dir()
+    except OSError as e:  # a parent this user may not enter
+        raise DataError(f"--data-dir {cfg.data_dir}: cannot read the {cfg.dataset} data: {e.strerror or e}") from None
+    if not found:
         raise DataError(f"--data-dir {cfg.data_dir}: no such directory")
 
 
@@ -284,8 +288,17 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).float().div_(255.0)
 
 
+def read_raw(cfg: DataConfig) -> RawData:
+    """The dataset's files as arrays; any OS error on the way (a folder or file this user may not
+    read, an I/O error) is one DataError naming the path."""
+    try:
+        return get_loader(cfg.dataset)(cfg.data_dir)
+    except OSError as e:
+        raise DataError(f"{e.filename or cfg.data_dir}: cannot read the {cfg.dataset} data: {e.strerror or e}") from None
+
+
 def load_datasets(cfg: DataConfig) -> Datasets:
-    raw = get_loader(cfg.dataset)(cfg.data_dir)
+    raw = read_raw(cfg)
     train_idx, val_idx = split_indices(len(raw.train_y), cfg.val_fraction, cfg.split_seed)
     x_all, y_all = _to_float(raw.train_x), torch.from_numpy(raw.train_y)
     train_x = x_all[train_idx]

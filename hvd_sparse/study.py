@@ -30,9 +30,9 @@ from hvd_sparse import dist
 from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
 from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
-from hvd_sparse.config import SCHEDULES, Config, ConfigError, legacy_identity
+from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import Interrupted, check_batch, load_data_everywhere, run_trial, select_device, stop_requested, validate
-from hvd_sparse.log import check_writable, read_log
+from hvd_sparse.log import LogError, check_writable, read_log
 from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
@@ -281,11 +281,11 @@ class Trial:
 
     def relpath(self) -> Path:
         c = self.config
-        return (Path(c.data.dataset) / c.model.model / self.optimizer / f"sparsity-{self.sparsity:g}"
+        return (Path(c.data.dataset) / c.model.model / self.optimizer / f"sparsity-{exact(self.sparsity)}"
                 / f"batch-{self.batch_size}" / f"trial-{self.trial_id:03d}.h5")
 
     def label(self) -> str:
-        return f"{self.optimizer} sparsity={self.sparsity:g} batch={self.batch_size} trial={self.trial_id}"
+        return f"{self.optimizer} sparsity={exact(self.sparsity)} batch={self.batch_size} trial={self.trial_id}"
 
     def attrs(self, spec: StudySpec) -> dict[str, Any]:
         return {"study_name": spec.name, "study_hash": spec.study_hash(), "trial_id": self.trial_id,
@@ -375,24 +375,30 @@ class Outcome:
     seconds: float
 
 
-def ended_result(path: Path) -> tuple[str, int | None, float] | None:
-    """(status, steps-to-result, best error) of a trial whose log says it ended; None if it still needs running."""
+def ended_result(path: Path, trial: Trial, spec: StudySpec) -> tuple[str, int | None, float] | None:
+    """(status, steps-to-result, best error) of a trial whose log says it ended; None if it still needs
+    running. LogError for a corrupt log, or one that another study or trial wrote (never counted)."""
     if not path.exists():
         return None
     log = read_log(path, with_mask=False)  # a corrupt log is a LogError: reported, never overwritten
+    expected = {"study_hash": spec.study_hash(), "trial_id": trial.trial_id, "run_hash": trial.config.run_hash()}
+    differ = [key for key, value in expected.items() if log.attrs.get(key) != value]
+    if differ:
+        raise LogError(f"{path}: this log belongs to another study or trial (its {', '.join(differ)} differ), so "
+                       "this study will not count it; move it away, or give this study another --out")
     if log.status == "RUNNING":
         return None
     return log.status, log.steps_to_result, float(log.attrs.get("best_val_error", math.nan))
 
 
-def decide(path: Path, lock: Any) -> tuple:
+def decide(path: Path, lock: Any, trial: Trial, spec: StudySpec) -> tuple:
     """Rank 0's plan for one trial, as plain data (it is broadcast; a class defined in ``__main__``
     would arrive on the other ranks as a different class): ("skipped", status, steps, best),
     ("busy",), ("resume",) or ("run",). Takes the trial's lock for "resume" and "run"."""
     if not lock.try_acquire():  # the lock first: a trial another job ends meanwhile is not run again
         return ("busy",)
     try:
-        ended = ended_result(path)
+        ended = ended_result(path, trial, spec)
     except Exception:
         lock.release()
         raise
@@ -466,7 +472,8 @@ def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: 
     ended before the job started is reported by one group only."""
     prefix = "" if groups == 1 else f"group {group}: "
     ended_before = set() if groups == 1 else set(dist.root_decides(
-        lambda: [t.index for t in trials if ended_result(directory / t.relpath()) is not None], "listing ended trials"))
+        lambda: [t.index for t in trials if ended_result(directory / t.relpath(), t, spec) is not None],
+        "listing ended trials"))
     outcomes: list[Outcome] = []
     for trial in trials:
         if trial.index in ended_before and trial.index % groups != group:
@@ -484,7 +491,7 @@ def run_one(spec: StudySpec, directory: Path, trial: Trial, data: Any) -> Outcom
     """One trial on every rank of this group: skipped if it ended, left alone if another job runs it."""
     path = directory / trial.relpath()
     lock = RunLock(path)
-    decision = dist.root_decides(lambda: decide(path, lock), "deciding a trial")
+    decision = dist.root_decides(lambda: decide(path, lock, trial, spec), "deciding a trial")
     if decision[0] == "skipped":
         return Outcome(trial, *decision, 0.0)
     if decision[0] == "busy":

@@ -11,7 +11,7 @@ from typing import Sequence
 from hvd_sparse import dist
 from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import configure_logging, guarded, parse_config, say
-from hvd_sparse.config import Config
+from hvd_sparse.config import Config, exact
 from hvd_sparse.data import DATASETS
 from hvd_sparse.engine import TrialResult, check_batch, load_data_everywhere, run_trial, select_device, validate
 from hvd_sparse.log import check_writable
@@ -24,7 +24,7 @@ PROG = "hvd_sparse.train"
 def log_path(cfg: Config) -> Path:
     c = cfg
     name = (
-        f"{c.data.dataset}_{c.model.model}_{c.optim.optimizer}_s{c.prune.sparsity:g}"
+        f"{c.data.dataset}_{c.model.model}_{c.optim.optimizer}_s{exact(c.prune.sparsity)}"
         f"_b{c.train.batch_size}_{c.run_hash()}.h5"
     )
     return Path(c.run.out) / name

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hvd_sparse.aggregate import Rules, aggregate, curve_table, read_trials, regimes, scaling_fit, study_table
+from hvd_sparse.aggregate import AggregateError, Rules, aggregate, curve_table, read_trials, regimes, scaling_fit, study_table
 from hvd_sparse.config import Config
 from hvd_sparse.log import TrialLog
 from hvd_sparse.mask import Mask
@@ -18,7 +18,8 @@ from conftest import REPO, launch_env
 MASK = Mask({"w": torch.tensor([True, False, True, True])})
 
 
-def write_log(root, optimizer, sparsity, batch, trial_id, status, steps, lr=0.1, momentum=0.9, goal=0.1):
+def write_log(root, optimizer, sparsity, batch, trial_id, status, steps, lr=0.1, momentum=0.9, goal=0.1,
+              study=("known", "")):
     cfg = Config.from_dict({
         "data": {"dataset": "synthetic"}, "model": {"model": "mlp-tiny"}, "prune": {"sparsity": sparsity},
         "optim": {"optimizer": optimizer, "lr": lr, "momentum": momentum},
@@ -27,7 +28,7 @@ def write_log(root, optimizer, sparsity, batch, trial_id, status, steps, lr=0.1,
     path = root / optimizer / f"s{sparsity:g}" / f"b{batch}" / f"trial-{trial_id:03d}.h5"
     attrs = {"config": cfg.to_json(), "run_hash": cfg.run_hash(), "world_size": 2, "mask_sha256": MASK.sha256(),
              "mask_density": MASK.density, "hvd_sparse_version": "t", "torch_version": "t", "horovod_version": "t",
-             "trial_id": trial_id, "study_name": "known"}
+             "trial_id": trial_id, "study_name": study[0], **({"study_hash": study[1]} if study[1] else {})}
     log = TrialLog.create(path, attrs, MASK)
     last = steps if steps is not None else 1000
     for step in range(0, last + 1, 10):
@@ -274,3 +275,19 @@ def test_scaling_fit_has_the_shape_of_a_scaling_curve():
     assert list(scaling_fit([64], [300.0])) == [300.0]
     # a slope steeper than perfect scaling is not believed: the fit holds it at -1 ...
     assert scaling_fit([16, 32], [400.0, 100.0]) == pytest.approx([283.0, 141.5], rel=1e-3)
+
+
+@pytest.mark.parametrize("second, message", [
+    (("mine", "b" * 12), r"study 'mine' is there with 2 different specs \(hashes a{12}, b{12}\)"),
+    (("theirs", "c" * 12), r"the studies mine, theirs both have trials of the cell .* sparsity=0.5 batch_size=16;"),
+])
+def test_two_studies_are_never_merged(tmp_path, second, message):
+    """A changed spec under one name, or another study's trials in the same cells (a side study
+    aggregated with the grid): refused, one line; single runs without a study may share cells."""
+    write_log(tmp_path / "a", "sgd", 0.5, 16, 0, "COMPLETE", 100, study=("mine", "a" * 12))
+    write_log(tmp_path / "b", "sgd", 0.5, 16, 0, "COMPLETE", 200, study=second)
+    with pytest.raises(AggregateError, match=message):
+        read_trials(tmp_path)
+    write_log(tmp_path / "c", "sgd", 0.5, 16, 1, "COMPLETE", 300, study=("", ""))
+    (tmp_path / "b").rename(tmp_path.parent / f"{tmp_path.name}-moved")
+    assert len(read_trials(tmp_path)[0]) == 2

@@ -77,3 +77,12 @@ def test_a_renamed_gradient_compression_names_its_new_name():
 def test_seed_streams_are_independent_and_stable():
     assert seed_for(0, "init") == seed_for(0, "init") < 2**63
     assert len({seed_for(0, "init"), seed_for(0, "order"), seed_for(1, "init"), seed_for(0, "batches", 1)}) == 4
+
+
+def test_exact_names_never_collide():
+    from hvd_sparse.config import exact
+
+    assert [exact(v) for v in (0.0, 0.5, 0.9, 0.7, 1e-4)] == ["0", "0.5", "0.9", "0.7", "0.0001"]  # as :g wrote them
+    assert exact(0.5000001) == "0.5000001" and exact(0.999999999) == "0.999999999"  # :g said 0.5 and 1
+    values = [0.5, 0.5000001, 0.50000001, 0.9, 0.999999999, 1 / 3]
+    assert len({exact(v) for v in values}) == len(values) and all(float(exact(v)) == v for v in values)

@@ -277,3 +277,35 @@ def test_fashion_mnist_without_a_folder_reads_the_system_package(tmp_path, monke
 def test_synthetic_cifar_is_cifar_shaped():
     data = load_datasets(DataConfig(dataset="synthetic-cifar"))
     assert data.input_shape == (3, 32, 32) and data.num_classes == 10 and data.test is not None
+
+
+def test_a_data_folder_this_user_may_not_read_is_one_data_error(tmp_path):
+    """As a user other than the folder's owner (root drops to nobody in a forked child, where the
+    permission bits apply), an unreadable folder is a DataError naming it, not a raw PermissionError."""
+    import os
+
+    write_mnist(tmp_path / "locked" / "fashion", gz=True)
+    (tmp_path / "locked").chmod(0o700 if os.getuid() == 0 else 0o000)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody, if root; tell the parent what the loader raised
+        try:
+            if os.getuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            outcome = "no error"
+            try:
+                load_datasets(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path / "locked" / "fashion")))
+            except DataError as e:
+                outcome = f"DataError: {e}"
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                outcome = f"{type(e).__name__}: {e}"
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    outcome = os.read(read, 4096).decode()
+    (tmp_path / "locked").chmod(0o755)
+    assert outcome.startswith("DataError: ") and "Permission denied" in outcome and "locked" in outcome, outcome
+    assert "\n" not in outcome

@@ -524,3 +524,37 @@ def test_groups_of_two_ranks_measure_exactly_what_a_two_rank_job_measures(tmp_pa
     assert_same_study(tmp_path / "pair", tmp_path / "packed")
     _, logs = logs_of(tmp_path / "packed")
     assert len(logs) == 4 and all(read_log(p, with_mask=False).attrs["world_size"] == 2 for p in logs)
+
+
+def test_trial_paths_are_exact():
+    s = spec(sparsities=[0.5, 0.5000001])
+    paths = {t.relpath() for t in grid(s)}
+    assert len(paths) == len(grid(s))
+    assert {p.parts[3] for p in paths} == {"sparsity-0.5", "sparsity-0.5000001"}
+
+
+def test_a_log_of_another_study_or_trial_is_never_counted(tmp_path):
+    """A finished log whose stored study hash, trial id or run hash is not this trial's (another
+    spec's study folder reused, a log copied in) is a LogError naming it, not a result."""
+    from hvd_sparse.log import LogError, TrialLog
+    from hvd_sparse.mask import Mask
+    from hvd_sparse.study import ended_result
+    import torch
+
+    mine, other = spec(), spec(goal_error=0.3)
+    trial = grid(mine)[0]
+    path = tmp_path / trial.relpath()
+
+    def write(attrs):
+        base = {"config": "{}", "run_hash": trial.config.run_hash(), "world_size": 1, "mask_sha256": "0",
+                "hvd_sparse_version": "0", "torch_version": "0", "horovod_version": "0", **trial.attrs(mine)}
+        log = TrialLog.create(path, {**base, **attrs}, Mask({"w": torch.ones(2, dtype=torch.bool)}), overwrite=True)
+        log.finish("COMPLETE", 10, best_val_error=0.1)
+
+    write({})
+    assert ended_result(path, trial, mine) == ("COMPLETE", 10, 0.1)
+    for attrs, named in (({"study_hash": other.study_hash()}, "study_hash"), ({"trial_id": 7}, "trial_id"),
+                         ({"run_hash": "0" * 16}, "run_hash")):
+        write(attrs)
+        with pytest.raises(LogError, match=f"belongs to another study or trial \\(its {named} differ"):
+            ended_result(path, trial, mine)
