@@ -52,12 +52,12 @@ class Checkpoint:
 
 
 def save_checkpoint(log: Path, progress: Progress, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    run_hash: str, mask_sha256: str) -> None:
+                    run_hash: str, mask_sha256: str, data_fingerprint: str = "") -> None:
     """Write the checkpoint so that a reader sees the old one or the new one, never a mix."""
     state = {
         "step": progress.step, "best_val_error": progress.best_val_error, "wall_time": progress.wall_time,
         "train_loss": [list(pair) for pair in progress.train_loss], "noise": list(progress.noise),
-        "run_hash": run_hash, "mask_sha256": mask_sha256,
+        "run_hash": run_hash, "mask_sha256": mask_sha256, "data_fingerprint": data_fingerprint,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
@@ -91,7 +91,7 @@ def load_checkpoint_state(path: Path) -> dict[str, Any]:
         raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); {START_OVER}") from None
 
 
-def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
+def plan_start(log: Path, run_hash: str, overwrite: bool, data_fingerprint: str = "") -> Checkpoint | None:
     """The checkpoint to resume from, or None to start fresh; LogError if the run already ended.
 
     No log, ``overwrite``, or a RUNNING log without a checkpoint (killed before its first one):
@@ -102,11 +102,16 @@ def plan_start(log: Path, run_hash: str, overwrite: bool) -> Checkpoint | None:
     data = read_log(log)
     if data.status != "RUNNING":
         raise LogError(f"{log}: this run already ended ({data.status}); pass --overwrite to run it again")
+    logged = str(data.attrs.get("data_fingerprint", ""))  # logs before 0.3.0 do not say
+    if logged and data_fingerprint and logged != data_fingerprint:
+        raise LogError(f"{log}: this run was trained on other data (SHA-256 {logged[:12]}, now {data_fingerprint[:12]}); "
+                       "resuming onto it would mix two datasets in one trial: point --data-dir back, or use another --out")
     path = checkpoint_path(log)
     if not path.exists():
         return None
     state = load_checkpoint_state(path)
-    if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"]:
+    if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"] or (
+            state.get("data_fingerprint") and data_fingerprint and state["data_fingerprint"] != data_fingerprint):
         raise LogError(f"{path}: checkpoint of another run or mask; {START_OVER}")
     assert data.mask is not None
     train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))

@@ -288,6 +288,20 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).float().div_(255.0)
 
 
+# the fingerprints of datasets whose files look alike (the same IDX layout): a folder of one read as the
+# other is an error, not a run logged under the wrong name
+KNOWN_FINGERPRINTS = {
+    "ab7e4171a5dc26fc3000193b0326047ed98b5516f0faddfa88c7c8f0cb8ea100": "fashion-mnist",  # the 4 standard files
+}
+
+
+def check_identity(dataset: str, found: str, where: str | None) -> None:
+    known = KNOWN_FINGERPRINTS.get(found)
+    if known is not None and known != dataset:
+        raise DataError(f"{where or 'the data folder'}: these files are {known} (their SHA-256 says so), "
+                        f"not {dataset}; pass --dataset {known}")
+
+
 def read_raw(cfg: DataConfig) -> RawData:
     """The dataset's files as arrays; any OS error on the way (a folder or file this user may not
     read, an I/O error) is one DataError naming the path."""
@@ -299,6 +313,8 @@ def read_raw(cfg: DataConfig) -> RawData:
 
 def load_datasets(cfg: DataConfig) -> Datasets:
     raw = read_raw(cfg)
+    found = fingerprint(raw)
+    check_identity(cfg.dataset, found, cfg.data_dir)
     train_idx, val_idx = split_indices(len(raw.train_y), cfg.val_fraction, cfg.split_seed)
     x_all, y_all = _to_float(raw.train_x), torch.from_numpy(raw.train_y)
     train_x = x_all[train_idx]
@@ -317,7 +333,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         val=Split(norm(x_all[val_idx]), y_all[val_idx].contiguous()),
         test=test,
         num_classes=raw.num_classes,
-        fingerprint=fingerprint(raw),
+        fingerprint=found,
     )
 
 

@@ -198,21 +198,23 @@ class Recorder:
     every method on every rank inside ``dist.agree`` (the other ranks hold a NullRecorder), so a write
     that fails on rank 0 ends the trial on every rank, with the files on disk as they were."""
 
-    def __init__(self, cfg: Config, path: Path, mask: Mask, bytes_per_step: int):
+    def __init__(self, cfg: Config, path: Path, mask: Mask, bytes_per_step: int, data_fingerprint: str):
         self.cfg, self.path, self.mask, self.bytes_per_step = cfg, path, mask, bytes_per_step
+        self.data_fingerprint = data_fingerprint
         self.mask_sha256 = mask.sha256()
         self.log = TrialLog(path)
 
     def open(self, resumed: Progress | None, attrs: Mapping[str, Any]) -> None:
         """A new log, or the resumed one without the evaluations made after its checkpoint (redone)."""
         if resumed is not None:
-            self.log.truncate(resumed.step)
+            self.log.truncate(resumed.step, world_size=dist.size())
             return
         import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
 
         attrs = {
             **attrs,
             "config": self.cfg.to_json(), "run_hash": self.cfg.run_hash(), "world_size": dist.size(),
+            "world_sizes": json.dumps([dist.size()]), "data_fingerprint": self.data_fingerprint,
             "mask_sha256": self.mask_sha256, "mask_density": self.mask.density,
             "mask_layer_density": json.dumps(self.mask.layer_density()),
             "allreduce_bytes_per_step": self.bytes_per_step, "hvd_sparse_version": hvd_sparse.__version__,
@@ -223,7 +225,8 @@ class Recorder:
 
     def _checkpoint(self, state: TrialState, progress: Progress) -> None:
         if self.cfg.run.checkpoint:
-            save_checkpoint(self.path, progress, state.model, state.optimizer, self.cfg.run_hash(), self.mask_sha256)
+            save_checkpoint(self.path, progress, state.model, state.optimizer, self.cfg.run_hash(), self.mask_sha256,
+                            self.data_fingerprint)
 
     def evaluation(self, row: Mapping[str, float], state: TrialState | None) -> None:
         """One evaluation into the log; then a checkpoint of ``state`` unless the trial ends here (None)."""
@@ -510,7 +513,8 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
     interrupted; the caller holds its lock. ``attrs`` go into the log (a study's trial id and
     metaparameters)."""
     t_init = time.time()
-    ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite), "reading the earlier log")
+    ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite, data.fingerprint),
+                        "reading the earlier log")
     resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
     model, mask, sync = build(cfg, data, ckpt)
     state = TrialState.begin(model, sync.optimizer, NoiseScale(cfg.train.noise_scale_smoothing), resumed, t_init)
@@ -519,7 +523,7 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
         dist.size(), cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
         f", resuming at step {state.step}" if resumed else "",
     )
-    recorder = Recorder(cfg, path, mask, sync.bytes_per_step) if dist.is_root() else NullRecorder()
+    recorder = Recorder(cfg, path, mask, sync.bytes_per_step, data.fingerprint) if dist.is_root() else NullRecorder()
     dist.agree(lambda: recorder.open(resumed, attrs or {}), "opening the log")
     engine = Engine(cfg, data, mask, sync, recorder, state)
     return engine.finish(*engine.train())

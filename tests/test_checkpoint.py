@@ -153,3 +153,23 @@ def test_a_checkpoint_with_a_flipped_byte_is_never_used(tmp_path):
     legacy = good.partition(b"\n")[2]  # the bare torch.save payload, as 0.2.0 wrote it
     path.write_bytes(legacy)
     assert load_checkpoint_state(path)["step"] == 40
+
+
+def test_a_resume_onto_other_data_is_refused(tmp_path):
+    """The log and the checkpoint hold the data's SHA-256; a rerun whose --data-dir holds other data
+    (labels changed, another dataset) is refused instead of continuing silently."""
+    import json as json_
+    from hvd_sparse.checkpoint import Progress, plan_start, save_checkpoint
+    from hvd_sparse.log import LogError, TrialLog
+    from hvd_sparse.mask import Mask
+
+    mask = Mask({"weight": torch.ones(5, 20, dtype=torch.bool)})
+    log_path = tmp_path / "t.h5"
+    attrs = {"config": "{}", "run_hash": "r", "world_size": 1, "mask_sha256": mask.sha256(), "hvd_sparse_version": "0",
+             "torch_version": "0", "horovod_version": "0", "data_fingerprint": "a" * 64, "world_sizes": json_.dumps([1])}
+    TrialLog.create(log_path, attrs, mask)
+    model = torch.nn.Linear(20, 5, bias=False)
+    save_checkpoint(log_path, Progress(step=10), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", mask.sha256(), "a" * 64)
+    assert plan_start(log_path, "r", False, "a" * 64).progress.step == 10
+    with pytest.raises(LogError, match=r"t\.h5: this run was trained on other data \(SHA-256 aaaaaaaaaaaa, now bbbbbbbbbbbb\)"):
+        plan_start(log_path, "r", False, "b" * 64)

@@ -309,3 +309,13 @@ def test_a_data_folder_this_user_may_not_read_is_one_data_error(tmp_path):
     (tmp_path / "locked").chmod(0o755)
     assert outcome.startswith("DataError: ") and "Permission denied" in outcome and "locked" in outcome, outcome
     assert "\n" not in outcome
+
+
+def test_fashion_mnist_files_read_as_mnist_are_refused():
+    from hvd_sparse.data import SYSTEM_DATA_DIRS
+
+    folder = SYSTEM_DATA_DIRS["FashionMNIST"][0]
+    if not (folder / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (launch/setup.sh installs it where it has root and apt)")
+    with pytest.raises(DataError, match="these files are fashion-mnist .*not mnist; pass --dataset fashion-mnist"):
+        load_datasets(DataConfig(dataset="mnist", data_dir=str(folder)))

@@ -36,7 +36,7 @@ def test_the_grid_specs_validate_and_cover_the_paper_grid():
 def test_the_stability_study_starts_with_the_main_studys_trials():
     """Its trials 0-3 are the main grid's (same points, seeds, budgets); 4-7 are new points."""
     main, stability = by_cell(load("nesterov")), by_cell(load("stability"))
-    assert len(stability) == 2 * 3 * 8
+    assert len(stability) == 2 * 2 * 8
     for (optimizer, sparsity, batch, trial), cfg in stability.items():
         if trial < 4:
             assert cfg == main[(optimizer, sparsity, batch, trial)]

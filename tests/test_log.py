@@ -157,13 +157,13 @@ def test_a_flipped_byte_in_a_measurement_is_caught_not_believed(tmp_path):
     with h5py.File(path, "r") as f:
         offset = f["measurements/val_error"].id.get_chunk_info(0).byte_offset + 8  # inside val_error[1]
     flipped(path, offset)
-    with pytest.raises(LogError, match=r"t\.h5: the log fails its checksum \(damaged bytes\)") as exc:
+    with pytest.raises(LogError, match=r"t\.h5: unreadable or corrupt HDF5 log: it fails its checksum") as exc:
         read_log(path)
     assert "\n" not in str(exc.value)
 
 
 def test_no_flipped_byte_anywhere_in_a_log_changes_what_is_read(tmp_path):
-    """Every 127th byte of a finished log flipped in turn: each read either raises LogError or returns
+    """Every 13th byte of a finished log flipped in turn: each read either raises LogError or returns
     exactly the original (the byte was in unused space): never a changed measurement, never another error."""
     path = tmp_path / "t.h5"
     log = TrialLog.create(path, ATTRS, mask())
@@ -172,7 +172,7 @@ def test_no_flipped_byte_anywhere_in_a_log_changes_what_is_read(tmp_path):
     log.finish("COMPLETE", 2, best_val_error=0.1)
     original, good = read_log(path), path.read_bytes()
     caught = 0
-    for offset in range(0, len(good), 127):
+    for offset in range(0, len(good), 13):
         path.write_bytes(good)
         flipped(path, offset)
         try:
@@ -184,3 +184,17 @@ def test_no_flipped_byte_anywhere_in_a_log_changes_what_is_read(tmp_path):
         assert all(np.array_equal(data.measurements[k], original.measurements[k], equal_nan=True)
                    for k in original.measurements), offset
     assert caught > 0
+
+
+def test_a_resume_records_its_world_size():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.h5"
+        log = TrialLog.create(path, {**ATTRS, "world_sizes": "[2]"}, mask())
+        log.append(row(0))
+        log.truncate(0, world_size=4)
+        log.truncate(0, world_size=1)
+        attrs = read_log(path).attrs
+        assert json.loads(attrs["world_sizes"]) == [2, 4, 1] and attrs["world_size"] == 1
