@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from hvd_sparse.checkpoint import checkpoint_path
@@ -231,3 +232,62 @@ def test_an_input_error_seen_by_rank_0_alone_exits_2_on_every_rank(tmp_path):
         assert (codes / f"rank{rank}").read_text().strip() == "2", describe(proc)
     assert "already ended (INCOMPLETE)" in rank_lines(proc.stderr, 0)[-1]
     assert "failed on rank 0: LogError" in rank_lines(proc.stderr, 1)[-1]
+
+
+# -- damaged bytes, and results that belong elsewhere ----------------------------------------------
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("damage", ["log byte", "another study's log"])
+def test_a_study_never_believes_a_damaged_or_foreign_log(tmp_path, record_property, damage):
+    """One byte of a finished trial's log flipped, or the log replaced by one of another study: the
+    rerun stops before running anything, one line on every rank naming the file, which is left alone."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
+    args = ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
+    assert horovodrun(2, args, timeout=120).returncode == 0
+    logs = sorted((tmp_path / "runs").rglob("trial-*.h5"))
+    if damage == "log byte":
+        data = bytearray(logs[1].read_bytes())
+        data[len(data) // 2] ^= 0x04
+        logs[1].write_bytes(bytes(data))
+        message = "it fails its checksum"
+    else:
+        other = tmp_path / "other.yaml"
+        other.write_text(json.dumps({**TINY_STUDY, "trials": 2, "name": "other", "goal_error": 0.5}))
+        assert horovodrun(2, ["-m", "hvd_sparse.study", str(other), "--out", str(tmp_path / "elsewhere")],
+                          timeout=120).returncode == 0
+        (foreign,) = [p for p in (tmp_path / "elsewhere").rglob("trial-*.h5") if p.name == logs[1].name]
+        logs[1].write_bytes(foreign.read_bytes())
+        message = "belongs to another study or trial (its study_hash, run_hash differ)"
+    before = {p: p.read_bytes() for p in logs}
+    started = time.time()
+    proc = horovodrun(2, args, timeout=LIMIT * 2)
+    assert_every_rank_failed(proc, started, message, record_property, prog="hvd_sparse.study")
+    assert str(logs[1]) in proc.stdout + proc.stderr and proc.returncode == 2
+    assert {p: p.read_bytes() for p in logs} == before
+
+
+@pytest.mark.launches
+def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, record_property):
+    flags = TRAIN[:-4] + ["--max-steps", "100000", "--eval-every", "10", "--goal-error", "0", "--out", str(tmp_path / "runs")]
+    job = subprocess.Popen([str(BIN / "horovodrun"), "-np", "2", sys.executable, *flags], env=launch_env(), cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*.ckpt.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    import os
+    import signal as signal_
+    os.killpg(job.pid, signal_.SIGKILL)  # a crash: the log says RUNNING, the checkpoint waits
+    job.communicate(timeout=60)
+    while any(str(tmp_path) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+        time.sleep(0.1)  # the ranks see their launcher gone and stop (checkpointing once more) within seconds
+    (ckpt,) = (tmp_path / "runs").glob("*.ckpt.pt")
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    started = time.time()
+    proc = horovodrun(2, flags, timeout=LIMIT * 2)
+    assert_every_rank_failed(proc, started, "the checkpoint fails its checksum (damaged bytes), so it is not used",
+                             record_property)
+    assert proc.returncode == 2
