@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Iterator
 
 import matplotlib
 
@@ -59,6 +60,15 @@ def _mark(ax: plt.Axes, x: np.ndarray, y: np.ndarray, at: float, marker: str, co
                 markeredgewidth=1.6, color=color, linestyle="none")
 
 
+def _figures(table: pd.DataFrame, width: float, height: float) -> Iterator[tuple[tuple, Any, list[tuple[Any, str, pd.DataFrame]]]]:
+    """One figure per FIGURE_KEYS group of ``table``, one panel (width x height inches) per optimizer:
+    yields (key, figure, [(axes, optimizer, that optimizer's rows)])."""
+    for key, group in table.groupby(FIGURE_KEYS, sort=True):
+        optimizers = sorted(group.optimizer.unique())
+        fig, axes = plt.subplots(1, len(optimizers), figsize=(width * len(optimizers), height), squeeze=False)
+        yield key, fig, [(ax, o, group[group.optimizer == o]) for ax, o in zip(axes[0], optimizers)]
+
+
 def _bounds(rows: pd.DataFrame) -> tuple[float, float]:
     """(critical, diminishing-returns batch size) of the curve these rows of one curve belong to."""
     if rows.empty or "critical_batch_size" not in rows:
@@ -68,12 +78,9 @@ def _bounds(rows: pd.DataFrame) -> tuple[float, float]:
 
 def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
     written = []
-    for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
-        optimizers = sorted(fig_group.optimizer.unique())
-        fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
-        all_b = np.array(sorted(fig_group.batch_size.unique()), dtype=float)
-        for ax, optimizer in zip(axes[0], optimizers):
-            group = fig_group[fig_group.optimizer == optimizer]
+    for key, fig, panels in _figures(points, 4.6, 4.2):
+        all_b = np.array(sorted({b for _, _, group in panels for b in group.batch_size}), dtype=float)
+        for ax, optimizer, group in panels:
             for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
                 # log axes: a goal reached at the first evaluation (0 steps) has no place on them
                 rows = rows[np.isfinite(rows.steps_to_result) & (rows.steps_to_result > 0)].sort_values("batch_size")
@@ -141,14 +148,11 @@ def plot_series(points: pd.DataFrame, series: pd.DataFrame, out: Path, stem: str
     if series.empty:
         return []
     written = []
-    for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
-        optimizers = sorted(fig_group.optimizer.unique())
-        fig, axes = plt.subplots(1, len(optimizers), figsize=(6.4 * len(optimizers), 4.8), squeeze=False)
+    for key, fig, panels in _figures(points, 6.4, 4.8):
         in_figure = series
         for column, value in zip(FIGURE_KEYS, key):
             in_figure = in_figure[in_figure[column] == value]
-        for ax, optimizer in zip(axes[0], optimizers):
-            group = fig_group[fig_group.optimizer == optimizer]
+        for ax, optimizer, group in panels:
             for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
                 label = f"sparsity {sparsity:g}"
                 lines = in_figure[(in_figure.optimizer == optimizer) & (in_figure.sparsity == sparsity)]
@@ -179,11 +183,8 @@ def plot_lipschitz_by_sparsity(lipschitz: pd.DataFrame, out: Path) -> list[Path]
     if lipschitz.empty:
         return []
     written = []
-    for key, fig_group in lipschitz.groupby(FIGURE_KEYS, sort=True):
-        optimizers = sorted(fig_group.optimizer.unique())
-        fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4.2), squeeze=False)
-        for ax, optimizer in zip(axes[0], optimizers):
-            rows = fig_group[fig_group.optimizer == optimizer]
+    for key, fig, panels in _figures(lipschitz, 4.6, 4.2):
+        for ax, optimizer, rows in panels:
             ax.plot(rows.sparsity, rows.value, marker=".", linestyle="none", color="C0", alpha=0.6, label="measurements")
             medians = rows.groupby("sparsity").value.median()
             ax.plot(medians.index, medians.to_numpy(), marker="o", color="C1", label="median")
