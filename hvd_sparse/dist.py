@@ -140,6 +140,7 @@ COLLECTIVE_TIMEOUT = float(os.environ.get("HVD_SPARSE_COLLECTIVE_TIMEOUT", "300"
 program = "hvd_sparse"  # the command's name in the watchdog's line (cli.guarded sets it)
 _waiting: list[tuple[str, float, float]] = []  # the collective this rank waits in, since when (monotonic), its limit
 _watchdog: threading.Thread | None = None
+_waiting_lock = threading.Lock()
 AGREE_PATIENCE = 4.0  # ``agree`` waits for one rank's work (SNIP on rank 0 can take minutes): 4x the timeout
 
 
@@ -149,11 +150,13 @@ def _watch(timeout: float) -> None:
     while True:
         time.sleep(poll)
         now = time.monotonic()
-        if now - last > poll + 2.0:  # this process was stopped itself (and is being woken to be ended):
-            _waiting[:] = [(name, since + now - last, limit) for name, since, limit in _waiting]  # not a wait
+        with _waiting_lock:
+            if now - last > poll + 2.0:  # this process was stopped itself (and is being woken to be ended):
+                _waiting[:] = [(name, since + now - last, limit) for name, since, limit in _waiting]  # not a wait
+            current = _waiting[-1] if _waiting else None
         last = now
-        if _waiting and now - _waiting[-1][1] > _waiting[-1][2]:
-            name, _, limit = _waiting[-1]
+        if current is not None and now - current[1] > current[2]:
+            name, _, limit = current
             print(f"{program}: error: rank {hvd.rank()} waited {limit:g} s in the collective {name!r} for "
                   "the other ranks: one of them is frozen or lost (the ranks that print this line are the ones "
                   "that arrived); ending the job, a rerun resumes from the last checkpoint "
@@ -169,11 +172,13 @@ def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
     if COLLECTIVE_TIMEOUT > 0 and _watchdog is None and hvd.size() > 1:
         _watchdog = threading.Thread(target=_watch, args=(COLLECTIVE_TIMEOUT,), name="hvd_sparse-watchdog", daemon=True)
         _watchdog.start()
-    _waiting.append((name, time.monotonic(), COLLECTIVE_TIMEOUT * patience))
+    with _waiting_lock:
+        _waiting.append((name, time.monotonic(), COLLECTIVE_TIMEOUT * patience))
     try:
         yield
     finally:
-        _waiting.pop()
+        with _waiting_lock:
+            _waiting.pop()
 
 
 class GaveUp(Exception):
