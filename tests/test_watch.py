@@ -18,7 +18,7 @@ LIMIT = GRACE_SECONDS + 10  # seconds from the launcher's death to the exit of e
 @pytest.mark.parametrize("name, cmdline, launcher", [
     ("mpirun", ["mpirun", "-np", "2", "python"], True),
     ("sh", ["/bin/sh", "-c", "mpirun --allow-run-as-root -np 2 python -m hvd_sparse.train"], True),  # horovodrun, exec'd
-    ("python3", ["/usr/bin/python3", "/work/.venv/bin/horovodrun", "-np", "2"], True),
+    ("python3", ["/usr/bin/python3", "/opt/venv/bin/horovodrun", "-np", "2"], True),
     ("python3", ["python3", "-m", "torch.distributed.run", "--nproc-per-node", "2"], True),
     ("slurmstepd", ["slurmstepd: [12.0]"], True),
     ("prterun", ["prterun", "-np", "2"], True),
