@@ -37,7 +37,7 @@ replicate-fashion: setup
 	for spec in $(FASHION_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --pack $(NP) || exit 1; done
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --pack $(NP)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --pack $(NP)
-	python -m hvd_sparse.aggregate $(FASHION_OUT) --out $(FASHION_FIGURES)
+	python -m hvd_sparse.aggregate $$(for spec in $(FASHION_SPECS); do python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --print-dir; done) --out $(FASHION_FIGURES)
 	python -m hvd_sparse.aggregate $(FASHION_OUT)-lipschitz --out $(FASHION_FIGURES)/lipschitz
 	python -m hvd_sparse.aggregate $(FASHION_OUT)-stability --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4
 	python -m hvd_sparse.aggregate $(FASHION_OUT)-stability --no-plots --out $(FASHION_FIGURES)/stability-8

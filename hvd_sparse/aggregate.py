@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,18 +120,30 @@ def lipschitz_near(lipschitz: Mapping[str, np.ndarray], step: int) -> float:
     return float(lipschitz["value"][before[-1] if len(before) else 0])
 
 
-def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Every trial log under ``root`` as a table, and one line per file that could not be used."""
-    root = Path(root)
-    if not root.is_dir():
-        raise AggregateError(f"{root}: no such folder")
-    paths = sorted(p for p in root.rglob("*.h5") if not p.name.endswith(".tmp"))
+def base_folder(roots: Sequence[str | Path]) -> Path:
+    """The folder the trials' paths are relative to: the one root, or the common parent of several."""
+    return Path(roots[0]) if len(roots) == 1 else Path(os.path.commonpath([Path(r).absolute() for r in roots]))
+
+
+def read_trials(roots: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Every trial log under the folder(s) ``roots`` as a table (paths relative to ``base_folder``), and
+    one line per file that could not be used."""
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    base = base_folder(roots)
+    root = roots[0] if len(roots) == 1 else ", ".join(map(str, roots))  # for messages
+    paths = []
+    for folder in roots:
+        if not folder.is_dir():
+            raise AggregateError(f"{folder}: no such folder")
+        paths += sorted(p for p in folder.rglob("*.h5") if not p.name.endswith(".tmp"))
     if not paths:
         raise AggregateError(f"{root}: no trial logs (*.h5) found")
+    if len(roots) > 1:  # folders named twice or nested: each log once
+        paths, base = sorted({p.absolute() for p in paths}), base.absolute()
     rows, problems = [], []
     for path in paths:
         try:
-            rows.append(trial_row(path, root))
+            rows.append(trial_row(path, base))
         except LogError as e:
             problems.append(f"skipped {e}")
     table = pd.DataFrame(rows)
@@ -144,7 +157,7 @@ def read_trials(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     mixed = table.groupby(STUDY)[["max_steps", "eval_every"]].nunique().max(axis=1)
     if (mixed > 1).any():
         problems.append(f"{int((mixed > 1).sum())} studies mix trials of different step budgets or evaluation "
-                        "intervals (several study directories under one folder?): aggregate one study directory at a time")
+                        "intervals (several study directories under one folder?): name the study directories to aggregate")
     goals = sorted(table.goal_error.unique())
     if len(goals) > 1:
         problems.append(f"logs with {len(goals)} goal errors ({', '.join(f'{g:g}' for g in goals)}): "
@@ -165,13 +178,14 @@ def check_one_study_per_cell(table: pd.DataFrame, root: str | Path) -> None:
     if changed:
         name, found = next(iter(changed.items()))
         raise AggregateError(f"{root}: study {name!r} is there with {len(found)} different specs (hashes "
-                             f"{', '.join(found)}); aggregate one study directory at a time")
+                             f"{', '.join(found)}); aggregate one of them: name its study directory "
+                             "(hvd_sparse.study SPEC --print-dir), or several such directories")
     shared = studies.groupby(STUDY).study.unique()
     shared = shared[shared.map(len) > 1]
     if len(shared):
         cell = " ".join(f"{k}={getattr(v, 'item', lambda: v)()}" for k, v in zip(STUDY, shared.index[0]))
         raise AggregateError(f"{root}: the studies {', '.join(sorted(shared.iloc[0]))} both have trials of the cell "
-                             f"{cell}; aggregate one study directory at a time")
+                             f"{cell}; aggregate one of them: name its study directory")
 
 
 def first_trials(trials: pd.DataFrame, max_trials: int | None) -> pd.DataFrame:
@@ -459,7 +473,7 @@ def write_outputs(out: Path, trials: pd.DataFrame, studies: pd.DataFrame, curves
     return written
 
 
-def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, rules: Rules = Rules(),
+def aggregate(root: str | Path | Sequence[str | Path], out: str | Path, max_trials: int | None = None, rules: Rules = Rules(),
               plots: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
     """Read, aggregate, write the CSVs (and plots); returns (trials, studies, curves, problems)."""
     trials, problems = read_trials(root)
@@ -469,14 +483,17 @@ def aggregate(root: str | Path, out: str | Path, max_trials: int | None = None, 
     if plots and not studies.empty:
         from hvd_sparse.plots import plot_all  # matplotlib only where figures are drawn (not on a study's ranks)
 
-        plot_all(with_regimes(studies, curves), *best_trial_series(studies, trials, Path(root)), Path(out))
+        base = base_folder([root] if isinstance(root, (str, Path)) else root)
+        plot_all(with_regimes(studies, curves), *best_trial_series(studies, trials, base), Path(out))
     return trials, studies, curves, problems
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("runs_dir", help="folder searched recursively for trial logs (*.h5)")
-    parser.add_argument("--out", default=None, help="folder for the CSVs and plots (default: RUNS_DIR/aggregate)")
+    parser.add_argument("runs_dir", nargs="+", help="folder(s) searched recursively for trial logs (*.h5): a "
+                        "study directory, several, or a folder of them")
+    parser.add_argument("--out", default=None, help="folder for the CSVs and plots (default: RUNS_DIR/aggregate, "
+                        "the first RUNS_DIR)")
     parser.add_argument("--max-trials", type=int, default=None,
                         help="count only the first N trials (by trial id) of each study, for equal budgets")
     parser.add_argument("--tolerance", type=float, default=Rules.tolerance,
@@ -495,7 +512,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        out = Path(args.out) if args.out else Path(args.runs_dir) / "aggregate"
+        out = Path(args.out) if args.out else Path(args.runs_dir[0]) / "aggregate"
         trials, studies, curves, problems = aggregate(
             args.runs_dir, out, args.max_trials, Rules(args.tolerance, args.min_saving), plots=not args.no_plots)
     except ValueError as e:  # AggregateError, ConfigError

@@ -134,16 +134,17 @@ def verified_bytes(path: Path) -> bytes:
     return data
 
 
-def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = False, what: str = "log") -> None:
-    """``change`` applied to the HDF5 file at ``path`` (to a new, empty one if ``fresh``), in memory;
-    then the bytes are written with ``write_atomically``.
+def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = False, what: str = "log",
+               source: Path | None = None) -> None:
+    """``change`` applied to the HDF5 file at ``path`` (to a new, empty one if ``fresh``; to a copy of
+    ``source``'s verified bytes if given), in memory; then the bytes are written with ``write_atomically``.
 
     HDF5 never writes to the disk itself: it reports some failed writes only when its cache is
     flushed, and h5py ignores those raised while an object is freed, leaving a half-closed file that
     can crash the interpreter at exit. Plain Python writes of finished bytes fail cleanly instead.
     """
     try:
-        buffer = io.BytesIO(b"" if fresh else verified_bytes(path))
+        buffer = io.BytesIO(b"" if fresh else verified_bytes(source or path))
         with h5py.File(buffer, "w", userblock_size=USERBLOCK) if fresh else h5py.File(buffer, "r+") as f:
             change(f)
             stamped = f.userblock_size >= USERBLOCK  # a log begun before 0.3.0 has none, and stays so
@@ -151,6 +152,21 @@ def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = Fa
         raise StorageError(f"{path}: cannot update the {what}: {_reason(e)}") from None
     image = _stamp(buffer.getvalue()) if stamped else buffer.getvalue()
     write_atomically(path, lambda tmp: tmp.write_bytes(image), what)
+
+
+def copy_log(source: Path, target: Path, attrs: Mapping[str, Any]) -> None:
+    """Write ``source``'s log (its checksum verified) to ``target`` with ``attrs`` set, stamped anew;
+    the copy appears whole or not at all."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{target}: cannot write the log: {_reason(e)}") from None
+
+    def change(f: h5py.File) -> None:
+        for key, value in attrs.items():
+            f.attrs[key] = _plain(value)
+
+    write_hdf5(target, change, source=source)
 
 
 def _free_space(folder: Path) -> str:

@@ -32,7 +32,7 @@ from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import Interrupted, check_batch, load_data_everywhere, run_trial, select_device, stop_requested, validate
-from hvd_sparse.log import LogError, check_writable, read_log
+from hvd_sparse.log import LogError, check_writable, copy_log, read_log
 from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
@@ -368,7 +368,7 @@ def prepare_dir(spec: StudySpec, directory: Path) -> None:
 @dataclass(frozen=True)
 class Outcome:
     trial: Trial
-    action: str  # ran, resumed, skipped (ended before), busy (another process runs it)
+    action: str  # ran, resumed, skipped (ended before), adopted (ended in an earlier version), busy (another process runs it)
     status: str
     steps_to_result: int | None
     best_val_error: float
@@ -391,20 +391,66 @@ def ended_result(path: Path, trial: Trial, spec: StudySpec) -> tuple[str, int | 
     return log.status, log.steps_to_result, float(log.attrs.get("best_val_error", math.nan))
 
 
-def decide(path: Path, lock: Any, trial: Trial, spec: StudySpec) -> tuple:
+def earlier_versions(spec: StudySpec, directory: Path) -> list[Path]:
+    """The folders beside ``directory`` that hold this study's name under another hash: the same study
+    before its spec changed (batch sizes added, a budget raised), newest first."""
+    def is_version(p: Path) -> bool:
+        suffix = p.name[len(spec.name) + 1:]
+        return (p.name.startswith(spec.name + "-") and len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix)
+                and p != directory and (p / SPEC_FILE).is_file())
+    try:
+        found = [p for p in directory.parent.iterdir() if is_version(p)]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: (p / SPEC_FILE).stat().st_mtime, reverse=True)
+
+
+def adoptable(source: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> tuple[str, int | None, float] | None:
+    """(status, steps-to-result, best error) of an earlier version's log of this very trial: the same
+    study name and trial id, the same training (run hash) on the same data, ended. None otherwise."""
+    if not source.is_file():
+        return None
+    try:
+        log = read_log(source, with_mask=False)
+    except LogError:
+        return None  # never adopt a damaged log: the trial runs again
+    a = log.attrs
+    same = (a.get("study_name") == spec.name and a.get("trial_id") == trial.trial_id
+            and a.get("run_hash") == trial.config.run_hash() and a.get("data_fingerprint", fingerprint) == fingerprint)
+    if not same or log.status == "RUNNING":
+        return None
+    return log.status, log.steps_to_result, float(a.get("best_val_error", math.nan))
+
+
+def adopt(directory: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> tuple[str, int | None, float] | None:
+    """Copy an ended log of this trial from an earlier version of the study into ``directory``, under
+    this study's identity (``adopted_from`` names the source); its result is the one a run here would
+    give, as the training is the same. None when no earlier version holds one."""
+    for earlier in earlier_versions(spec, directory):
+        source = earlier / trial.relpath()
+        ended = adoptable(source, trial, spec, fingerprint)
+        if ended is not None:
+            copy_log(source, directory / trial.relpath(), {**trial.attrs(spec), "adopted_from": str(source)})
+            return ended
+    return None
+
+
+def decide(directory: Path, lock: Any, trial: Trial, spec: StudySpec, fingerprint: str) -> tuple:
     """Rank 0's plan for one trial, as plain data (it is broadcast; a class defined in ``__main__``
-    would arrive on the other ranks as a different class): ("skipped", status, steps, best),
-    ("busy",), ("resume",) or ("run",). Takes the trial's lock for "resume" and "run"."""
+    would arrive on the other ranks as a different class): ("skipped" or "adopted", status, steps,
+    best), ("busy",), ("resume",) or ("run",). Takes the trial's lock for "resume" and "run"."""
     if not lock.try_acquire():  # the lock first: a trial another job ends meanwhile is not run again
         return ("busy",)
+    path = directory / trial.relpath()
     try:
         ended = ended_result(path, trial, spec)
+        adopted = adopt(directory, trial, spec, fingerprint) if ended is None and not path.exists() else None
     except Exception:
         lock.release()
         raise
-    if ended is not None:
+    if ended is not None or adopted is not None:
         lock.release()
-        return ("skipped", *ended)
+        return ("skipped", *ended) if ended is not None else ("adopted", *adopted)
     return ("resume",) if path.exists() else ("run",)
 
 
@@ -491,8 +537,8 @@ def run_one(spec: StudySpec, directory: Path, trial: Trial, data: Any) -> Outcom
     """One trial on every rank of this group: skipped if it ended, left alone if another job runs it."""
     path = directory / trial.relpath()
     lock = RunLock(path)
-    decision = dist.root_decides(lambda: decide(path, lock, trial, spec), "deciding a trial")
-    if decision[0] == "skipped":
+    decision = dist.root_decides(lambda: decide(directory, lock, trial, spec, data.fingerprint), "deciding a trial")
+    if decision[0] in ("skipped", "adopted"):
         return Outcome(trial, *decision, 0.0)
     if decision[0] == "busy":
         return Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0)

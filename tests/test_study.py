@@ -558,3 +558,87 @@ def test_a_log_of_another_study_or_trial_is_never_counted(tmp_path):
         write(attrs)
         with pytest.raises(LogError, match=f"belongs to another study or trial \\(its {named} differ"):
             ended_result(path, trial, mine)
+
+
+# -- growing a study: an earlier version's ended trials are adopted, never trained again ---------------
+
+
+def _ended_log(path, trial, study, status="COMPLETE", **attrs):
+    from hvd_sparse.log import TrialLog
+    from hvd_sparse.mask import Mask
+    import torch
+
+    base = {"config": "{}", "run_hash": trial.config.run_hash(), "world_size": 1, "mask_sha256": "0",
+            "hvd_sparse_version": "0", "torch_version": "0", "horovod_version": "0", "data_fingerprint": "f" * 64,
+            **trial.attrs(study)}
+    log = TrialLog.create(path, {**base, **attrs}, Mask({"w": torch.ones(2, dtype=torch.bool)}), overwrite=True)
+    if status != "RUNNING":
+        log.finish(status, 10 if status == "COMPLETE" else None, best_val_error=0.1)
+
+
+def test_a_grown_spec_adopts_the_ended_trials_it_shares_with_its_earlier_version(tmp_path):
+    """Batch size 128 added and batch 64's budget raised: the trials at 16 and 32 are the same training,
+    so their ended logs are copied in under the new identity (checksum stamped anew, adopted_from);
+    64's (another run hash), a RUNNING log, a damaged one, other data, a look-alike name are not."""
+    from hvd_sparse.study import adopt, earlier_versions
+
+    old, new = spec(), spec(batch_sizes=[16, 32, 64, 128], max_steps={16: 40, 32: 40, 64: 80, 128: 40})
+    old_dir, new_dir = study_dir(old, tmp_path), study_dir(new, tmp_path)
+    prepare_dir(old, old_dir)
+    prepare_dir(new, new_dir)
+    lookalike = spec(name="tiny-large")
+    prepare_dir(lookalike, study_dir(lookalike, tmp_path))
+    assert earlier_versions(new, new_dir) == [old_dir]
+    by_cell = {(t.optimizer, t.sparsity, t.batch_size, t.trial_id): t for t in grid(new)}
+    old_trials = {(t.optimizer, t.sparsity, t.batch_size, t.trial_id): t for t in grid(old)}
+    for key, t in old_trials.items():
+        _ended_log(old_dir / t.relpath(), t, old)
+    running, damaged, other_data = (by_cell[("sgd", 0.0, 16, i)] for i in range(3))
+    _ended_log(old_dir / running.relpath(), old_trials[("sgd", 0.0, 16, 0)], old, status="RUNNING")
+    raw = bytearray((old_dir / damaged.relpath()).read_bytes())
+    raw[-100] ^= 0xFF
+    (old_dir / damaged.relpath()).write_bytes(bytes(raw))
+    _ended_log(old_dir / other_data.relpath(), old_trials[("sgd", 0.0, 16, 2)], old, data_fingerprint="0" * 64)
+
+    adopted = {key: adopt(new_dir, t, new, "f" * 64) for key, t in by_cell.items()}
+    expected = {key for key in old_trials if key[2] in (16, 32)} - {("sgd", 0.0, 16, i) for i in range(3)}
+    assert {key for key, result in adopted.items() if result is not None} == expected
+    for key in expected:
+        t = by_cell[key]
+        assert adopted[key] == ("COMPLETE", 10, 0.1)
+        log = read_log(new_dir / t.relpath())  # its checksum holds
+        assert log.attrs["study_hash"] == new.study_hash() and log.attrs["adopted_from"] == str(old_dir / t.relpath())
+        from hvd_sparse.study import ended_result
+        assert ended_result(new_dir / t.relpath(), t, new) == ("COMPLETE", 10, 0.1)
+    assert not any((new_dir / by_cell[k].relpath()).exists() for k in by_cell if k not in expected)
+
+
+@pytest.mark.launches
+def test_a_grown_study_runs_only_its_new_trials_and_aggregates_alone(uninterrupted, tmp_path):
+    """The uninterrupted study (batch 16 and 32) grown by batch 64: the rerun adopts the 4 ended trials
+    (their measurements unchanged) and trains the 2 new ones; the aggregator takes the new study
+    directory, and refuses the folder that holds both versions."""
+    import shutil
+
+    from hvd_sparse.aggregate import AggregateError, aggregate
+
+    root = tmp_path / "runs"
+    shutil.copytree(uninterrupted[0], root)
+    (old_dir,), old_logs = [p for p in root.iterdir()], logs_of(uninterrupted[0])[1]
+    proc = run_study(2, write_spec(tmp_path, batch_sizes=[16, 32, 64]), root, "--pack", "2", timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    out = proc.stdout  # each group prints its own trials
+    assert out.count("(adopted,") == 4 and out.count("(ran,") == 2, out
+    (new_dir,) = [p for p in root.iterdir() if p != old_dir]
+    for before in old_logs:
+        after = new_dir / before.relative_to(uninterrupted[0] / old_dir.name)
+        (ma, sa, ka), (mb, sb, kb) = measurements(before), measurements(after)
+        assert (sa, ka) == (sb, kb)
+        for column in ma:
+            np.testing.assert_array_equal(ma[column], mb[column], err_msg=f"{after}: {column}")
+    trials, studies, _, _ = aggregate(new_dir, tmp_path / "agg", plots=False)
+    assert len(trials) == 6 and sorted(studies.batch_size) == [16, 32, 64]
+    named_twice, _, _, _ = aggregate([new_dir, new_dir / "synthetic"], tmp_path / "agg3", plots=False)
+    assert sorted(named_twice.path) == sorted(trials.path)  # each log once, relative to the common parent
+    with pytest.raises(AggregateError, match="with 2 different specs"):
+        aggregate(root, tmp_path / "agg2", plots=False)
