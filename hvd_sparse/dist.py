@@ -18,6 +18,7 @@ from torch import nn
 import horovod.torch as hvd
 from horovod.common.exceptions import HorovodInternalError
 
+from hvd_sparse.beacon import Beacon
 from hvd_sparse.mask import Mask, split_flat
 
 T = TypeVar("T")
@@ -84,6 +85,7 @@ def init(groups: int = 1) -> None:
         hvd.init(comm=world.Split(group, rank))
         node = world.Split_type(_mpi().COMM_TYPE_SHARED, key=rank)
         _world, _node, _group = world, (node.Get_rank(), node.Get_size()), (group, groups)
+    _start_beacon()
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // _node[1]))
@@ -134,7 +136,8 @@ def world_verify_same(value: str, what: str) -> None:
 # is itself blocked in MPI (measured: HOROVOD_STALL_CHECK_TIME_SECONDS=5, one rank stopped, no
 # warning in 45 s). So each rank times its own waits in the collectives below; one that lasts longer
 # than the timeout ends this rank with one line, and the launcher then ends the job. Only waiting
-# counts, never computing, so long evaluations or a slow first step never trip it.
+# counts, never computing, so long evaluations or a slow first step never trip it. The line names the
+# ranks that did not arrive, from heartbeats sent outside MPI (``beacon``).
 
 COLLECTIVE_TIMEOUT = float(os.environ.get("HVD_SPARSE_COLLECTIVE_TIMEOUT", "300"))  # seconds; 0: never
 program = "hvd_sparse"  # the command's name in the watchdog's line (cli.guarded sets it)
@@ -144,8 +147,27 @@ _waiting_lock = threading.Lock()
 AGREE_PATIENCE = 4.0  # ``agree`` waits for one rank's work (SNIP on rank 0 can take minutes): 4x the timeout
 
 
+_beacon: Beacon | None = None
+_entered = 0  # collectives this rank has entered (every rank enters the same ones, in the same order)
+
+
+def _poll(timeout: float) -> float:
+    return min(1.0, timeout / 4)
+
+
+def _start_beacon() -> None:
+    """The heartbeats that let a timed-out wait name the late ranks (``beacon``): rank 0 opens its
+    socket and tells the others where it listens. Every rank of a job of two or more takes part."""
+    global _beacon
+    if hvd.size() == 1:
+        return
+    _beacon = Beacon(hvd.rank(), hvd.size(), _poll(COLLECTIVE_TIMEOUT or 300.0))
+    _beacon.connect(hvd.broadcast_object(_beacon.listen_at() if hvd.rank() == 0 else None, root_rank=0,
+                                         name="hvd_sparse.beacon"))
+
+
 def _watch(timeout: float) -> None:
-    poll = min(1.0, timeout / 4)
+    poll = _poll(timeout)
     last = time.monotonic()
     while True:
         time.sleep(poll)
@@ -153,13 +175,20 @@ def _watch(timeout: float) -> None:
         with _waiting_lock:
             if now - last > poll + 2.0:  # this process was stopped itself (and is being woken to be ended):
                 _waiting[:] = [(name, since + now - last, limit) for name, since, limit in _waiting]  # not a wait
+                if _beacon is not None:
+                    _beacon.pause(now - last - poll)
             current = _waiting[-1] if _waiting else None
+            entered = _entered
         last = now
+        if _beacon is not None:
+            _beacon.beat(entered, current is not None, now)
         if current is not None and now - current[1] > current[2]:
             name, _, limit = current
+            late = _beacon.late(now) if _beacon is not None else None
+            who = f"did not arrive: {late}" if late else \
+                "one of them is frozen or lost (the ranks that print this line are the ones that arrived)"
             print(f"{program}: error: rank {hvd.rank()} waited {limit:g} s in the collective {name!r} for "
-                  "the other ranks: one of them is frozen or lost (the ranks that print this line are the ones "
-                  "that arrived); ending the job, a rerun resumes from the last checkpoint "
+                  f"the other ranks; {who}; ending the job, a rerun resumes from the last checkpoint "
                   "(HVD_SPARSE_COLLECTIVE_TIMEOUT sets the limit)", file=sys.stderr, flush=True)
             os._exit(1)
 
@@ -168,11 +197,12 @@ def _watch(timeout: float) -> None:
 def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
     """Time this rank's wait in a collective for the watchdog (started on first use); the wait may
     last ``patience`` times the timeout."""
-    global _watchdog
+    global _watchdog, _entered
     if COLLECTIVE_TIMEOUT > 0 and _watchdog is None and hvd.size() > 1:
         _watchdog = threading.Thread(target=_watch, args=(COLLECTIVE_TIMEOUT,), name="hvd_sparse-watchdog", daemon=True)
         _watchdog.start()
     with _waiting_lock:
+        _entered += 1
         _waiting.append((name, time.monotonic(), COLLECTIVE_TIMEOUT * patience))
     try:
         yield

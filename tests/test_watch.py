@@ -130,5 +130,6 @@ def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(tmp_path, monkeypatch,
     lines = [line for line in text.splitlines() if "hvd_sparse.train: error:" in line]
     assert len(lines) == 1 and lines[0].startswith(f"[1,{other}]<stderr>:") and \
         f"rank {other} waited 10 s in the collective" in lines[0], text[-3000:]
+    assert f"did not arrive: rank {frozen} (silent for " in lines[0] and "frozen or lost)" in lines[0], lines[0]
     assert "Traceback" not in text
     assert list(out.glob("*.ckpt.pt")), "the checkpoint a rerun resumes from"

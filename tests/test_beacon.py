@@ -1,0 +1,67 @@
+"""The heartbeats that name the late ranks of a hung collective: real UDP sockets, one process."""
+import time
+
+from hvd_sparse.beacon import MAX_NAMED, Beacon, describe, late_ranks
+
+
+def beacons(size, poll=0.5):
+    ranks = [Beacon(r, size, poll) for r in range(size)]
+    for b in ranks[1:]:
+        b.connect(ranks[0].listen_at())
+    return ranks
+
+
+def exchange(ranks, now, entered, waits):
+    """Every rank beats once, rank 0 answers, and the others read the answer."""
+    for b in ranks[1:]:
+        b.beat(entered[b.rank], waits[b.rank], now)
+    time.sleep(0.05)
+    ranks[0].beat(entered[0], waits[0], now)
+    time.sleep(0.05)
+    for b in ranks[1:]:
+        b.beat(entered[b.rank], waits[b.rank], now)
+    time.sleep(0.05)
+    ranks[0].beat(entered[0], waits[0], now)  # takes in those too, heard at ``now``
+
+
+def test_every_rank_names_the_busy_and_the_silent_ranks_and_rank_0_when_it_goes_quiet():
+    ranks = beacons(3)
+    try:
+        exchange(ranks, 100.0, entered=[7, 7, 6], waits=[True, True, False])
+        busy = "rank 2 (alive, not in the collective: busy or stuck elsewhere)"
+        assert ranks[0].late(100.0) == busy and ranks[1].late(100.0) == busy
+        for b in ranks[:2]:  # rank 2 stops: only ranks 0 and 1 go on beating
+            b.beat(7, True, 110.0)
+        time.sleep(0.05)
+        ranks[0].beat(7, True, 110.0)
+        time.sleep(0.05)
+        ranks[1].beat(7, True, 110.0)
+        silent = "rank 2 (silent for 10 s: frozen or lost)"
+        assert ranks[0].late(110.0) == silent and ranks[1].late(110.0) == silent
+        assert ranks[1].late(125.0) == "rank 0 (silent for 15 s: frozen or lost)"  # rank 0 stopped answering
+        ranks[1].pause(15.0)  # ... unless it was this rank that was stopped for those 15 s
+        assert ranks[1].late(125.0) == silent
+    finally:
+        for b in ranks:
+            b.close()
+
+
+def test_a_rank_in_the_newest_collective_is_not_late_and_nothing_known_says_nothing():
+    ranks = beacons(2)
+    try:
+        assert ranks[0].late(1.0) is None and ranks[1].late(1.0) is None  # no heartbeat got through (UDP filtered)
+        exchange(ranks, 5.0, entered=[3, 3], waits=[True, True])
+        assert ranks[0].late(5.0) is None and ranks[1].late(5.0) is None
+    finally:
+        for b in ranks:
+            b.close()
+
+
+def test_late_ranks_and_their_description():
+    table = {0: (10.0, 4, True), 1: (10.0, 3, True), 2: (1.0, 4, True), 3: (10.0, 4, True)}
+    assert late_ranks(table, 5, 10.0, 2.0) == [
+        [1, "alive, not in the collective: busy or stuck elsewhere"],  # still in the collective before
+        [2, "silent for 9 s: frozen or lost"], [4, "never heard from"]]
+    many = [[r, "never heard from"] for r in range(20)]
+    text = describe(many[:MAX_NAMED + 1], 20)
+    assert text.count("rank ") == MAX_NAMED and text.endswith(f"and {20 - MAX_NAMED} more")
