@@ -25,6 +25,7 @@ TESTS = [
     "tests/test_study.py::test_one_rank_killed_mid_study_ends_the_job_and_the_rerun_measures_the_same",
     "tests/test_checkpoint.py::test_killed_run_resumes_with_identical_measurements",
     "tests/test_slurm.py::test_a_rank_killed_under_srun_ends_the_job_and_keeps_the_log",
+    "tests/test_slurm.py::test_no_rank_outlives_a_killed_srun_or_batch_script",
     "tests/test_watch.py",
 ]
 

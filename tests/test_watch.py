@@ -133,3 +133,42 @@ def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(tmp_path, monkeypatch,
     assert f"did not arrive: rank {frozen} (silent for " in lines[0] and "frozen or lost)" in lines[0], lines[0]
     assert "Traceback" not in text
     assert list(out.glob("*.ckpt.pt")), "the checkpoint a rerun resumes from"
+
+
+@pytest.mark.launches
+def test_no_packed_group_outlives_its_launcher(tmp_path, record_property):
+    """A study with --pack 2 (two single-rank groups, each training its own trial): SIGKILL to
+    horovodrun, and both groups checkpoint their trials and exit within the limit."""
+    import json
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "name": "packed", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.8], "optimizers": ["sgd"],
+        "batch_sizes": [32], "trials": 2, "goal_error": 0.0, "max_steps": 1000000, "eval_every": 50,
+        "search": {"lr": {"range": [0.01, 0.1], "scale": "log"}}}))
+    out = tmp_path / "runs"
+    cmd = [str(BIN / "horovodrun"), "-np", "2", sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(out),
+           "--pack", "2"]
+    with open(tmp_path / "output.txt", "w") as output:
+        job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        deadline = time.time() + 120
+        while len(list(out.rglob("*.ckpt.pt"))) < 2 and time.time() < deadline:
+            assert job.poll() is None, (tmp_path / "output.txt").read_text()
+            time.sleep(0.05)
+        psutil.Process(job.pid).kill()
+        started = time.time()
+        job.wait(timeout=30)
+        while job_processes(out) and time.time() - started < LIMIT + 20:
+            time.sleep(0.2)
+        left, elapsed = job_processes(out), time.time() - started
+        for p in left:
+            p.kill()
+    record_property("time_to_exit_s", round(elapsed, 1))
+    text = (tmp_path / "output.txt").read_text()
+    assert not left and elapsed < LIMIT, f"{len(left)} processes left after {elapsed:.1f} s\n{text[-3000:]}"
+    logs = sorted(out.rglob("trial-*.h5"))
+    assert len(logs) == 2 and "Traceback" not in text, text[-3000:]
+    for path in logs:
+        log = read_log(path, with_mask=False)
+        assert log.status == "RUNNING" and log.attrs["interruptions"] == 1, text[-3000:]  # each group checkpointed
