@@ -154,19 +154,23 @@ def write_hdf5(path: Path, change: Callable[[h5py.File], None], fresh: bool = Fa
     write_atomically(path, lambda tmp: tmp.write_bytes(image), what)
 
 
+def _make_folder(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{path}: cannot write the log: {_reason(e)}") from None
+
+
+def _set_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = _plain(value)
+
+
 def copy_log(source: Path, target: Path, attrs: Mapping[str, Any]) -> None:
     """Write ``source``'s log (its checksum verified) to ``target`` with ``attrs`` set, stamped anew;
     the copy appears whole or not at all."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StorageError(f"{target}: cannot write the log: {_reason(e)}") from None
-
-    def change(f: h5py.File) -> None:
-        for key, value in attrs.items():
-            f.attrs[key] = _plain(value)
-
-    write_hdf5(target, change, source=source)
+    _make_folder(target)
+    write_hdf5(target, lambda f: _set_attrs(f, attrs), source=source)
 
 
 def _free_space(folder: Path) -> str:
@@ -209,14 +213,10 @@ class TrialLog:
         path = Path(path)
         if path.exists() and not overwrite:
             raise LogError(f"{path}: a log of this run already exists (use --overwrite to replace it)")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(f"{path}: cannot write the log: {_reason(e)}") from None
+        _make_folder(path)
 
         def build(f: h5py.File) -> None:
-            for key, value in attrs.items():
-                f.attrs[key] = _plain(value)
+            _set_attrs(f, attrs)
             f.attrs["status"] = "RUNNING"
             f.attrs["steps_to_result"] = -1
             f.attrs["created"] = time.time()
