@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up of everything hvd_sparse needs on a Debian machine (run as root for apt).
+# Idempotent set-up of everything hvd_sparse needs: root only where apt must install something (MPI and
+# compilers missing from the PATH, Debian's Fashion-MNIST).
 #
 # Layout, chosen so that a *fresh clone* on a machine that already ran this once is ready in seconds:
 #   ~/.cache/hvd_sparse/wheels/<key>/horovod-*.whl   Horovod 0.28.1 built once against torch 2.14.1
@@ -29,16 +30,24 @@ die() { echo "[setup] error: $*" >&2; exit 1; }
 # This machine's pip.conf names local wheel folders that may not exist; pip warns once per package.
 pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
-ensure_apt() {
-    local missing=()
-    for pkg in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+# What building and running Horovod with MPI needs: an MPI C++ compiler wrapper, mpirun, a C++ compiler.
+# Where they are on the PATH already (a cluster's `module load openmpi gcc`, a Debian machine with the
+# packages), nothing is installed and no root is needed; otherwise root installs them with apt.
+BUILD_TOOLS=(mpicxx mpirun c++)
+ensure_build_tools() {
+    local missing=() tool
+    for tool in "${BUILD_TOOLS[@]}"; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    [ "$(id -u)" -eq 0 ] || die "apt packages missing (${missing[*]}); run as root or install them"
-    log "apt-get install ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        log "apt-get install ${APT_PACKAGES[*]} (for ${missing[*]})"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+        return 0
+    fi
+    die "${missing[*]} not found on the PATH: load your site's MPI and compilers (e.g. module load openmpi gcc)," \
+        "or as root on Debian: apt-get install ${APT_PACKAGES[*]}"
 }
 
 # Debian's package of the full Fashion-MNIST (the paper's second workload; `make replicate-fashion`):
@@ -187,7 +196,7 @@ ensure_project_venv() {
 }
 
 main() {
-    ensure_apt
+    ensure_build_tools
     ensure_fashion_mnist
     local key base
     key=$(base_key)
@@ -202,4 +211,6 @@ main() {
     log "ready: $ROOT/.venv (base $base)"
 }
 
-main "$@"
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then # sourced (tests call its functions), it only defines them
+    main "$@"
+fi

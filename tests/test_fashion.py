@@ -36,7 +36,7 @@ def test_the_grid_specs_validate_and_cover_the_paper_grid():
 def test_the_stability_study_starts_with_the_main_studys_trials():
     """Its trials 0-3 are the main grid's (same points, seeds, budgets); 4-7 are new points."""
     main, stability = by_cell(load("nesterov")), by_cell(load("stability"))
-    assert len(stability) == 2 * 1 * 8
+    assert len(stability) == 2 * 2 * 8
     for (optimizer, sparsity, batch, trial), cfg in stability.items():
         if trial < 4:
             assert cfg == main[(optimizer, sparsity, batch, trial)]
@@ -46,7 +46,7 @@ def test_the_stability_study_starts_with_the_main_studys_trials():
 
 def test_the_lipschitz_study_is_main_trial_1_at_batch_128_measured():
     main, lipschitz = by_cell(load("nesterov")), by_cell(load("lipschitz"))
-    assert sorted(s for _, s, _, _ in lipschitz) == [0.0, 0.9]
+    assert sorted(s for _, s, _, _ in lipschitz) == [0.0, 0.5, 0.7, 0.9]
     for (optimizer, sparsity, batch, _), cfg in lipschitz.items():
         twin = main[(optimizer, sparsity, 128, 1)]
         assert cfg["train"].pop("lipschitz_every") == 150 and twin["train"].pop("lipschitz_every") == 0
