@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 PACKAGES = ["slurm-wlm", "munge"]
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
@@ -95,6 +97,12 @@ class SlurmCluster:
                            f"see {self.root}/slurmctld.log and slurmd.log")
 
     def stop(self) -> None:
+        """Cancel what still runs (a failed test's job), stop the daemons, and end any process of this
+        cluster's jobs that outlived them (slurmstepd keeps a job alive across a slurmd shutdown)."""
+        self.run("scancel", "--full", f"--user={os.getuid()}", check=False)
+        deadline = time.time() + 15
+        while self.run("squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
+            time.sleep(0.5)
         self.run("scontrol", "shutdown", check=False)
         for pidfile in (self.root / "slurmd.pid", self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"):
             try:
@@ -102,6 +110,12 @@ class SlurmCluster:
             except (OSError, ValueError):
                 pass
         time.sleep(1)
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get("SLURM_CONF") == str(self.conf):
+                    p.kill()
+            except psutil.Error:
+                pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- jobs ----------------------------------------------------------------------------------

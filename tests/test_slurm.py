@@ -216,37 +216,40 @@ def test_no_rank_outlives_a_killed_srun_or_batch_script(slurm, tmp_path, record_
     job = slurm.sbatch("--ntasks-per-node=2", f"--output={output}", "slurm/train.sbatch", "--dataset", "synthetic",
                        "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "1000000", "--eval-every", "50",
                        "--goal-error", "0", "--out", str(out), cwd=REPO, env=job_env(slurm))
-    deadline = time.time() + 120
-    while not list(out.glob("*.ckpt.pt")) and time.time() < deadline:
-        assert slurm.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), output.read_text()
-        time.sleep(0.1)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.ckpt.pt")) and time.time() < deadline:
+            assert slurm.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), output.read_text()
+            time.sleep(0.1)
 
-    def of_job(p):
-        try:
-            return p.environ().get("SLURM_JOB_ID") == job
-        except psutil.Error:
-            return False
+        def of_job(p):
+            try:
+                return p.environ().get("SLURM_JOB_ID") == job
+            except psutil.Error:
+                return False
 
-    def job_processes():
-        return [p for p in psutil.process_iter(["cmdline"]) if "hvd_sparse.train" in " ".join(p.info["cmdline"] or [])
-                and p.pid != os.getpid() and of_job(p)]
+        def job_processes():
+            return [p for p in psutil.process_iter(["cmdline"]) if "hvd_sparse.train" in " ".join(p.info["cmdline"] or [])
+                    and p.pid != os.getpid() and of_job(p)]
 
-    ranks = [p for p in job_processes() if (p.info["cmdline"] or [])[1:3] == ["-m", "hvd_sparse.train"]]
-    assert len(ranks) == 2
-    if victim == "srun":
-        (target,) = [p for p in job_processes() if p.name() == "srun" and p.parent().name() != "srun"]  # not its helper
-    else:
-        (target,) = [p for p in job_processes() if "srun-resumable" in " ".join(p.cmdline()[:2])]  # bash, the script
-    target.kill()
-    killed = time.time()
-    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks) and time.time() - killed < 60:
-        time.sleep(0.2)
-    elapsed = time.time() - killed
-    record_property("time_to_exit_s", round(elapsed, 1))
-    alive = [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in alive:
-        p.kill()
-    slurm.wait(job, 60)
-    assert not alive and elapsed < GRACE_SECONDS + 10, f"ranks alive {elapsed:.1f} s after the kill\n{output.read_text()}"
+        ranks = [p for p in job_processes() if (p.info["cmdline"] or [])[1:3] == ["-m", "hvd_sparse.train"]]
+        assert len(ranks) == 2
+        if victim == "srun":
+            (target,) = [p for p in job_processes() if p.name() == "srun" and p.parent().name() != "srun"]  # not its helper
+        else:
+            (target,) = [p for p in job_processes() if "srun-resumable" in " ".join(p.cmdline()[:2])]  # bash, the script
+        target.kill()
+        killed = time.time()
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks) and time.time() - killed < 60:
+            time.sleep(0.2)
+        elapsed = time.time() - killed
+        record_property("time_to_exit_s", round(elapsed, 1))
+        alive = [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for p in alive:
+            p.kill()
+        slurm.wait(job, 60)
+        assert not alive and elapsed < GRACE_SECONDS + 10, f"ranks alive {elapsed:.1f} s after the kill\n{output.read_text()}"
+    finally:
+        slurm.run("scancel", job, check=False)  # a failed check leaves nothing running
     (log_path,) = out.glob("*.h5")
     assert read_log(log_path, with_mask=False).status == "RUNNING"  # intact, resumable
