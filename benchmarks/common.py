@@ -32,19 +32,26 @@ TRAIN = {"dataset": "mnist5k", "model": "simple-cnn", "sparsity": "0.9", "optimi
          "momentum": "0.9", "goal-error": "0", "snip-batches": "1", "log-level": "warning"}
 
 
-def launch(np_: int, args: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``horovodrun -np N python ARGS`` (plain ``python ARGS`` at np=1 when asked with np_=0); fails loudly."""
-    cmd = [sys.executable, *args] if np_ == 0 else [str(BIN / "horovodrun"), "-np", str(np_), sys.executable, *args]
+def launch(np_: int, args: Sequence[str], env: Mapping[str, str] | None = None,
+           engine: str = "horovod") -> subprocess.CompletedProcess:
+    """``horovodrun -np N python ARGS`` (plain ``python ARGS`` at np=1 when asked with np_=0; ``torchrun
+    --standalone --nproc-per-node N ARGS`` for the torch engine); fails loudly."""
+    if np_ == 0:
+        cmd = [sys.executable, *args]
+    elif engine == "torch":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(np_), *args]
+    else:
+        cmd = [str(BIN / "horovodrun"), "-np", str(np_), sys.executable, *args]
     proc = subprocess.run(cmd, env=dict(env or ENV), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def timed(np_: int, args: Sequence[str], env: Mapping[str, str] | None = None) -> float:
+def timed(np_: int, args: Sequence[str], env: Mapping[str, str] | None = None, engine: str = "horovod") -> float:
     """Seconds of the whole command, launch included."""
     t0 = time.perf_counter()
-    launch(np_, args, env)
+    launch(np_, args, env, engine)
     return time.perf_counter() - t0
 
 
@@ -54,13 +61,14 @@ def train_flags(**overrides: object) -> list[str]:
     return [item for name, value in flags.items() for item in (f"--{name}", value)] + ["--no-progress"]
 
 
-def train_window(np_: int, start: int, end: int, env: Mapping[str, str] | None = None, **overrides: object) -> float:
+def train_window(np_: int, start: int, end: int, env: Mapping[str, str] | None = None, engine: str = "horovod",
+                 **overrides: object) -> float:
     """Seconds between the logged evaluations at steps ``start`` and ``end`` of one ``hvd_sparse.train``
     run (max steps ``end``, an evaluation every ``start`` steps unless overridden): steps and evaluations
     only, start-up and SNIP left out."""
     overrides = {"max_steps": end, "eval_every": start, **overrides}
     with tempfile.TemporaryDirectory() as out:
-        launch(np_, ["-m", "hvd_sparse.train", *train_flags(**overrides), "--out", out], env)
+        launch(np_, ["-m", "hvd_sparse.train", *train_flags(**overrides), "--out", out], env, engine)
         (log,) = Path(out).glob("*.h5")
         m = read_log(log, with_mask=False).measurements
         at = m["step"].tolist()
@@ -135,7 +143,7 @@ def spec_file(spec: dict, folder: Path) -> Path:
     return path
 
 
-def study_seconds(np_: int, spec_path: Path, out: Path, *extra: str) -> float:
+def study_seconds(np_: int, spec_path: Path, out: Path, *extra: str, engine: str = "horovod") -> float:
     """Seconds of one ``hvd_sparse.study`` job over the whole spec (np_=0: plain python, one rank)."""
-    return timed(np_, ["-m", "hvd_sparse.study", str(spec_path), "--out", str(out), *extra])
+    return timed(np_, ["-m", "hvd_sparse.study", str(spec_path), "--out", str(out), *extra], engine=engine)
 

@@ -131,6 +131,11 @@ class DistConfig:
         "gradient allreduce: none (dense, per tensor), fp16 (dense, half precision on the wire), "
         "kept (only the kept, i.e. unpruned, entries, gathered into one vector), kept-fp16 (both)",
     )  # no argparse choices: a name from before 0.2.0 must reach __post_init__'s message
+    backend: str = _field(
+        "auto", "distributed engine: auto (from the launch: torchrun -> torch, horovodrun/mpirun/srun -> horovod), "
+        "horovod, torch (torch.distributed: Gloo on CPUs, NCCL on GPUs)", identity=False,
+        choices=("auto", "horovod", "torch"),
+    )
 
     def __post_init__(self) -> None:
         renamed = RENAMED_COMPRESSIONS.get(self.grad_compression)

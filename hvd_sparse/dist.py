@@ -1,4 +1,5 @@
-"""The only module that imports Horovod: rank/size, collectives, and the distributed optimizer.
+"""Rank/size, collectives and gradient averaging, on the engine the job was launched for (``engines``:
+Horovod, or torch.distributed); the rest of the package speaks to this module only.
 
 Every collective here is called by all ranks in the same order. ``agree`` turns a failure on any
 rank into the same exception on every rank, so no rank is ever left waiting in a collective.
@@ -15,9 +16,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import nn
 
-import horovod.torch as hvd
-from horovod.common.exceptions import HorovodInternalError
-
+from hvd_sparse import engines
 from hvd_sparse.beacon import Beacon
 from hvd_sparse.mask import Mask, split_flat
 
@@ -33,14 +32,16 @@ class PeerInputError(DistributedError, ValueError):
     did not see it fail as input errors too, so every rank exits with the same code (2)."""
 
 
-# Raised by a collective when Horovod shut down because another rank failed outside ``agree`` (it
-# exited before its first collective, or it called a different one): that rank said why itself.
-PeerFailure = HorovodInternalError
-PEER_FAILURE_MESSAGE = "another rank failed or left the job, so Horovod shut down (that rank's own error is above)"
+class PeerFailure(RuntimeError):
+    """Raised by a collective when the engine shut down because another rank failed outside ``agree``
+    (it exited before its first collective, or it called a different one): that rank said why itself."""
 
 
-# Trial packing (study --pack): the MPI world split into groups, each its own Horovod job (see ``init``).
-_world: Any = None  # the mpi4py world communicator when packed, else None
+PEER_FAILURE_MESSAGE = "another rank failed or left the job, so the collectives shut down (that rank's own error is above)"
+
+
+_e: engines.Horovod | engines.Torch | None = None  # the engine, once ``init`` chose it
+# Trial packing (study --pack): the world split into groups, each its own job (see ``init``).
 _node: tuple[int, int] = (0, 1)  # this process's rank among the job's ranks on its node, and their number
 _group: tuple[int, int] = (0, 1)  # this rank's group, and the number of groups
 
@@ -62,55 +63,47 @@ def apply_launch_defaults() -> dict[str, str]:
     return missing
 
 
-def init(groups: int = 1) -> None:
-    """hvd.init() and one share of the cores per rank on this node (unless OMP_NUM_THREADS says otherwise).
+def init(groups: int = 1, backend: str = "auto") -> None:
+    """Start the engine (``engines.choose(backend)``) and give each rank one share of the cores on its
+    node (unless OMP_NUM_THREADS says otherwise).
 
-    ``groups`` > 1 packs trials: the MPI world is split into that many groups of consecutive ranks
-    (world size / groups each), and Horovod runs on this rank's group alone, so every collective,
+    ``groups`` > 1 packs trials: the world is split into that many groups of consecutive ranks
+    (world size / groups each), and the engine runs on this rank's group alone, so every collective,
     rank 0 and the world size below are the group's. The world stays reachable through the
-    ``world_*`` functions. Needs an MPI launch (horovodrun with MPI, mpirun, srun --mpi=pmix).
-    Idempotent: a study calls it once and then runs many trials in the same job.
+    ``world_*`` functions. On Horovod it needs an MPI launch (horovodrun with MPI, mpirun, srun
+    --mpi=pmix). Idempotent: a study calls it once and then runs many trials in the same job.
     """
-    global _world, _node, _group
-    if hvd.is_initialized():
+    global _e, _node, _group
+    if _e is not None and _e.is_initialized():
         return
-    apply_launch_defaults()
-    if groups == 1:
-        hvd.init()
-        _node = (hvd.local_rank(), hvd.local_size())
-    else:
-        world = _mpi_world(groups)
-        size, rank = world.Get_size(), world.Get_rank()
-        group = rank // (size // groups)
-        hvd.init(comm=world.Split(group, rank))
-        node = world.Split_type(_mpi().COMM_TYPE_SHARED, key=rank)
-        _world, _node, _group = world, (node.Get_rank(), node.Get_size()), (group, groups)
+    if groups < 1:
+        raise ValueError(f"--pack must be a positive number of groups, got {groups}")
+    name = engines.choose(backend)
+    if name == "horovod":
+        apply_launch_defaults()
+    _e = engines.make(name)
+    _node, _group = _e.init(groups)
     _start_beacon()
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // _node[1]))
 
 
-def _mpi() -> Any:
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise ValueError(f"--pack needs mpi4py ({e}); pip install mpi4py") from None
-    return MPI
+def _engine() -> engines.Horovod | engines.Torch:
+    """The engine; before ``init``, the one the launch calls for (an error on the way in still says
+    goodbye through it, in ``exit_barrier``)."""
+    global _e
+    if _e is None:
+        _e = engines.make(engines.choose("auto"))
+    return _e
 
 
-def _mpi_world(groups: int) -> Any:
-    if groups < 1:
-        raise ValueError(f"--pack must be a positive number of groups, got {groups}")
-    if not hvd.mpi_built():
-        raise ValueError("--pack needs Horovod built with MPI (HOROVOD_WITH_MPI=1); this one has Gloo only")
-    world = _mpi().COMM_WORLD
-    if world.Get_size() % groups:
-        hint = " (launched with Gloo? packing needs an MPI launch: horovodrun without --gloo, mpirun, srun --mpi=pmix)" \
-            if world.Get_size() == 1 else ""
-        raise ValueError(f"--pack {groups}: the MPI world of {world.Get_size()} ranks does not split into {groups} "
-                         f"equal groups{hint}")
-    return world
+def backend() -> str:
+    return _engine().name
+
+
+def _packed() -> bool:
+    return _group[1] > 1
 
 
 def group() -> tuple[int, int]:
@@ -119,14 +112,14 @@ def group() -> tuple[int, int]:
 
 
 def world_is_root() -> bool:
-    return is_root() if _world is None else _world.Get_rank() == 0
+    return _engine().world_rank() == 0 if _packed() else is_root()
 
 
 def world_verify_same(value: str, what: str) -> None:
     """``verify_same_everywhere`` across all groups of a packed job (the group's own when not packed)."""
-    if _world is None:
+    if not _packed():
         return verify_same_everywhere(value, what)
-    _require_same(_world.allgather(value), what)
+    _require_same(_engine().world_allgather(value), what)
 
 
 # -- the collective watchdog ----------------------------------------------------------------------
@@ -159,11 +152,10 @@ def _start_beacon() -> None:
     """The heartbeats that let a timed-out wait name the late ranks (``beacon``): rank 0 opens its
     socket and tells the others where it listens. Every rank of a job of two or more takes part."""
     global _beacon
-    if hvd.size() == 1:
+    if size() == 1:
         return
-    _beacon = Beacon(hvd.rank(), hvd.size(), _poll(COLLECTIVE_TIMEOUT or 300.0))
-    _beacon.connect(hvd.broadcast_object(_beacon.listen_at() if hvd.rank() == 0 else None, root_rank=0,
-                                         name="hvd_sparse.beacon"))
+    _beacon = Beacon(rank(), size(), _poll(COLLECTIVE_TIMEOUT or 300.0))
+    _beacon.connect(broadcast_object(_beacon.listen_at() if rank() == 0 else None, "hvd_sparse.beacon"))
 
 
 def _watch(timeout: float) -> None:
@@ -187,7 +179,7 @@ def _watch(timeout: float) -> None:
             late = _beacon.late(now) if _beacon is not None else None
             who = f"did not arrive: {late}" if late else \
                 "one of them is frozen or lost (the ranks that print this line are the ones that arrived)"
-            print(f"{program}: error: rank {hvd.rank()} waited {limit:g} s in the collective {name!r} for "
+            print(f"{program}: error: rank {rank()} waited {limit:g} s in the collective {name!r} for "
                   f"the other ranks; {who}; ending the job, a rerun resumes from the last checkpoint "
                   "(HVD_SPARSE_COLLECTIVE_TIMEOUT sets the limit)", file=sys.stderr, flush=True)
             os._exit(1)
@@ -198,7 +190,7 @@ def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
     """Time this rank's wait in a collective for the watchdog (started on first use); the wait may
     last ``patience`` times the timeout."""
     global _watchdog, _entered
-    if COLLECTIVE_TIMEOUT > 0 and _watchdog is None and hvd.size() > 1:
+    if COLLECTIVE_TIMEOUT > 0 and _watchdog is None and size() > 1:
         _watchdog = threading.Thread(target=_watch, args=(COLLECTIVE_TIMEOUT,), name="hvd_sparse-watchdog", daemon=True)
         _watchdog.start()
     with _waiting_lock:
@@ -206,6 +198,10 @@ def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
         _waiting.append((name, time.monotonic(), COLLECTIVE_TIMEOUT * patience))
     try:
         yield
+    except Exception as e:  # noqa: BLE001 - the engine's word for a peer that left, in ours
+        if not isinstance(e, PeerFailure) and isinstance(e, _engine().peer_errors):
+            raise PeerFailure(str(e)) from e
+        raise
     finally:
         with _waiting_lock:
             _waiting.pop()
@@ -222,14 +218,12 @@ def world_gather(obj: T, give_up: Callable[[], bool] = lambda: False, poll_s: fl
     the groups still training; it raises GaveUp if ``give_up()`` turns true meanwhile (a stop
     signal: the other groups checkpoint and end, and would never come).
     """
-    if _world is None:
+    if not _packed():
         return [obj] if is_root() else None
-    request = _world.Ibarrier()
-    while not request.Test():
-        if give_up():
-            raise GaveUp("gave up waiting for the other groups")
-        time.sleep(poll_s)
-    return _world.gather(obj, root=0)
+    gathered = _engine().world_gather_when_all_arrive(obj, give_up, poll_s)
+    if gathered is engines._GAVE_UP:
+        raise GaveUp("gave up waiting for the other groups")
+    return gathered
 
 
 def exit_barrier(timeout: float = 10.0) -> None:
@@ -240,15 +234,16 @@ def exit_barrier(timeout: float = 10.0) -> None:
     before they could print their own error line. Bounded, so a lone failing rank cannot hang.
     """
     try:
-        if not hvd.is_initialized():
-            hvd.init()
-        if hvd.size() == 1:
+        engine = _engine()
+        engine.ensure_initialized()
+        if engine.size() == 1:
             return
     except Exception:  # noqa: BLE001 - best effort on the way out
         return
+
     def wait() -> None:
         try:
-            hvd.barrier()
+            engine.barrier()
         except Exception:  # noqa: BLE001 - Horovod shut down: the other ranks learn it now, let them say so
             time.sleep(1.0)
 
@@ -258,52 +253,50 @@ def exit_barrier(timeout: float = 10.0) -> None:
 
 
 def rank() -> int:
-    return hvd.rank()
+    return _e.rank() if _e is not None else 0
 
 
 def size() -> int:
-    return hvd.size()
+    return _e.size() if _e is not None else 1
 
 
 def local_rank() -> int:
     """This process's rank among the job's ranks on its node (across groups when packed): picks its GPU."""
-    return _node[0] if _world is not None else hvd.local_rank()
+    return _node[0]
 
 
 def is_root() -> bool:
-    return hvd.rank() == 0
+    return rank() == 0
 
 
 def horovod_version() -> str:
-    import horovod
-
-    return horovod.__version__
+    """Horovod's version where it is the engine ('' on torch.distributed), for the log."""
+    return _engine().version
 
 
 def allreduce_sum(t: torch.Tensor, name: str) -> torch.Tensor:
     with waiting(name):
-        return hvd.allreduce(t, op=hvd.Sum, name=name)
+        return _engine().allreduce(t, average=False, name=name)
 
 
 def allreduce_mean(t: torch.Tensor, name: str) -> torch.Tensor:
     with waiting(name):
-        return hvd.allreduce(t, op=hvd.Average, name=name)
+        return _engine().allreduce(t, average=True, name=name)
 
 
 def any_rank(flag: bool, name: str) -> bool:
     """Whether ``flag`` is set on any rank (one one-element allreduce)."""
-    with waiting(name):
-        return bool(hvd.allreduce(torch.tensor([1 if flag else 0], dtype=torch.int32), op=hvd.Sum, name=name).item())
+    return bool(allreduce_sum(torch.tensor([1 if flag else 0], dtype=torch.int32), name).item())
 
 
 def allgather_object(obj: Any, name: str, patience: float = 1.0) -> list[Any]:
     with waiting(name, patience):
-        return hvd.allgather_object(obj, name=name)
+        return _engine().allgather_object(obj, name)
 
 
 def broadcast_object(obj: Any, name: str, root: int = 0) -> Any:
     with waiting(name):
-        return hvd.broadcast_object(obj, root_rank=root, name=name)
+        return _engine().broadcast_object(obj, root, name)
 
 
 def agree(step: Callable[[], T], what: str) -> T:
@@ -344,19 +337,19 @@ def root_decides(decide: Callable[[], T], what: str) -> T:
 
 def broadcast_parameters(model: nn.Module) -> None:
     with waiting("parameters.broadcast"):
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        _engine().broadcast_parameters(model)
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     with waiting("optimizer_state.broadcast"):
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        _engine().broadcast_optimizer_state(optimizer)
 
 
 def broadcast_mask(mask: Mask | None, template: Mask) -> Mask:
     """Rank 0's mask, on every rank, in one broadcast; then every rank's checksum is compared."""
     flat = mask.to_flat() if is_root() and mask is not None else template.to_flat().zero_()
     with waiting("mask.broadcast"):
-        flat = hvd.broadcast(flat, root_rank=0, name="mask.broadcast")
+        flat = _engine().broadcast(flat, name="mask.broadcast")
     received = template.from_flat(flat)
     verify_same_everywhere(received.sha256(), "mask checksum")
     return received
@@ -407,11 +400,8 @@ class DenseSync(GradientSync):
     with backward; the averaged gradients are masked before the step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool):
-        compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
         self.model, self.mask = model, mask
-        self.optimizer = hvd.DistributedOptimizer(
-            optimizer, named_parameters=model.named_parameters(), op=hvd.Average, compression=compression
-        )
+        self.optimizer = _engine().distributed_optimizer(optimizer, model, fp16)
         self.bytes_per_step = dense_bytes(model, fp16)
 
     def zero_grad(self) -> None:
@@ -436,17 +426,24 @@ class KeptEntriesSync(GradientSync):
     back one index_copy into the zeroed buffer (which leaves pruned entries exactly 0). One large
     message per step, rather than a Compressor's one per tensor, also saves Horovod's per-tensor
     negotiation.
+
+    ``everything``: send every entry, pruned ones too, and mask after the average: the dense
+    allreduce of the torch.distributed engine (the same values at every kept entry as Horovod's
+    per-tensor one, and the same bytes on the wire).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool):
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool,
+                 everything: bool = False):
         self.optimizer, self.fp16 = optimizer, fp16
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
         self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
         self.views = split_flat(self.flat, [p.shape for p in self.params])
-        keep = torch.cat([torch.ones(p.numel(), dtype=torch.bool, device=device) if m is None else m.reshape(-1).to(device)
-                          for m, p in zip(mask.by_parameter(model), self.params)])
+        keep = torch.cat([torch.ones(p.numel(), dtype=torch.bool, device=device) if m is None or everything
+                          else m.reshape(-1).to(device) for m, p in zip(mask.by_parameter(model), self.params)])
         self.index = keep.nonzero().squeeze(1)
+        self.masked_after = (mask, model) if everything else None
+        self.name = "grad.dense" if everything else "grad.kept"
         self.bytes_per_step = self.index.numel() * (2 if fp16 else 4)
 
     def zero_grad(self) -> None:
@@ -457,12 +454,14 @@ class KeptEntriesSync(GradientSync):
 
     def synchronize(self) -> None:
         kept = self.flat.index_select(0, self.index)
-        if hvd.size() > 1:
+        if size() > 1:
             wire = kept.half() if self.fp16 else kept
-            with waiting("grad.kept"):
-                kept = hvd.allreduce(wire, op=hvd.Average, name="grad.kept").to(self.flat.dtype)
+            kept = allreduce_mean(wire, self.name).to(self.flat.dtype)
         self.flat.zero_()
         self.flat.index_copy_(0, self.index, kept)
+        if self.masked_after is not None:
+            mask, model = self.masked_after
+            mask.apply_to_grads(model)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -487,13 +486,16 @@ class LocalSync(GradientSync):
 
 
 def _dense(optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool) -> GradientSync:
-    if hvd.size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
+    if size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
         return LocalSync(optimizer, model, mask, dense_bytes(model, fp16))
+    if backend() == "torch":
+        return KeptEntriesSync(optimizer, model, mask, fp16, everything=True)
     return DenseSync(optimizer, model, mask, fp16)
 
 
 def gradient_sync(kind: str, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask) -> GradientSync:
-    """``kind``: none, fp16 (Horovod per tensor), kept, kept-fp16 (the kept entries, one allreduce)."""
+    """``kind``: none, fp16 (dense: Horovod per tensor, torch in one allreduce), kept, kept-fp16 (the
+    kept entries, one allreduce)."""
     builders: dict[str, Callable[[], GradientSync]] = {
         "none": lambda: _dense(optimizer, model, mask, fp16=False),
         "fp16": lambda: _dense(optimizer, model, mask, fp16=True),

@@ -218,7 +218,7 @@ class Recorder:
             "mask_sha256": self.mask_sha256, "mask_density": self.mask.density,
             "mask_layer_density": json.dumps(self.mask.layer_density()),
             "allreduce_bytes_per_step": self.bytes_per_step, "hvd_sparse_version": hvd_sparse.__version__,
-            "torch_version": torch.__version__, "horovod_version": dist.horovod_version(),
+            "torch_version": torch.__version__, "horovod_version": dist.horovod_version(), "backend": dist.backend(),
         }
         # plan_start has ruled out a finished log unless --overwrite; a RUNNING one without checkpoint restarts
         self.log = TrialLog.create(self.path, attrs, self.mask, overwrite=True)

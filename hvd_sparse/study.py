@@ -476,7 +476,7 @@ def summary_table(outcomes: Sequence[Outcome]) -> str:
 
 
 def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 1), verbose: bool = False,
-              pack: int = 1) -> list[Outcome]:
+              pack: int = 1, backend: str = "auto") -> list[Outcome]:
     """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress.
 
     ``pack`` > 1 splits the job into that many groups of ranks, each running its own share of the
@@ -487,7 +487,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
         validate(next(t.config for t in everything if t.optimizer == optimizer))
     trials = shard(everything, *shard_of)
-    dist.init(pack)
+    dist.init(pack, backend)
     group, groups = dist.group()
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:
@@ -573,6 +573,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pack", type=int, default=1, metavar="G",
                         help="split the job's ranks into G groups, each running its own trials side by side "
                              "(np=2 --pack 2: two single-rank trials at a time); for trials too small to scale")
+    parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch"),
+                        help="distributed engine (default: from the launch: torchrun -> torch, horovodrun/mpirun/srun -> horovod)")
     parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
     return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -593,7 +595,7 @@ def study_main(argv: Sequence[str] | None) -> int:
     elif args.list:
         list_trials(spec, directory, shard(grid(spec), *shard_of))
     else:
-        run_study(spec, directory, shard_of, verbose=args.verbose, pack=args.pack)
+        run_study(spec, directory, shard_of, verbose=args.verbose, pack=args.pack, backend=args.backend)
     return 0
 
 

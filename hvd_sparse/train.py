@@ -33,7 +33,7 @@ def log_path(cfg: Config) -> Path:
 def start_job(cfg: Config) -> None:
     """Checks before any collective, then Horovod, logging and the checks that need the world size."""
     validate(cfg)
-    dist.init()
+    dist.init(backend=cfg.dist.backend)
     configure_logging(cfg.run.log_level, dist.is_root())
     check_batch(cfg.train)
     dist.verify_same_everywhere(cfg.run_hash(), "configuration (every rank must be given the same arguments)")

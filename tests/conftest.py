@@ -51,6 +51,15 @@ def horovodrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None 
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
 
 
+def torchrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N ARGS`` (a free port each time) with real ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(np), *args]
+    try:
+        return subprocess.run(cmd, env=launch_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+
+
 def run_train(np: int, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return horovodrun(np, ["-m", "hvd_sparse.train", "--no-progress", *flags], timeout=timeout)
 

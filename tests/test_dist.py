@@ -1,4 +1,5 @@
-"""Gradient synchronization schemes: the kept-entries allreduce vs Horovod's dense one."""
+"""Gradient synchronization schemes: the kept-entries allreduce vs the dense one; and the same trial on
+both engines (Horovod under horovodrun, torch.distributed under torchrun)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,7 @@ from hvd_sparse import dist
 from hvd_sparse.log import read_log
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model
-from conftest import describe, run_train
+from conftest import describe, run_train, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +80,48 @@ FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.9",
          "--save-model", "--seed", "4"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same trial at np=2 with each gradient compression."""
+SCHEMES = ("none", "kept", "fp16", "kept-fp16")
+
+
+def run_schemes(tmp_path_factory, launch, engine):
     out = {}
-    for scheme in ("none", "kept", "fp16", "kept-fp16"):
-        folder = tmp_path_factory.mktemp(scheme)
-        proc = run_train(2, *FLAGS, "--grad-compression", scheme, "--out", str(folder))
+    for scheme in SCHEMES:
+        folder = tmp_path_factory.mktemp(f"{engine}-{scheme}")
+        proc = launch(2, *FLAGS, "--grad-compression", scheme, "--out", str(folder))
         assert proc.returncode == 0, describe(proc)
         (path,) = folder.glob("*.h5")
         out[scheme] = (read_log(path), torch.load(path.with_suffix(".final.pt")))
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same trial at np=2 with each gradient compression, on Horovod."""
+    return run_schemes(tmp_path_factory, run_train, "horovod")
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory):
+    """... and on torch.distributed, launched by torchrun."""
+    return run_schemes(tmp_path_factory, lambda np, *flags: torchrun(np, ["-m", "hvd_sparse.train", "--no-progress", *flags]),
+                       "torch")
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_torchrun_and_horovodrun_give_the_same_log(runs, torch_runs, scheme):
+    """Every measurement and every final weight, bit for bit: at np=2 an average is (a + b) x 0.5 on
+    both engines, whether Horovod sends each tensor or torch one flat vector."""
+    (log_h, p_h), (log_t, p_t) = runs[scheme], torch_runs[scheme]
+    assert (log_h.attrs["backend"], log_t.attrs["backend"]) == ("horovod", "torch")
+    assert log_h.attrs["run_hash"] == log_t.attrs["run_hash"] and log_t.attrs["world_size"] == 2
+    assert log_h.attrs["mask_sha256"] == log_t.attrs["mask_sha256"]
+    for column, values in log_h.measurements.items():
+        if column != "wall_time":
+            torch.testing.assert_close(torch.as_tensor(log_t.measurements[column]), torch.as_tensor(values),
+                                       rtol=0, atol=0, equal_nan=True, msg=column)
+    for name in p_h:
+        assert torch.equal(p_h[name], p_t[name]), name
 
 
 @pytest.mark.launches

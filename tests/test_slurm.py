@@ -253,3 +253,22 @@ def test_no_rank_outlives_a_killed_srun_or_batch_script(slurm, tmp_path, record_
         slurm.run("scancel", job, check=False)  # a failed check leaves nothing running
     (log_path,) = out.glob("*.h5")
     assert read_log(log_path, with_mask=False).status == "RUNNING"  # intact, resumable
+
+
+@pytest.mark.launches
+def test_srun_starts_a_torch_distributed_job_through_launch_torch_env(slurm, tmp_path):
+    """srun starts the ranks and launch/torch-env turns SLURM's variables into the env:// rendezvous:
+    a two-rank job on the torch engine, under launch/srun-resumable as the batch scripts run it."""
+    out = tmp_path / "runs"
+    flags = "--no-progress --backend torch --dataset synthetic --model mlp-tiny --sparsity 0.5 --batch-size 32 " \
+            f"--max-steps 30 --eval-every 10 --goal-error 0 --out {out}"
+    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out",
+                       f"--wrap=launch/srun-resumable launch/torch-env python -m hvd_sparse.train {flags}",
+                       cwd=REPO, env=job_env(slurm))
+    (info,) = slurm.wait(job, 30)
+    text = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", text
+    (log,) = out.glob("*.h5")
+    data = read_log(log)
+    assert data.attrs["backend"] == "torch" and data.attrs["world_size"] == 2, text
+    assert list(data.measurements["step"]) == [0, 10, 20, 30]

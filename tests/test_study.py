@@ -14,7 +14,7 @@ import pytest
 from hvd_sparse.config import ConfigError
 from hvd_sparse.log import read_log
 from hvd_sparse.study import StudySpec, grid, parse_shard, prepare_dir, shard, study_dir
-from conftest import BIN, REPO, describe, horovodrun, launch_env, rank_lines
+from conftest import BIN, REPO, describe, horovodrun, launch_env, rank_lines, torchrun
 
 SPEC = {
     "name": "tiny", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.0, 0.8],
@@ -461,6 +461,24 @@ def test_packed_trials_measure_exactly_what_one_rank_measures(tmp_path, monkeypa
     table = [line for line in packed.stdout.splitlines() if "steps-to-result, complete/trials" in line]
     assert len(table) == 1 and rank0[-1].split()[1:] == ["-", "(0/2)", "-", "(0/2)", "-", "-"], describe(packed)
     rerun = run_study(2, spec_path, tmp_path / "packed", "--pack", "2")
+    assert rerun.returncode == 0 and rerun.stdout.count("(skipped,") == 4, describe(rerun)
+
+
+@pytest.mark.launches
+def test_a_packed_study_on_torchrun_measures_exactly_what_one_rank_measures(tmp_path, monkeypatch):
+    """The same on torch.distributed: np=2 --pack 2 under torchrun (one process group per group) gives
+    the np=1 study's logs bit for bit, and a rerun skips every trial."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_path = write_spec(tmp_path, **PACK_SPEC)
+    args = ["-m", "hvd_sparse.study", str(spec_path), "--out", str(tmp_path / "packed"), "--pack", "2"]
+    packed = torchrun(2, args, timeout=300)
+    assert packed.returncode == 0, describe(packed)
+    alone = run_study(1, spec_path, tmp_path / "alone")
+    assert alone.returncode == 0, describe(alone)
+    assert_same_study(tmp_path / "alone", tmp_path / "packed")
+    assert {read_log(p, with_mask=False).attrs["backend"] for p in logs_of(tmp_path / "packed")[1]} == {"torch"}
+    assert packed.stdout.count("group 0: [") + packed.stdout.count("group 1: [") == 4, describe(packed)
+    rerun = torchrun(2, args, timeout=120)
     assert rerun.returncode == 0 and rerun.stdout.count("(skipped,") == 4, describe(rerun)
 
 
