@@ -27,6 +27,8 @@ TESTS = [
     "tests/test_slurm.py::test_a_rank_killed_under_srun_ends_the_job_and_keeps_the_log",
     "tests/test_slurm.py::test_no_rank_outlives_a_killed_srun_or_batch_script",
     "tests/test_watch.py",
+    "tests/test_engines.py::test_a_killed_torchrun_rank_ends_the_job_and_the_rerun_resumes_to_horovods_measurements",
+    "tests/test_engines.py::test_the_wrong_backend_for_the_launcher_is_one_line_and_exit_2_on_every_rank",
 ]
 
 
