@@ -137,6 +137,14 @@ class Beacon:
             return describe([[0, f"silent for {now - heard:.0f} s: frozen or lost"]], 1)
         return describe(late, count) if late else None
 
+    def someone_silent(self, now: float | None = None) -> bool:
+        """Whether a rank known here has gone silent (frozen or lost): rank 0 (seen from the others),
+        or any rank heard from before (seen from rank 0)."""
+        now = time.monotonic() if now is None else now
+        if self.rank == 0:
+            return any(now - heard > self.silent_after for r, (heard, _, _) in self.table.items() if r != 0)
+        return self.reply is not None and now - self.reply[0] > self.silent_after
+
     def pause(self, seconds: float) -> None:
         """This process was stopped itself for ``seconds``: what it heard before is not news of silence."""
         self.table = {r: (t + seconds, n, w) for r, (t, n, w) in self.table.items()}

@@ -174,8 +174,12 @@ def _watch(timeout: float) -> None:
         last = now
         if _beacon is not None:
             _beacon.beat(entered, current is not None, now)
-        if current is not None and now - current[1] > current[2]:
+        waited = now - current[1] if current is not None else 0.0
+        # a longer patience (rank 0's own work, e.g. SNIP) holds only while the awaited ranks are alive
+        silent = waited > timeout and _beacon is not None and _beacon.someone_silent(now)
+        if current is not None and (waited > current[2] or silent):
             name, _, limit = current
+            limit = timeout if silent else limit
             late = _beacon.late(now) if _beacon is not None else None
             who = f"did not arrive: {late}" if late else \
                 "one of them is frozen or lost (the ranks that print this line are the ones that arrived)"

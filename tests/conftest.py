@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -58,6 +62,30 @@ def torchrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = 
         return subprocess.run(cmd, env=launch_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+
+
+@contextmanager
+def job_in_own_session(cmd: list[str]) -> Iterator[subprocess.Popen]:
+    """A job (launcher and ranks) in a session of its own, output discarded; whatever is left of it is
+    killed when the block ends."""
+    job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def kill_rank_and_wait(job: subprocess.Popen, rank, record_property) -> None:
+    """SIGKILL one rank (a psutil.Process) as a node failure would; the launcher must end the job, non-zero,
+    within 60 s; the seconds it took go to the test's report (time_to_exit_s)."""
+    rank.send_signal(signal.SIGKILL)
+    killed = time.time()
+    job.wait(timeout=60)
+    record_property("time_to_exit_s", round(time.time() - killed, 1))
+    assert job.returncode != 0
 
 
 def run_train(np: int, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:

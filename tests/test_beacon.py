@@ -38,7 +38,9 @@ def test_every_rank_names_the_busy_and_the_silent_ranks_and_rank_0_when_it_goes_
         ranks[1].beat(7, True, 110.0)
         silent = "rank 2 (silent for 10 s: frozen or lost)"
         assert ranks[0].late(110.0) == silent and ranks[1].late(110.0) == silent
+        assert ranks[0].someone_silent(110.0) and not ranks[1].someone_silent(110.0)
         assert ranks[1].late(125.0) == "rank 0 (silent for 15 s: frozen or lost)"  # rank 0 stopped answering
+        assert ranks[1].someone_silent(125.0)
         ranks[1].pause(15.0)  # ... unless it was this rank that was stopped for those 15 s
         assert ranks[1].late(125.0) == silent
     finally:

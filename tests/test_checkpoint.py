@@ -1,7 +1,5 @@
 """Interrupted runs resume from their last checkpoint and measure exactly what an uninterrupted run does."""
 import fcntl
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import torch
 
 from hvd_sparse.checkpoint import checkpoint_path
 from hvd_sparse.log import COLUMNS, read_log
-from conftest import BIN, REPO, describe, launch_env
+from conftest import BIN, REPO, describe, job_in_own_session, kill_rank_and_wait, launch_env
 
 FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--optimizer", "momentum",
          "--lr", "0.02", "--batch-size", "32", "--max-steps", "1500", "--eval-every", "100", "--goal-error", "0",
@@ -68,23 +66,13 @@ def test_killed_run_resumes_with_identical_measurements(tmp_path, np_, record_pr
     proc = run(np_, whole)
     assert proc.returncode == 0, describe(proc)
 
-    victim = subprocess.Popen(command(np_, cut), env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with job_in_own_session(command(np_, cut)) as victim:
         log = wait_for_evaluations(cut, victim, count=4)
         # SIGKILL a training rank (for np=2 the one of rank 1, as a node failure would)
         family = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
         ranks = [p for p in family if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]]
         assert len(ranks) == np_
-        ranks[-1].send_signal(signal.SIGKILL)
-        killed = time.time()
-        victim.wait(timeout=60)
-        record_property("time_to_exit_s", round(time.time() - killed, 1))
-        assert victim.returncode != 0
-    finally:
-        if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
-            victim.wait()
+        kill_rank_and_wait(victim, ranks[-1], record_property)
     interrupted = read_log(log)
     assert interrupted.status == "RUNNING" and checkpoint_path(log).exists()
 

@@ -60,8 +60,6 @@ LONG = ["--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "
 def test_a_killed_torchrun_rank_ends_the_job_and_the_rerun_resumes_to_horovods_measurements(tmp_path, record_property):
     """SIGKILL to rank 1 under torchrun: the job ends within seconds, the log stays, and the rerun resumes
     from the checkpoint to exactly what an uninterrupted np=2 Horovod run measures."""
-    import signal
-    import subprocess
     import sys
     import time
 
@@ -69,31 +67,21 @@ def test_a_killed_torchrun_rank_ends_the_job_and_the_rerun_resumes_to_horovods_m
     import psutil
 
     from hvd_sparse.log import read_log
-    from conftest import launch_env
+    from conftest import job_in_own_session, kill_rank_and_wait
 
     whole = run_train(2, *LONG, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, describe(whole)
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "hvd_sparse.train", "--no-progress", *LONG, "--out", str(cut)]
-    victim = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
+    with job_in_own_session(cmd) as victim:
         deadline = time.time() + 120
         while not (list(cut.glob("*.ckpt.pt")) and len(read_log(next(cut.glob("*.h5"))).measurements["step"]) >= 3):
             assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
             time.sleep(0.05)
         ranks = [p for p in psutil.Process(victim.pid).children(recursive=True) if "hvd_sparse.train" in p.cmdline()[1:4]]
         (rank1,) = [p for p in ranks if p.environ().get("RANK") == "1"]
-        rank1.send_signal(signal.SIGKILL)
-        killed = time.time()
-        victim.wait(timeout=60)
-        record_property("time_to_exit_s", round(time.time() - killed, 1))
-        assert victim.returncode != 0
-    finally:
-        if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
-            victim.wait()
+        kill_rank_and_wait(victim, rank1, record_property)
     rerun = torchrun(2, ["-m", "hvd_sparse.train", "--no-progress", *LONG, "--out", str(cut)])
     assert rerun.returncode == 0 and "resuming at step" in rerun.stdout + rerun.stderr, describe(rerun)
     (a,), (b,) = (tmp_path / "whole").glob("*.h5"), cut.glob("*.h5")

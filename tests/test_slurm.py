@@ -81,19 +81,26 @@ def write_spec(tmp_path, **changes):
     return path
 
 
-@pytest.mark.launches
-def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
-    out = tmp_path / "runs"
-    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", "slurm/train.sbatch",
-                       "--dataset", "synthetic", "--model", "mlp-tiny", "--sparsity", "0.5", "--batch-size", "32",
-                       "--max-steps", "30", "--eval-every", "10", "--goal-error", "0", "--out", str(out),
+SHORT_RUN = ["--dataset", "synthetic", "--model", "mlp-tiny", "--sparsity", "0.5", "--batch-size", "32",
+             "--max-steps", "30", "--eval-every", "10", "--goal-error", "0"]
+
+
+def two_rank_job(slurm, tmp_path, *sbatch_args):
+    """A two-task batch job that must complete with one log of 30 steps; (its log, its output)."""
+    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", *sbatch_args,
                        cwd=REPO, env=job_env(slurm))
     (info,) = slurm.wait(job, 30)
     text = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED", text
-    (log,) = out.glob("*.h5")
+    (log,) = (tmp_path / "runs").glob("*.h5")
     data = read_log(log)
     assert data.attrs["world_size"] == 2 and data.status == "INCOMPLETE" and list(data.measurements["step"]) == [0, 10, 20, 30]
+    return data, text
+
+
+@pytest.mark.launches
+def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
+    _, text = two_rank_job(slurm, tmp_path, "slurm/train.sbatch", *SHORT_RUN, "--out", str(tmp_path / "runs"))
     assert "world_size=2" in text
 
 
@@ -259,16 +266,6 @@ def test_no_rank_outlives_a_killed_srun_or_batch_script(slurm, tmp_path, record_
 def test_srun_starts_a_torch_distributed_job_through_launch_torch_env(slurm, tmp_path):
     """srun starts the ranks and launch/torch-env turns SLURM's variables into the env:// rendezvous:
     a two-rank job on the torch engine, under launch/srun-resumable as the batch scripts run it."""
-    out = tmp_path / "runs"
-    flags = "--no-progress --backend torch --dataset synthetic --model mlp-tiny --sparsity 0.5 --batch-size 32 " \
-            f"--max-steps 30 --eval-every 10 --goal-error 0 --out {out}"
-    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out",
-                       f"--wrap=launch/srun-resumable launch/torch-env python -m hvd_sparse.train {flags}",
-                       cwd=REPO, env=job_env(slurm))
-    (info,) = slurm.wait(job, 30)
-    text = (tmp_path / "job.out").read_text()
-    assert info["JobState"] == "COMPLETED", text
-    (log,) = out.glob("*.h5")
-    data = read_log(log)
-    assert data.attrs["backend"] == "torch" and data.attrs["world_size"] == 2, text
-    assert list(data.measurements["step"]) == [0, 10, 20, 30]
+    flags = " ".join(["--no-progress", "--backend", "torch", *SHORT_RUN, "--out", str(tmp_path / "runs")])
+    data, text = two_rank_job(slurm, tmp_path, f"--wrap=launch/srun-resumable launch/torch-env python -m hvd_sparse.train {flags}")
+    assert data.attrs["backend"] == "torch", text
