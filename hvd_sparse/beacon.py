@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from typing import Any, Sequence
 
@@ -63,7 +64,7 @@ def describe(late: Sequence[Sequence[Any]], total: int) -> str:
 
 
 class Beacon:
-    """One rank's end of the heartbeats (see the module doc). Not thread-safe: one thread uses it."""
+    """One rank's end of the heartbeats (see the module doc); ``beat`` may be called from two threads."""
 
     def __init__(self, rank: int, size: int, poll: float):
         self.rank, self.size = rank, size
@@ -75,6 +76,7 @@ class Beacon:
         self.table: dict[int, tuple[float, int, bool]] = {}  # rank 0: what each rank last said
         self.senders: dict[int, Any] = {}  # rank 0: the address each rank sends from
         self.reply: tuple[float, list, int] | None = None  # other ranks: when rank 0 last answered, its list, its count
+        self.lock = threading.Lock()
 
     def listen_at(self) -> list[tuple[str, int]]:
         """Rank 0's addresses, for the other ranks (``dist.init`` broadcasts them)."""
@@ -106,7 +108,10 @@ class Beacon:
 
     def beat(self, entered: int, waits: bool, now: float | None = None) -> None:
         """Say where this rank is; on rank 0, take in what the others said and answer each of them."""
-        now = time.monotonic() if now is None else now
+        with self.lock:
+            self._beat(entered, waits, time.monotonic() if now is None else now)
+
+    def _beat(self, entered: int, waits: bool, now: float) -> None:
         if self.rank == 0:
             self.table[0] = (now, entered, waits)
             for message, sender in self._drain():

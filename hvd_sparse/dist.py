@@ -156,6 +156,12 @@ def _start_beacon() -> None:
         return
     _beacon = Beacon(rank(), size(), _poll(COLLECTIVE_TIMEOUT or 300.0))
     _beacon.connect(broadcast_object(_beacon.listen_at() if rank() == 0 else None, "hvd_sparse.beacon"))
+    # one round now, so that every rank has heard from rank 0 before any long wait (where UDP passes):
+    # the others send, rank 0 takes them in and answers, the others read the answer
+    for step in ("sent", "answered"):
+        _beacon.beat(_entered, False)
+        allgather_object(None, f"hvd_sparse.beacon.{step}")
+    _beacon.beat(_entered, False)
 
 
 def _watch(timeout: float) -> None:
