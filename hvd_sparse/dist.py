@@ -217,8 +217,7 @@ def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
             _waiting.pop()
 
 
-class GaveUp(Exception):
-    """``world_gather`` stopped waiting for the other groups because ``give_up()`` said so."""
+GaveUp = engines.GaveUp  # ``world_gather`` stopped waiting for the other groups because ``give_up()`` said so
 
 
 def world_gather(obj: T, give_up: Callable[[], bool] = lambda: False, poll_s: float = 0.2) -> list[T] | None:
@@ -230,10 +229,7 @@ def world_gather(obj: T, give_up: Callable[[], bool] = lambda: False, poll_s: fl
     """
     if not _packed():
         return [obj] if is_root() else None
-    gathered = _engine().world_gather_when_all_arrive(obj, give_up, poll_s)
-    if gathered is engines._GAVE_UP:
-        raise GaveUp("gave up waiting for the other groups")
-    return gathered
+    return _engine().world_gather_when_all_arrive(obj, give_up, poll_s)
 
 
 def exit_barrier(timeout: float = 10.0) -> None:

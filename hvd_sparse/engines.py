@@ -25,6 +25,15 @@ TORCH_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MPI_LAUNCH = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "HOROVOD_RANK")
 
 
+class GaveUp(Exception):
+    """A wait for the other groups of a packed job stopped because ``give_up()`` said so."""
+
+
+def has_rendezvous(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether torch.distributed's env:// rendezvous is set (torchrun, launch/torch-env)."""
+    return all(k in environ for k in TORCH_RENDEZVOUS)
+
+
 def horovod_available() -> bool:
     try:
         import horovod.torch  # noqa: F401
@@ -38,7 +47,7 @@ def choose(requested: str, environ: Mapping[str, str] = os.environ) -> str:
     line) when the request cannot work under that launch."""
     if requested not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-    rendezvous = all(k in environ for k in TORCH_RENDEZVOUS)
+    rendezvous = has_rendezvous(environ)
     mpi = [k for k in MPI_LAUNCH if k in environ]
     if requested == "auto":
         if rendezvous:
@@ -147,7 +156,7 @@ class Horovod:
         request = self.world.Ibarrier()
         while not request.Test():
             if give_up():
-                return _GAVE_UP
+                raise GaveUp("gave up waiting for the other groups")
             time.sleep(poll_s)
         return self.world.gather(obj, root=0)
 
@@ -158,9 +167,6 @@ def _mpi() -> Any:
     except ImportError as e:
         raise ValueError(f"--pack needs mpi4py ({e}); pip install mpi4py") from None
     return MPI
-
-
-_GAVE_UP: Any = object()  # world_gather_when_all_arrive's answer when give_up() said so
 
 
 class Torch:
@@ -179,12 +185,9 @@ class Torch:
         self.packed = False
         self.nccl = False
 
-    def _rendezvous(self) -> bool:
-        return all(k in os.environ for k in TORCH_RENDEZVOUS)
-
     def init(self, groups: int) -> tuple[tuple[int, int], tuple[int, int]]:
         td = self.td
-        if not self._rendezvous():
+        if not has_rendezvous():
             if groups != 1:
                 raise ValueError(f"--pack {groups}: a job of one process does not split into {groups} groups")
             return (0, 1), (0, 1)
@@ -220,7 +223,7 @@ class Torch:
         return self.td.is_initialized()
 
     def ensure_initialized(self) -> None:
-        if not self.td.is_initialized() and self._rendezvous():
+        if not self.td.is_initialized() and has_rendezvous():
             self.init(1)
 
     def rank(self) -> int:
@@ -286,9 +289,6 @@ class Torch:
         if self.size() > 1:
             self.td.barrier(group=self.group)
 
-    def distributed_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool) -> Any:
-        return None  # dist averages the gradients itself, in one flat allreduce
-
     def world_rank(self) -> int:
         return self.td.get_rank()
 
@@ -301,7 +301,7 @@ class Torch:
         work = self.td.barrier(async_op=True)
         while not work.is_completed():
             if give_up():
-                return _GAVE_UP
+                raise GaveUp("gave up waiting for the other groups")
             time.sleep(poll_s)
         work.wait()
         out = [None] * self.td.get_world_size() if self.td.get_rank() == 0 else None
