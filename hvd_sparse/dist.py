@@ -7,6 +7,7 @@ rank into the same exception on every rank, so no rank is ever left waiting in a
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -269,6 +270,14 @@ def size() -> int:
 def local_rank() -> int:
     """This process's rank among the job's ranks on its node (across groups when packed): picks its GPU."""
     return _node[0]
+
+
+def placement() -> list[dict[str, Any]]:
+    """Where each rank of the job (of its group, when packed) runs, in rank order: its host, its rank
+    among the job's ranks on that host and their number, its torch threads. One allgather."""
+    here = {"host": socket.gethostname(), "local_rank": _node[0], "local_size": _node[1],
+            "threads": torch.get_num_threads()}
+    return allgather_object(here, "placement")
 
 
 def is_root() -> bool:

@@ -207,7 +207,7 @@ class Recorder:
     def open(self, resumed: Progress | None, attrs: Mapping[str, Any]) -> None:
         """A new log, or the resumed one without the evaluations made after its checkpoint (redone)."""
         if resumed is not None:
-            self.log.truncate(resumed.step, world_size=dist.size())
+            self.log.truncate(resumed.step, world_size=dist.size(), placement=attrs["placement"])
             return
         import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
 
@@ -508,6 +508,14 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None) -> tuple[nn.Modu
     return model, mask, sync
 
 
+def _hosts(placement: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(host, ranks on it), in the order of their first rank."""
+    counts: dict[str, int] = {}
+    for p in placement:
+        counts[p["host"]] = counts.get(p["host"], 0) + 1
+    return list(counts.items())
+
+
 def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] | None = None) -> TrialResult:
     """Train one trial whose log is ``path`` on data already on the device, resuming it if it was
     interrupted; the caller holds its lock. ``attrs`` go into the log (a study's trial id and
@@ -523,8 +531,11 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
         dist.size(), cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
         f", resuming at step {state.step}" if resumed else "",
     )
+    placement = dist.placement()
+    logger.info("placement: %s", ", ".join(f"{host} x{n}" for host, n in _hosts(placement)))
     recorder = Recorder(cfg, path, mask, sync.bytes_per_step, data.fingerprint) if dist.is_root() else NullRecorder()
-    dist.agree(lambda: recorder.open(resumed, attrs or {}), "opening the log")
+    attrs = {**(attrs or {}), "placement": json.dumps(placement)}
+    dist.agree(lambda: recorder.open(resumed, attrs), "opening the log")
     engine = Engine(cfg, data, mask, sync, recorder, state)
     return engine.finish(*engine.train())
 

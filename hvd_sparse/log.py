@@ -273,9 +273,10 @@ class TrialLog:
 
         self._update(change)
 
-    def truncate(self, last_step: int, world_size: int | None = None) -> None:
+    def truncate(self, last_step: int, world_size: int | None = None, placement: str | None = None) -> None:
         """Drop evaluations and Lipschitz measurements after ``last_step`` (written after the checkpoint a
-        run resumes from: they are redone); ``world_size``: the resumed run's, added to ``world_sizes``."""
+        run resumes from: they are redone); ``world_size``: the resumed run's, added to ``world_sizes``;
+        ``placement``: the resumed run's, which replaces the earlier one."""
 
         def change(f: h5py.File) -> None:
             for group, names in (("measurements", COLUMNS), (LIPSCHITZ, ("step", "value", "per_gamma"))):
@@ -289,6 +290,8 @@ class TrialLog:
                 sizes = json.loads(f.attrs.get("world_sizes", json.dumps([int(f.attrs["world_size"])])))
                 f.attrs["world_sizes"] = json.dumps(sizes + [world_size])
                 f.attrs["world_size"] = world_size
+            if placement is not None:
+                f.attrs["placement"] = placement
 
         self._update(change)
 

@@ -14,3 +14,11 @@ if [[ ! -x $HVD_SPARSE_VENV/bin/python ]]; then
 fi
 export PATH="$HVD_SPARSE_VENV/bin:$PATH"
 export PYTHONUNBUFFERED=1
+# Open MPI's TCP between nodes: only the network the node's hostname resolves to (see tcp_network.py),
+# unless the user chose interfaces already (OMPI_MCA_btl_tcp_if_include or _exclude).
+if [[ -z ${OMPI_MCA_btl_tcp_if_include:-}${OMPI_MCA_btl_tcp_if_exclude:-} ]]; then
+    _hvd_net=$(python3 "$HVD_SPARSE_HOME/launch/tcp_network.py" 2>/dev/null || true)
+    if [[ -n $_hvd_net ]]; then
+        export OMPI_MCA_btl_tcp_if_include=$_hvd_net OMPI_MCA_oob_tcp_if_include=$_hvd_net
+    fi
+fi

@@ -1,0 +1,200 @@
+"""Multi-node for real on one machine: two hosts in network namespaces (``virtual_hosts``), TCP between
+them, every launcher started on the first host as a user would, the second reached through ssh.
+
+What only several nodes exercise: rank placement and the local rank and size (threads per rank follow
+the ranks on *that* host), Open MPI over TCP instead of shared memory (and its interface selection:
+every host also has Docker's 172.17.0.1), Horovod's and torch's rendezvous across hosts, trial groups
+on different hosts, and a host that dies mid-job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hvd_sparse.checkpoint import checkpoint_path
+from hvd_sparse.log import read_log
+from conftest import REPO, launch_env
+from test_study import PACK_SPEC, assert_same_study, logs_of, write_spec
+from virtual_hosts import VirtualHosts
+
+pytestmark = pytest.mark.launches
+
+FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.9", "--optimizer", "nesterov",
+         "--lr", "0.05", "--momentum", "0.9", "--batch-size", "48", "--max-steps", "20", "--eval-every", "10",
+         "--goal-error", "0", "--save-model", "--seed", "3", "--no-progress"]
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    cluster = VirtualHosts(["vh1", "vh2"])
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def on(hosts: VirtualHosts, host: str, command: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    """``command`` (a shell line) run on ``host`` from the checkout, as a user logged in there."""
+    try:
+        return hosts.ssh(host, command, {**launch_env(), **env}, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{command} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+
+
+def show(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+def train(hosts, launcher: str, out, *extra: str, **env: str):
+    proc = on(hosts, "vh1", f"{launcher} {PY} -m hvd_sparse.train {' '.join(FLAGS + list(extra))} --out {out}", **env)
+    assert proc.returncode == 0, show(proc)
+    (path,) = out.glob("*.h5")
+    return read_log(path), torch.load(path.with_suffix(".final.pt"))
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The reference: one rank, one thread, on this machine."""
+    out = tmp_path_factory.mktemp("alone")
+    proc = subprocess.run([PY, "-m", "hvd_sparse.train", *FLAGS, "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, env={**launch_env(), "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert proc.returncode == 0, show(proc)
+    (path,) = out.glob("*.h5")
+    return read_log(path), torch.load(path.with_suffix(".final.pt"))
+
+
+def assert_same_optimization(run, reference):
+    """Same mask bit for bit; the same optimization up to float summation order (the shards' gradients
+    are summed across ranks in another order than one rank sums its batch)."""
+    (log, params), (ref_log, ref_params) = run, reference
+    assert log.attrs["mask_sha256"] == ref_log.attrs["mask_sha256"]
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(torch.tensor(log.measurements["val_loss"]), torch.tensor(ref_log.measurements["val_loss"]),
+                               rtol=1e-5, atol=0)
+    assert log.measurements["val_error"].tolist() == ref_log.measurements["val_error"].tolist()
+    for name, keep in log.mask.items():
+        assert torch.count_nonzero(params[name][~keep]) == 0, name
+
+
+def placement(log) -> list[tuple[str, int, int, int]]:
+    return [(p["host"], p["local_rank"], p["local_size"], p["threads"]) for p in json.loads(log.attrs["placement"])]
+
+
+def test_horovodrun_across_two_hosts_is_the_same_optimization_as_one_rank(hosts, alone, tmp_path):
+    """horovodrun -H vh1:2,vh2:2 (Horovod finds the interface common to both hosts): two ranks per
+    host, so one thread each; the same optimization as one rank with one thread."""
+    run = train(hosts, "horovodrun -np 4 -H vh1:2,vh2:2", tmp_path)
+    assert run[0].attrs["backend"] == "horovod" and run[0].attrs["world_size"] == 4
+    assert placement(run[0]) == [("vh1", 0, 2, 1), ("vh1", 1, 2, 1), ("vh2", 0, 2, 1), ("vh2", 1, 2, 1)]
+    assert_same_optimization(run, alone)
+
+
+def test_mpirun_with_a_hostfile_sends_only_the_kept_entries_across_hosts(hosts, alone, tmp_path):
+    """launch/mpirun with a hostfile of one slot on vh1 and two on vh2: threads follow the ranks on each
+    host (2 on vh1, 1 on vh2), Open MPI's TCP stays on the hosts' network (launch/env.sh; without it a
+    rank connects to 172.17.0.1 and the job hangs), and the kept-entries allreduce gives the dense
+    result with the bytes the log states."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("vh1 slots=1\nvh2 slots=2\n")
+    out = tmp_path / "out"
+    run = train(hosts, f"launch/mpirun -np 3 --hostfile {hostfile}", out, "--grad-compression", "kept")
+    assert placement(run[0]) == [("vh1", 0, 1, 2), ("vh2", 0, 2, 1), ("vh2", 1, 2, 1)]
+    mask = run[0].mask
+    assert run[0].attrs["allreduce_bytes_per_step"] == mask.num_kept * 4 < mask.num_total * 4 / 9
+    assert run[0].measurements["allreduce_bytes"].tolist() == [s * mask.num_kept * 4 for s in run[0].measurements["step"]]
+    assert_same_optimization(run, alone)
+
+
+def test_torchrun_on_two_nodes_with_a_rendezvous_endpoint(hosts, alone, tmp_path):
+    """torchrun --nnodes 2 on each host, the c10d rendezvous on vh1: the torch engine across hosts."""
+    out = tmp_path / "out"
+    torchrun = (f"{PY} -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d "
+                f"--rdzv-endpoint vh1:29477 --rdzv-id multinode-test -m hvd_sparse.train {' '.join(FLAGS)} --out {out}")
+    env = {**launch_env()}
+    second = subprocess.Popen(hosts.command("vh2", f"cd {REPO} && {torchrun}", hosts.env(env)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = on(hosts, "vh1", torchrun)
+        second_out, _ = second.communicate(timeout=60)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert first.returncode == 0, show(first)
+    assert second.returncode == 0, second_out[-4000:]
+    (path,) = out.glob("*.h5")
+    log = read_log(path)
+    assert log.attrs["backend"] == "torch" and log.attrs["world_size"] == 4
+    assert {p[0] for p in placement(log)} == {"vh1", "vh2"}
+    assert sorted(placement(log)) == [("vh1", 0, 2, 1), ("vh1", 1, 2, 1), ("vh2", 0, 2, 1), ("vh2", 1, 2, 1)]
+    assert_same_optimization((log, torch.load(path.with_suffix(".final.pt"))), alone)
+
+
+def test_a_packed_study_runs_its_groups_on_different_hosts(hosts, tmp_path):
+    """horovodrun -np 2 -H vh1:1,vh2:1 study --pack 2: group 0 on vh1 and group 1 on vh2, each rank alone
+    on its host (two threads); every log is bit for bit the study run by one rank with two threads."""
+    spec = write_spec(tmp_path, **PACK_SPEC)
+    packed = on(hosts, "vh1", f"horovodrun -np 2 -H vh1:1,vh2:1 {PY} -m hvd_sparse.study {spec} "
+                              f"--out {tmp_path / 'packed'} --pack 2", timeout=400)
+    assert packed.returncode == 0, show(packed)
+    alone = subprocess.run([PY, "-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "alone")], cwd=REPO,
+                           env={**launch_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=400)
+    assert alone.returncode == 0, show(alone)
+    assert_same_study(tmp_path / "alone", tmp_path / "packed")
+    _, logs = logs_of(tmp_path / "packed")
+    where = [placement(read_log(p, with_mask=False)) for p in logs]
+    assert {w[0][0] for w in where} == {"vh1", "vh2"}, where  # both hosts ran trials
+    assert all(len(w) == 1 and w[0][1:] == (0, 1, 2) for w in where), where
+
+
+def test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes(hosts, tmp_path, record_property):
+    """Every process of vh2 killed mid-study (a node failure): rank 0 on vh1 exits non-zero within 60 s
+    with a line saying why, the log keeps its evaluations and checkpoint, and the same command, rerun
+    on both hosts, resumes the trial."""
+    spec = write_spec(tmp_path, batch_sizes=[32], trials=1, max_steps=600, eval_every=50)
+    out = tmp_path / "runs"
+    study = f"horovodrun -np 2 -H vh1:1,vh2:1 {PY} -m hvd_sparse.study {spec} --out {out}"
+    job = subprocess.Popen(hosts.command("vh1", f"cd {REPO} && {study}", hosts.env(launch_env())),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log_path = wait_for_a_checkpoint(out, job)
+        hosts.kill_host("vh2")
+        killed = time.time()
+        output, _ = job.communicate(timeout=60)
+        record_property("time_to_exit_s", round(time.time() - killed, 1))
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+            job.wait()
+    assert job.returncode != 0, output[-4000:]
+    assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
+    assert "Peer host:  vh2" in output, output[-4000:]  # Open MPI names the host it lost
+    interrupted = read_log(log_path)
+    assert interrupted.status == "RUNNING" and checkpoint_path(log_path).exists()
+    rerun = on(hosts, "vh1", study, timeout=400)
+    assert rerun.returncode == 0 and "resumed" in rerun.stdout, show(rerun)
+    resumed = read_log(log_path)
+    assert resumed.attrs["resumes"] == 1 and resumed.status in ("COMPLETE", "INCOMPLETE")
+    steps = resumed.measurements["step"].tolist()
+    assert steps == sorted(set(steps)) and steps[-1] == resumed.attrs["steps_done"]
+
+
+def wait_for_a_checkpoint(out, job, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = list(out.rglob("trial-*.h5"))
+        if logs and checkpoint_path(logs[0]).exists() and len(read_log(logs[0], with_mask=False).measurements["step"]) >= 3:
+            return logs[0]
+        assert job.poll() is None, "the job ended before the host could die"
+        time.sleep(0.2)
+    pytest.fail("no checkpoint appeared")

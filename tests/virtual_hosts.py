@@ -1,0 +1,148 @@
+"""Several hosts on this one machine, for real multi-node tests (as root).
+
+Each host is a Linux network namespace with one address on a private bridge; the bridge sits in a
+namespace of its own, so the machine's own interfaces, routes and addresses are never touched and
+only the addresses made here are used. Every process started on a host runs in its namespace under
+the host's name (``unshare --uts``), with an ``/etc/hosts`` naming every host (``ip netns exec``
+mounts ``/etc/netns/<namespace>/hosts`` over it). So ranks on two hosts talk over TCP only, as on a
+cluster: Open MPI sees two nodes (no shared memory between them), Horovod and torch count the ranks
+per host, and killing one namespace's processes is a node failure.
+
+Each host also has a ``docker0`` bridge holding 172.17.0.1, the same address on every host, as on
+nodes that run Docker: the classic multi-node trap, where Open MPI's TCP transport connects to that
+address and reaches the rank's own host (a hang) unless a launcher selects the interfaces.
+
+Hosts are reached the way launchers reach them, through ``ssh``: ``bin/ssh`` here (first on the PATH
+of ``env()``) is the rsh agent, and runs the command on the host with the fresh login environment sshd
+would give (HOME, USER, a system PATH), in HOME. mpirun, horovodrun and the tests all go through it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+SUBNET = "10.213.0"  # inside the cluster's own namespaces only
+SSH = r"""#!/bin/bash
+# ssh to the virtual hosts: `ssh [options] HOST [COMMAND...]` runs COMMAND on HOST (its network
+# namespace, under its hostname) with a login's fresh environment, in HOME; options are ignored.
+set -u
+host=
+while (($#)); do  # options may come before and after HOST (as OpenSSH takes them); the rest is COMMAND
+    case $1 in
+        -[BbcDEeFIiJLlmOopQRSWw]) shift 2 ;;
+        -[BbcDEeFIiJLlmOopQRSWw]*) shift ;;
+        --) shift; break ;;
+        -*) shift ;;
+        *) [[ -z $host ]] || break; host=$1; shift ;;
+    esac
+done
+[[ -n $host ]] || { echo "usage: ssh HOST COMMAND" >&2; exit 255; }
+ns=$(awk -v h="$host" '$1 == h { print $2 }' "$(dirname "$0")/../hosts")
+[[ -n $ns ]] || { echo "ssh: Could not resolve hostname $host: Name or service not known" >&2; exit 255; }
+exec ip netns exec "$ns" unshare --uts -- env -i HOME="$HOME" USER="${USER:-root}" LOGNAME="${USER:-root}" \
+    SHELL=/bin/sh PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    /bin/sh -c 'hostname "$1" && cd && exec /bin/sh -c "$2"' ssh "$host" "$*"
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class VirtualHosts:
+    """``VirtualHosts(["vh1", "vh2"])``: ``start()``, then ``ssh(host, command)``; ``stop()`` always."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.tag = f"hvs{uuid.uuid4().hex[:6]}"  # this cluster's namespaces: hvsXXXXXX-net, hvsXXXXXX-<host>
+        self.root = Path(tempfile.mkdtemp(prefix="hvd-sparse-hosts-"))
+        self.address = {name: f"{SUBNET}.{i + 1}" for i, name in enumerate(names)}
+
+    def namespace(self, host: str) -> str:
+        return f"{self.tag}-{host}"
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    def start(self) -> None:
+        net = f"{self.tag}-net"
+        _ip("netns", "add", net)
+        _ip("-n", net, "link", "add", "br0", "type", "bridge")
+        _ip("-n", net, "link", "set", "br0", "up")
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, a in self.address.items())
+        for i, host in enumerate(self.names):
+            ns = self.namespace(host)
+            _ip("netns", "add", ns)
+            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{i}", "netns", net)
+            _ip("-n", net, "link", "set", f"p{i}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{self.address[host]}/24", "dev", "eth0")
+            for link in ("eth0", "lo"):
+                _ip("-n", ns, "link", "set", link, "up")
+            self._docker0(ns)
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True)
+            (etc / "hosts").write_text(hosts)
+        self.bin.mkdir()
+        (self.bin / "ssh").write_text(SSH)
+        (self.bin / "ssh").chmod(0o755)
+        (self.root / "hosts").write_text("".join(f"{h} {self.namespace(h)}\n" for h in self.names))
+
+    @staticmethod
+    def _docker0(ns: str) -> None:
+        """Docker's bridge with one container's link attached (so it is up), 172.17.0.1 on every host."""
+        _ip("-n", ns, "link", "add", "docker0", "type", "bridge")
+        _ip("-n", ns, "link", "add", "vethd0", "type", "veth", "peer", "name", "vethd1")
+        _ip("-n", ns, "link", "set", "vethd0", "master", "docker0")
+        for link in ("vethd0", "vethd1", "docker0"):
+            _ip("-n", ns, "link", "set", link, "up")
+        _ip("-n", ns, "addr", "add", "172.17.0.1/16", "dev", "docker0")
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """``base`` with this cluster's ssh first on the PATH."""
+        return {**base, "PATH": f"{self.bin}{os.pathsep}{base.get('PATH', '')}"}
+
+    def command(self, host: str, command: str, env: dict[str, str]) -> list[str]:
+        """The argv that runs ``command`` (a shell line) on ``host`` as a login there, with ``env``'s
+        variables exported first (a login's own environment is bare, as after ssh)."""
+        exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items() if k.isidentifier() and "\n" not in v)
+        return [str(self.bin / "ssh"), host, f"export {exports}; {command}"]
+
+    def ssh(self, host: str, command: str, env: dict[str, str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+        line = f"cd {_quote(str(cwd))} && {command}"
+        return subprocess.run(self.command(host, line, self.env(env)), capture_output=True, text=True, timeout=timeout)
+
+    def pids(self, host: str) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.namespace(host)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_host(self, host: str) -> None:
+        """Every process on ``host`` killed at once (SIGKILL), as when a node dies."""
+        for pid in self.pids(host):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """Every process on every host killed, the namespaces and their files removed."""
+        for host in self.names:
+            for _ in range(20):
+                self.kill_host(host)
+                if not self.pids(host):
+                    break
+                time.sleep(0.1)
+            subprocess.run(["ip", "netns", "del", self.namespace(host)], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / self.namespace(host), ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", f"{self.tag}-net"], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
