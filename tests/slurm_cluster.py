@@ -38,17 +38,26 @@ def ensure_installed() -> None:
 
 
 class SlurmCluster:
-    def __init__(self) -> None:
+    """One node, this machine; or with ``hosts`` (a started ``virtual_hosts.VirtualHosts``) one node per
+    virtual host, slurmctld on the first, and every client command run there too."""
+
+    def __init__(self, hosts=None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="hvd-sparse-slurm-"))
         self.root.chmod(0o755)  # munged, running as the munge user, must reach its socket folder
         self.conf = self.root / "slurm.conf"
-        self.host = socket.gethostname()
+        self.hosts = hosts
+        self.host = hosts.names[0] if hosts else socket.gethostname()
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
 
+    def on(self, host: str | None = None) -> list[str]:
+        """The argv prefix that runs a command on ``host`` (the first node by default)."""
+        return self.hosts.enter(host or self.host) if self.hosts else []
+
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=kw.pop("env", self.env()), capture_output=True, text=True, check=check, **kw)
+        return subprocess.run([*self.on(), *cmd], env=kw.pop("env", self.env()), capture_output=True, text=True,
+                              check=check, **kw)
 
     def start(self, timeout: float = 60) -> None:
         ensure_installed()
@@ -60,7 +69,7 @@ class SlurmCluster:
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.socket}",
                         "--key-file=/etc/munge/munge.key", f"--pid-file={munge}/munged.pid",
                         f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"], check=True)
-        for name in ("state", "spool"):
+        for name in ("state", *(f"{kind}-{node}" for node in self.nodes for kind in ("spool", "tmp"))):
             (self.root / name).mkdir()
         cpus = len(os.sched_getaffinity(0))
         self.conf.write_text("\n".join([
@@ -68,33 +77,45 @@ class SlurmCluster:
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge", f"AuthInfo=socket={self.socket}", "CredType=cred/munge",
             "SlurmUser=root", "SlurmdUser=root",
-            f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
-            f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd.pid",
-            f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd.log",
+            f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool-%n",
+            f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
+            f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd-%n.log",
+            # each node's own TmpFS, where PMIx puts its per-step folder (nodes that share /tmp would clash)
+            f"TmpFS={self.root}/tmp-%n",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "ReturnToService=2",
             "MpiDefault=none", "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
             "SchedulerParameters=sched_interval=2", "MinJobAge=600",
             # job ids name PMIx's /tmp/spmix_appdir_<uid>_<job>.<step>: keep two clusters' apart
             f"FirstJobId={random.randrange(1000, 60_000_000)}",
-            f"NodeName={self.host} CPUs={cpus} State=UNKNOWN",
+            *self._nodes(cpus),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
-        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env(), check=True)
-        subprocess.run(["slurmd", "-f", str(self.conf)], env=self.env(), check=True)
+        subprocess.run([*self.on(), "slurmctld", "-f", str(self.conf)], env=self.env(), check=True)
+        for node in self.nodes:
+            subprocess.run([*self.on(node), "slurmd", "-f", str(self.conf), "-N", node], env=self.env(), check=True)
         self.wait_idle(timeout)
+
+    @property
+    def nodes(self) -> list[str]:
+        return self.hosts.names if self.hosts else [self.host]
+
+    def _nodes(self, cpus: int) -> list[str]:
+        if not self.hosts:
+            return [f"NodeName={self.host} CPUs={cpus} State=UNKNOWN"]
+        return [f"NodeName={h} NodeAddr={self.hosts.address[h]} CPUs={cpus} State=UNKNOWN" for h in self.hosts.names]
 
     def wait_idle(self, timeout: float) -> None:
         """Until the node is idle (no job or step left on it), and a second more for its clean-up."""
         deadline, state = time.time() + timeout, ""
         while time.time() < deadline:
             state = self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
-            if state == "idle":
+            if state and set(state.split()) == {"idle"}:
                 time.sleep(1)
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the SLURM node did not become idle within {timeout} s (state {state!r}); "
-                           f"see {self.root}/slurmctld.log and slurmd.log")
+                           f"see {self.root}/slurmctld.log and slurmd-*.log")
 
     def stop(self) -> None:
         """Cancel what still runs (a failed test's job), stop the daemons, and end any process of this
@@ -104,7 +125,8 @@ class SlurmCluster:
         while self.run("squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
             time.sleep(0.5)
         self.run("scontrol", "shutdown", check=False)
-        for pidfile in (self.root / "slurmd.pid", self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"):
+        pidfiles = [self.root / f"slurmd-{node}.pid" for node in self.nodes]
+        for pidfile in (*pidfiles, self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"):
             try:
                 os.kill(int(pidfile.read_text().split()[0]), 15)
             except (OSError, ValueError):

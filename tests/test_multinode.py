@@ -198,3 +198,67 @@ def wait_for_a_checkpoint(out, job, timeout=240):
         assert job.poll() is None, "the job ended before the host could die"
         time.sleep(0.2)
     pytest.fail("no checkpoint appeared")
+
+
+# -- SLURM with two nodes: one slurmd per host, slurmctld on vh1 ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(hosts):
+    from slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster(hosts)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def sbatch(slurm, tmp_path, *args: str, timeout: float = 120) -> list[dict[str, str]]:
+    """Submit from vh1 (the checkout) and wait for the job (every array task) to end."""
+    env = slurm.env(PATH=launch_env()["PATH"], PYTHONUNBUFFERED="1")
+    job = slurm.sbatch("--wait", f"--output={tmp_path}/job-%a.out", *args, cwd=REPO, env=env)
+    return slurm.wait(job, timeout)
+
+
+def job_output(tmp_path) -> str:
+    return "\n".join(p.read_text() for p in sorted(tmp_path.glob("job-*.out")))
+
+
+def test_train_sbatch_on_two_nodes_is_the_same_optimization_as_one_rank(slurm, alone, tmp_path):
+    """sbatch --nodes=2 --ntasks-per-node=2 slurm/train.sbatch: srun --mpi=pmix starts two ranks on each
+    node (one core each), Open MPI's TCP between them on the node network (launch/env.sh)."""
+    (info,) = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", "slurm/train.sbatch", *FLAGS,
+                     "--out", str(tmp_path / "runs"))
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "vh[1-2]", job_output(tmp_path)
+    (path,) = (tmp_path / "runs").glob("*.h5")
+    log = read_log(path)
+    assert placement(log) == [("vh1", 0, 2, 1), ("vh1", 1, 2, 1), ("vh2", 0, 2, 1), ("vh2", 1, 2, 1)]
+    assert_same_optimization((log, torch.load(path.with_suffix(".final.pt"))), alone)
+
+
+def test_study_sbatch_on_two_nodes_packs_a_group_on_each(slurm, tmp_path):
+    """sbatch --nodes=2 slurm/study.sbatch --pack 2: the group of vh1's ranks and the group of vh2's run
+    trials side by side, each trial once."""
+    spec = write_spec(tmp_path, **PACK_SPEC)
+    (info,) = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", "slurm/study.sbatch", str(spec),
+                     "--out", str(tmp_path / "runs"), "--pack", "2", timeout=300)
+    text = job_output(tmp_path)
+    assert info["JobState"] == "COMPLETED", text
+    assert "world size 4 as 2 groups of 2" in text, text
+    _, logs = logs_of(tmp_path / "runs")
+    where = [placement(read_log(p, with_mask=False)) for p in logs]
+    assert len(logs) == 4 and sorted({tuple(h for h, *_ in w) for w in where}) == [("vh1", "vh1"), ("vh2", "vh2")], where
+
+
+def test_a_job_array_spreads_its_shards_over_both_nodes(slurm, tmp_path):
+    """--array=1-2 of study-array.sbatch with two tasks each: one task per node (each fills a node), every
+    trial of the grid once."""
+    spec = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3)
+    infos = sbatch(slurm, tmp_path, "--array=1-2", "--ntasks-per-node=2", "slurm/study-array.sbatch", str(spec),
+                   "--out", str(tmp_path / "runs"))
+    assert all(i["JobState"] == "COMPLETED" for i in infos), job_output(tmp_path)
+    assert sorted(i["NodeList"] for i in infos) == ["vh1", "vh2"]
+    _, logs = logs_of(tmp_path / "runs")
+    assert len(logs) == 6 and all(read_log(p, with_mask=False).status == "INCOMPLETE" for p in logs)

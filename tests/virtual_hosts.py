@@ -2,9 +2,10 @@
 
 Each host is a Linux network namespace with one address on a private bridge; the bridge sits in a
 namespace of its own, so the machine's own interfaces, routes and addresses are never touched and
-only the addresses made here are used. Every process started on a host runs in its namespace under
-the host's name (``unshare --uts``), with an ``/etc/hosts`` naming every host (``ip netns exec``
-mounts ``/etc/netns/<namespace>/hosts`` over it). So ranks on two hosts talk over TCP only, as on a
+only the addresses made here are used. Every process started on a host (``bin/enter HOST ...``) runs
+in its namespace under the host's name (``unshare --uts``), with an ``/etc/hosts`` naming every host
+bind-mounted in a mount namespace of its own (the rest of the file system, /sys and its cgroups
+included, is the machine's, as a shared file system is on a cluster). So ranks on two hosts talk over TCP only, as on a
 cluster: Open MPI sees two nodes (no shared memory between them), Horovod and torch count the ranks
 per host, and killing one namespace's processes is a node failure.
 
@@ -28,9 +29,19 @@ import uuid
 from pathlib import Path
 
 SUBNET = "10.213.0"  # inside the cluster's own namespaces only
+ENTER = r"""#!/bin/bash
+# enter HOST COMMAND...: run COMMAND on the virtual host HOST (its network namespace, its /etc/hosts, its
+# hostname), keeping the caller's environment.
+set -eu
+dir=$(cd "$(dirname "$0")/.." && pwd)
+ns=$(awk -v h="$1" '$1 == h { print $2 }' "$dir/hosts")
+[[ -n $ns ]] || { echo "enter: no virtual host $1" >&2; exit 255; }
+exec nsenter --net="/run/netns/$ns" unshare --mount --uts -- \
+    /bin/sh -c 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"' "$dir/etc-hosts" "$@"
+"""
 SSH = r"""#!/bin/bash
-# ssh to the virtual hosts: `ssh [options] HOST [COMMAND...]` runs COMMAND on HOST (its network
-# namespace, under its hostname) with a login's fresh environment, in HOME; options are ignored.
+# ssh to the virtual hosts: `ssh [options] HOST [COMMAND...]` runs COMMAND on HOST with a login's fresh
+# environment (HOME, USER, a system PATH), in HOME, through a shell as sshd does; options are ignored.
 set -u
 host=
 while (($#)); do  # options may come before and after HOST (as OpenSSH takes them); the rest is COMMAND
@@ -43,11 +54,11 @@ while (($#)); do  # options may come before and after HOST (as OpenSSH takes the
     esac
 done
 [[ -n $host ]] || { echo "usage: ssh HOST COMMAND" >&2; exit 255; }
-ns=$(awk -v h="$host" '$1 == h { print $2 }' "$(dirname "$0")/../hosts")
-[[ -n $ns ]] || { echo "ssh: Could not resolve hostname $host: Name or service not known" >&2; exit 255; }
-exec ip netns exec "$ns" unshare --uts -- env -i HOME="$HOME" USER="${USER:-root}" LOGNAME="${USER:-root}" \
+grep -q "^$host " "$(dirname "$0")/../hosts" \
+    || { echo "ssh: Could not resolve hostname $host: Name or service not known" >&2; exit 255; }
+exec "$(dirname "$0")/enter" "$host" env -i HOME="$HOME" USER="${USER:-root}" LOGNAME="${USER:-root}" \
     SHELL=/bin/sh PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    /bin/sh -c 'hostname "$1" && cd && exec /bin/sh -c "$2"' ssh "$host" "$*"
+    /bin/sh -c 'cd && exec /bin/sh -c "$0"' "$*"
 """
 
 
@@ -86,13 +97,12 @@ class VirtualHosts:
             for link in ("eth0", "lo"):
                 _ip("-n", ns, "link", "set", link, "up")
             self._docker0(ns)
-            etc = Path("/etc/netns") / ns
-            etc.mkdir(parents=True)
-            (etc / "hosts").write_text(hosts)
-        self.bin.mkdir()
-        (self.bin / "ssh").write_text(SSH)
-        (self.bin / "ssh").chmod(0o755)
+        (self.root / "etc-hosts").write_text(hosts)
         (self.root / "hosts").write_text("".join(f"{h} {self.namespace(h)}\n" for h in self.names))
+        self.bin.mkdir()
+        for name, text in (("enter", ENTER), ("ssh", SSH)):
+            (self.bin / name).write_text(text)
+            (self.bin / name).chmod(0o755)
 
     @staticmethod
     def _docker0(ns: str) -> None:
@@ -113,6 +123,10 @@ class VirtualHosts:
         variables exported first (a login's own environment is bare, as after ssh)."""
         exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items() if k.isidentifier() and "\n" not in v)
         return [str(self.bin / "ssh"), host, f"export {exports}; {command}"]
+
+    def enter(self, host: str) -> list[str]:
+        """The argv prefix that runs a command on ``host`` keeping the caller's environment (daemons)."""
+        return [str(self.bin / "enter"), host]
 
     def ssh(self, host: str, command: str, env: dict[str, str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
         line = f"cd {_quote(str(cwd))} && {command}"
@@ -139,7 +153,6 @@ class VirtualHosts:
                     break
                 time.sleep(0.1)
             subprocess.run(["ip", "netns", "del", self.namespace(host)], capture_output=True)
-            shutil.rmtree(Path("/etc/netns") / self.namespace(host), ignore_errors=True)
         subprocess.run(["ip", "netns", "del", f"{self.tag}-net"], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
