@@ -116,6 +116,17 @@ def test_mpirun_with_a_hostfile_sends_only_the_kept_entries_across_hosts(hosts, 
     assert_same_optimization(run, alone)
 
 
+def test_the_launchers_keep_open_mpi_on_the_nodes_network(hosts):
+    """launch/env.sh (sourced by launch/mpirun, horovodrun-slurm and the slurm/ scripts) gives Open MPI
+    the network of the address the hostname resolves to, never docker0's, and leaves a user's own
+    choice alone."""
+    chosen = on(hosts, "vh2", "bash -c '. launch/env.sh && echo $OMPI_MCA_btl_tcp_if_include $OMPI_MCA_oob_tcp_if_include'")
+    assert chosen.stdout.split() == ["10.213.0.0/24"] * 2, show(chosen)
+    own = on(hosts, "vh2", "bash -c '. launch/env.sh && echo ${OMPI_MCA_btl_tcp_if_include:-unset}'",
+             OMPI_MCA_btl_tcp_if_exclude="lo,docker0")
+    assert own.stdout.split() == ["unset"], show(own)
+
+
 def test_torchrun_on_two_nodes_with_a_rendezvous_endpoint(hosts, alone, tmp_path):
     """torchrun --nnodes 2 on each host, the c10d rendezvous on vh1: the torch engine across hosts."""
     out = tmp_path / "out"
