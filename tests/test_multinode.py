@@ -200,11 +200,41 @@ def test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes(hosts,
     assert steps == sorted(set(steps)) and steps[-1] == resumed.attrs["steps_done"]
 
 
-def wait_for_a_checkpoint(out, job, timeout=240):
+def test_a_host_cut_off_the_network_ends_the_job_instead_of_hanging_it(hosts, tmp_path, record_property):
+    """vh2's link goes down mid-training (a node that loses power or its network sends nothing more, not
+    even a reset): mpirun, started by launch/mpirun (launch/env.sh turns on TCP keepalive to its remote
+    daemons), declares the node lost and ends the job on vh1 within 60 s. With Open MPI's defaults it
+    hangs: the rank on vh1 gives up in its collective and exits, and mpirun then waits for ever to tell
+    the unreachable daemon."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("vh1 slots=1\nvh2 slots=1\n")
+    out = tmp_path / "runs"
+    train = (f"launch/mpirun -np 2 --hostfile {hostfile} {PY} -m hvd_sparse.train --dataset synthetic --model "
+             f"simple-cnn --batch-size 32 --max-steps 100000 --eval-every 50 --goal-error 0 --no-progress --out {out}")
+    job = subprocess.Popen(hosts.command("vh1", f"cd {REPO} && {train}", hosts.env(launch_env())),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_a_checkpoint(out, job, pattern="*.h5", evaluations=2)
+        subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "down"], check=True)
+        cut = time.time()
+        output, _ = job.communicate(timeout=60)
+        record_property("time_to_exit_s", round(time.time() - cut, 1))
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+            job.wait()
+        hosts.kill_host("vh2")  # what the cut-off node still runs (its ranks wait out their own timeout)
+        subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "up"], check=True)
+    assert job.returncode != 0 and "ORTE has lost communication with a remote daemon" in output, output[-4000:]
+    assert "Remote daemon: [[" in output and "on node vh2" in output, output[-4000:]
+    assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
+
+
+def wait_for_a_checkpoint(out, job, pattern="trial-*.h5", evaluations=3, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        logs = list(out.rglob("trial-*.h5"))
-        if logs and checkpoint_path(logs[0]).exists() and len(read_log(logs[0], with_mask=False).measurements["step"]) >= 3:
+        logs = list(out.rglob(pattern))
+        if logs and checkpoint_path(logs[0]).exists() and len(read_log(logs[0], with_mask=False).measurements["step"]) >= evaluations:
             return logs[0]
         assert job.poll() is None, "the job ended before the host could die"
         time.sleep(0.2)
