@@ -116,6 +116,15 @@ def world_is_root() -> bool:
     return _engine().world_rank() == 0 if _packed() else is_root()
 
 
+def world_allgather(obj: T, name: str) -> list[T]:
+    """Every world rank's ``obj`` on every rank, across all groups of a packed job (the group's own
+    allgather when not packed)."""
+    if not _packed():
+        return allgather_object(obj, name)
+    with waiting(name):
+        return _engine().world_allgather(obj)
+
+
 def world_verify_same(value: str, what: str) -> None:
     """``verify_same_everywhere`` across all groups of a packed job (the group's own when not packed)."""
     if not _packed():

@@ -515,11 +515,13 @@ def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: 
     """This group's trials, with rank 0 printing each. One group runs them all in order. Packed groups
     take the next trial that no group has taken (its lock says so), so a group that drew cheap
     trials goes on to others rather than waiting for the slowest group at the end; a trial that had
-    ended before the job started is reported by one group only."""
+    ended before the job started is reported by one group only. Every group's list of those is
+    shared before any group runs a trial (a world allgather): a list made after another group had
+    adopted or ended a trial would report that trial twice."""
     prefix = "" if groups == 1 else f"group {group}: "
-    ended_before = set() if groups == 1 else set(dist.root_decides(
+    ended_before = set() if groups == 1 else set().union(*dist.world_allgather(dist.root_decides(
         lambda: [t.index for t in trials if ended_result(directory / t.relpath(), t, spec) is not None],
-        "listing ended trials"))
+        "listing ended trials"), "ended trials"))
     outcomes: list[Outcome] = []
     for trial in trials:
         if trial.index in ended_before and trial.index % groups != group:
