@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -49,6 +51,28 @@ def on(hosts: VirtualHosts, host: str, command: str, timeout: float = 240, **env
         return hosts.ssh(host, command, {**launch_env(), **env}, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{command} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+
+
+@contextmanager
+def job_on(hosts: VirtualHosts, host: str, command: str) -> Iterator[subprocess.Popen]:
+    """``command`` started on ``host`` in a session of its own, output kept; whatever is left of it on this
+    side is killed when the block ends."""
+    job = subprocess.Popen(hosts.command(host, f"cd {REPO} && {command}", hosts.env(launch_env())),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+            job.wait()
+
+
+def exit_output(job: subprocess.Popen, record_property) -> str:
+    """Its output once it has exited (within 60 s), the seconds it took going to the report."""
+    start = time.time()
+    output, _ = job.communicate(timeout=60)
+    record_property("time_to_exit_s", round(time.time() - start, 1))
+    return output
 
 
 def show(proc: subprocess.CompletedProcess) -> str:
@@ -132,15 +156,9 @@ def test_torchrun_on_two_nodes_with_a_rendezvous_endpoint(hosts, alone, tmp_path
     out = tmp_path / "out"
     torchrun = (f"{PY} -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d "
                 f"--rdzv-endpoint vh1:29477 --rdzv-id multinode-test -m hvd_sparse.train {' '.join(FLAGS)} --out {out}")
-    env = {**launch_env()}
-    second = subprocess.Popen(hosts.command("vh2", f"cd {REPO} && {torchrun}", hosts.env(env)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with job_on(hosts, "vh2", torchrun) as second:
         first = on(hosts, "vh1", torchrun)
         second_out, _ = second.communicate(timeout=60)
-    finally:
-        if second.poll() is None:
-            second.kill()
     assert first.returncode == 0, show(first)
     assert second.returncode == 0, second_out[-4000:]
     (path,) = out.glob("*.h5")
@@ -175,18 +193,10 @@ def test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes(hosts,
     spec = write_spec(tmp_path, batch_sizes=[32], trials=1, max_steps=600, eval_every=50)
     out = tmp_path / "runs"
     study = f"horovodrun -np 2 -H vh1:1,vh2:1 {PY} -m hvd_sparse.study {spec} --out {out}"
-    job = subprocess.Popen(hosts.command("vh1", f"cd {REPO} && {study}", hosts.env(launch_env())),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    with job_on(hosts, "vh1", study) as job:
         log_path = wait_for_a_checkpoint(out, job)
         hosts.kill_host("vh2")
-        killed = time.time()
-        output, _ = job.communicate(timeout=60)
-        record_property("time_to_exit_s", round(time.time() - killed, 1))
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, 9)
-            job.wait()
+        output = exit_output(job, record_property)
     assert job.returncode != 0, output[-4000:]
     assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
     assert "Peer host:  vh2" in output, output[-4000:]  # Open MPI names the host it lost
@@ -211,18 +221,12 @@ def test_a_host_cut_off_the_network_ends_the_job_instead_of_hanging_it(hosts, tm
     out = tmp_path / "runs"
     train = (f"launch/mpirun -np 2 --hostfile {hostfile} {PY} -m hvd_sparse.train --dataset synthetic --model "
              f"simple-cnn --batch-size 32 --max-steps 100000 --eval-every 50 --goal-error 0 --no-progress --out {out}")
-    job = subprocess.Popen(hosts.command("vh1", f"cd {REPO} && {train}", hosts.env(launch_env())),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for_a_checkpoint(out, job, pattern="*.h5", evaluations=2)
-        subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "down"], check=True)
-        cut = time.time()
-        output, _ = job.communicate(timeout=60)
-        record_property("time_to_exit_s", round(time.time() - cut, 1))
+        with job_on(hosts, "vh1", train) as job:
+            wait_for_a_checkpoint(out, job, pattern="*.h5", evaluations=2)
+            subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "down"], check=True)
+            output = exit_output(job, record_property)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, 9)
-            job.wait()
         hosts.kill_host("vh2")  # what the cut-off node still runs (its ranks wait out their own timeout)
         subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "up"], check=True)
     assert job.returncode != 0 and "ORTE has lost communication with a remote daemon" in output, output[-4000:]
