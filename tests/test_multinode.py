@@ -291,19 +291,24 @@ def test_study_sbatch_on_two_nodes_packs_a_group_on_each(slurm, tmp_path):
                      "--out", str(tmp_path / "runs"), "--pack", "2", timeout=300)
     text = job_output(tmp_path)
     assert info["JobState"] == "COMPLETED", text
-    assert "world size 4 as 2 groups of 2" in text, text
+    assert "world size 4 as 2 groups of 2" in text and text.count("group 0: [") + text.count("group 1: [") == 4, text
     _, logs = logs_of(tmp_path / "runs")
     where = [placement(read_log(p, with_mask=False)) for p in logs]
     assert len(logs) == 4 and sorted({tuple(h for h, *_ in w) for w in where}) == [("vh1", "vh1"), ("vh2", "vh2")], where
 
 
 def test_a_job_array_spreads_its_shards_over_both_nodes(slurm, tmp_path):
-    """--array=1-2 of study-array.sbatch with two tasks each: one task per node (each fills a node), every
-    trial of the grid once."""
+    """--array=1-2 of study-array.sbatch with two tasks each: one task per node (each fills a node), each
+    its own shard, every trial of the grid run exactly once."""
     spec = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3)
     infos = sbatch(slurm, tmp_path, "--array=1-2", "--ntasks-per-node=2", "slurm/study-array.sbatch", str(spec),
                    "--out", str(tmp_path / "runs"))
-    assert all(i["JobState"] == "COMPLETED" for i in infos), job_output(tmp_path)
+    outputs = [(tmp_path / f"job-{i}.out").read_text() for i in (1, 2)]  # shards 0/2 and 1/2
+    assert all(i["JobState"] == "COMPLETED" for i in infos), outputs
     assert sorted(i["NodeList"] for i in infos) == ["vh1", "vh2"]
     _, logs = logs_of(tmp_path / "runs")
     assert len(logs) == 6 and all(read_log(p, with_mask=False).status == "INCOMPLETE" for p in logs)
+    ran = [line for out in outputs for line in out.splitlines() if "(ran," in line]
+    assert len(ran) == 6 and len({line.split("] ", 1)[1].split(":")[0] for line in ran}) == 6  # each trial once
+    assert all("(skipped," not in out and "(busy," not in out for out in outputs)
+    assert all(f"shard {i}/2" in outputs[i] for i in (0, 1))

@@ -99,12 +99,6 @@ def two_rank_job(slurm, tmp_path, *sbatch_args):
 
 
 @pytest.mark.launches
-def test_train_sbatch_runs_two_ranks_with_srun_pmix(slurm, tmp_path):
-    _, text = two_rank_job(slurm, tmp_path, "slurm/train.sbatch", *SHORT_RUN, "--out", str(tmp_path / "runs"))
-    assert "world_size=2" in text
-
-
-@pytest.mark.launches
 @pytest.mark.parametrize("launcher", ["launch/horovodrun-slurm", "launch/mpirun -np 2"])
 def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
     out = tmp_path / "runs"
@@ -116,35 +110,6 @@ def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
     assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
     (log,) = out.glob("*.h5")
     assert read_log(log).attrs["world_size"] == 2
-
-
-@pytest.mark.launches
-def test_a_job_array_runs_every_trial_of_the_grid_exactly_once(slurm, tmp_path):
-    spec, root = write_spec(tmp_path, max_steps=60, eval_every=20, trials=3), tmp_path / "runs"
-    job = slurm.sbatch("--wait", "--array=1-2", "--ntasks-per-node=1", f"--output={tmp_path}/array-%a.out",
-                       "slurm/study-array.sbatch", str(spec), "--out", str(root), cwd=REPO, env=job_env(slurm))
-    infos = slurm.wait(job, 30)
-    outputs = [(tmp_path / f"array-{i}.out").read_text() for i in (1, 2)]  # shards 0/2 and 1/2
-    assert len(infos) == 2 and all(i["JobState"] == "COMPLETED" for i in infos), outputs
-    logs = sorted(root.rglob("trial-*.h5"))
-    assert len(logs) == 6 and all(read_log(p).status == "INCOMPLETE" for p in logs)
-    ran = [line for out in outputs for line in out.splitlines() if "(ran," in line]
-    assert len(ran) == 6 and len({line.split("] ", 1)[1].split(":")[0] for line in ran}) == 6  # each trial once
-    assert all("(skipped," not in out and "(busy," not in out for out in outputs)
-    assert all(f"shard {i}/2" in outputs[i] for i in (0, 1))
-
-
-@pytest.mark.launches
-def test_a_packed_study_under_srun_runs_each_trial_on_its_own_group(slurm, tmp_path):
-    spec, root = write_spec(tmp_path, max_steps=60, eval_every=20), tmp_path / "runs"
-    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", "slurm/study.sbatch", str(spec),
-                       "--out", str(root), "--pack", "2", cwd=REPO, env=job_env(slurm))
-    (info,) = slurm.wait(job, 30)
-    text = (tmp_path / "job.out").read_text()
-    assert info["JobState"] == "COMPLETED", text
-    assert "world size 2 as 2 groups of 1" in text and text.count("group 0: [") == 2 and text.count("group 1: [") == 2
-    logs = sorted(root.rglob("trial-*.h5"))
-    assert len(logs) == 4 and all(read_log(p).attrs["world_size"] == 1 for p in logs)
 
 
 @pytest.mark.launches
