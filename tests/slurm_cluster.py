@@ -143,7 +143,8 @@ class SlurmCluster:
     # -- jobs ----------------------------------------------------------------------------------
 
     def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
-        """The job id (with --wait, sbatch's own exit code is the job's: judge the job by wait())."""
+        """The job id; ``wait()`` for its end (it polls every 0.5 s, where sbatch --wait sleeps up to 32 s
+        between its checks)."""
         proc = self.run("sbatch", "--parsable", *args, cwd=cwd, env=env or self.env(), check=False)
         job = proc.stdout.strip().split(";")[0]
         if not job.isdigit():

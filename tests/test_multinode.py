@@ -261,9 +261,11 @@ def slurm(hosts):
 
 
 def sbatch(slurm, tmp_path, *args: str, timeout: float = 120) -> list[dict[str, str]]:
-    """Submit from vh1 (the checkout) and wait for the job (every array task) to end."""
-    env = slurm.env(PATH=launch_env()["PATH"], PYTHONUNBUFFERED="1")
-    job = slurm.sbatch("--wait", f"--output={tmp_path}/job-%a.out", *args, cwd=REPO, env=env)
+    """Submit from vh1 (the checkout) and wait for the job (every array task) to end. The job's PATH
+    has the hosts' ssh, for launchers that reach the other node with it (horovodrun)."""
+    env = slurm.env(PATH=slurm.hosts.env(launch_env())["PATH"], PYTHONUNBUFFERED="1")
+    job = slurm.sbatch(f"--output={tmp_path}/job-%a.out", *args, cwd=REPO, env=env)  # polled: sbatch --wait
+    # sleeps up to 32 s between its own checks
     return slurm.wait(job, timeout)
 
 
@@ -277,6 +279,19 @@ def test_train_sbatch_on_two_nodes_is_the_same_optimization_as_one_rank(slurm, a
     (info,) = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", "slurm/train.sbatch", *FLAGS,
                      "--out", str(tmp_path / "runs"))
     assert info["JobState"] == "COMPLETED" and info["NodeList"] == "vh[1-2]", job_output(tmp_path)
+    (path,) = (tmp_path / "runs").glob("*.h5")
+    log = read_log(path)
+    assert placement(log) == [("vh1", 0, 2, 1), ("vh1", 1, 2, 1), ("vh2", 0, 2, 1), ("vh2", 1, 2, 1)]
+    assert_same_optimization((log, torch.load(path.with_suffix(".final.pt"))), alone)
+
+
+@pytest.mark.parametrize("launcher", ["launch/horovodrun-slurm", "launch/mpirun -np 4"])
+def test_the_other_launchers_inside_a_two_node_allocation(slurm, alone, tmp_path, launcher):
+    """horovodrun with the hosts of the allocation (launch/horovodrun-slurm), and mpirun, which takes them
+    from SLURM: two ranks per node, the same optimization as one rank."""
+    command = f"{launcher} {PY} -m hvd_sparse.train {' '.join(FLAGS)} --out {tmp_path / 'runs'}"
+    (info,) = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", f"--wrap={command}")
+    assert info["JobState"] == "COMPLETED", job_output(tmp_path)
     (path,) = (tmp_path / "runs").glob("*.h5")
     log = read_log(path)
     assert placement(log) == [("vh1", 0, 2, 1), ("vh1", 1, 2, 1), ("vh2", 0, 2, 1), ("vh2", 1, 2, 1)]

@@ -87,29 +87,14 @@ SHORT_RUN = ["--dataset", "synthetic", "--model", "mlp-tiny", "--sparsity", "0.5
 
 def two_rank_job(slurm, tmp_path, *sbatch_args):
     """A two-task batch job that must complete with one log of 30 steps; (its log, its output)."""
-    job = slurm.sbatch("--wait", "--ntasks-per-node=2", f"--output={tmp_path}/job.out", *sbatch_args,
-                       cwd=REPO, env=job_env(slurm))
-    (info,) = slurm.wait(job, 30)
+    job = slurm.sbatch("--ntasks-per-node=2", f"--output={tmp_path}/job.out", *sbatch_args, cwd=REPO, env=job_env(slurm))
+    (info,) = slurm.wait(job, 120)  # polled every 0.5 s (sbatch --wait sleeps up to 32 s between its checks)
     text = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED", text
     (log,) = (tmp_path / "runs").glob("*.h5")
     data = read_log(log)
     assert data.attrs["world_size"] == 2 and data.status == "INCOMPLETE" and list(data.measurements["step"]) == [0, 10, 20, 30]
     return data, text
-
-
-@pytest.mark.launches
-@pytest.mark.parametrize("launcher", ["launch/horovodrun-slurm", "launch/mpirun -np 2"])
-def test_the_other_launchers_inside_an_allocation(slurm, tmp_path, launcher):
-    out = tmp_path / "runs"
-    command = (f"{launcher} python -m hvd_sparse.train --dataset synthetic --model mlp-tiny --batch-size 32 "
-               f"--max-steps 20 --eval-every 10 --goal-error 0 --no-progress --out {out}")
-    job = slurm.sbatch("--wait", "--ntasks=2", f"--output={tmp_path}/job.out", f"--wrap={command}", cwd=REPO,
-                       env=job_env(slurm))
-    (info,) = slurm.wait(job, 30)
-    assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
-    (log,) = out.glob("*.h5")
-    assert read_log(log).attrs["world_size"] == 2
 
 
 @pytest.mark.launches
