@@ -246,6 +246,7 @@ def wait_for_a_checkpoint(out, job, pattern="trial-*.h5", evaluations=3, timeout
 
 
 # -- SLURM with two nodes: one slurmd per host, slurmctld on vh1 ----------------------------------
+# Last in this file: the host-failure tests above kill every process on vh2, slurmd included.
 
 
 @pytest.fixture(scope="module")
