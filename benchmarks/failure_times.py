@@ -31,6 +31,7 @@ TESTS = [
     "tests/test_engines.py::test_the_wrong_backend_for_the_launcher_is_one_line_and_exit_2_on_every_rank",
     "tests/test_multinode.py::test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes",
     "tests/test_multinode.py::test_a_host_cut_off_the_network_ends_the_job_instead_of_hanging_it",
+    "tests/test_multinode.py::test_a_host_lost_under_torchrun_ends_the_job_with_one_line",
 ]
 
 

@@ -219,7 +219,7 @@ def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - the engine's word for a peer that left, in ours
-        if not isinstance(e, PeerFailure) and isinstance(e, _engine().peer_errors):
+        if not isinstance(e, PeerFailure) and _engine().peer_failed(e):
             raise PeerFailure(str(e)) from e
         raise
     finally:

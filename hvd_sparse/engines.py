@@ -80,6 +80,10 @@ class Horovod:
         self.peer_errors: tuple[type[BaseException], ...] = (HorovodInternalError,)
         self.world: Any = None  # the mpi4py world communicator when packed
 
+    def peer_failed(self, e: BaseException) -> bool:
+        """Whether ``e`` is Horovod's word for a rank that left (its collectives shut down)."""
+        return isinstance(e, self.peer_errors)
+
     def init(self, groups: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """((rank, size) on this node across the job, (group, groups))."""
         hvd = self.hvd
@@ -184,6 +188,15 @@ class Torch:
         self.group: Any = None  # this rank's process group (None: the world)
         self.packed = False
         self.nccl = False
+
+    # Gloo's TCP transport reports a peer that went away as a plain RuntimeError (seen with a rank on
+    # another host killed: "gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.213.0.2]:6785").
+    GLOO_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+    def peer_failed(self, e: BaseException) -> bool:
+        """Whether ``e`` is torch.distributed's word for a rank that left."""
+        return isinstance(e, self.peer_errors) or (
+            isinstance(e, RuntimeError) and "gloo" in str(e) and any(m in str(e) for m in self.GLOO_PEER_GONE))
 
     def init(self, groups: int) -> tuple[tuple[int, int], tuple[int, int]]:
         td = self.td

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from hvd_sparse.engines import choose
+from hvd_sparse.engines import Torch, choose
 from conftest import REPO, describe, run_train, torchrun
 
 TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "0"}
@@ -32,6 +32,18 @@ def test_the_engine_follows_the_launch(requested, environ, engine):
 def test_a_request_the_launch_cannot_serve_is_refused(requested, environ, message):
     with pytest.raises(ValueError, match=message):
         choose(requested, environ)
+
+
+@pytest.mark.parametrize("error, peer", [
+    # what Gloo raised on rank 0 when every process of the other host was killed (tests/test_multinode.py)
+    (RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by "
+                  "peer [10.213.0.2]:6785. This is typically caused by a remote worker crashing."), True),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (32x10 and 20x10)"), False),  # this rank's own bug
+    (ValueError("Connection closed by peer"), False),
+])
+def test_a_peer_that_left_is_told_from_this_ranks_own_errors_on_torch(error, peer):
+    assert Torch().peer_failed(error) is peer
 
 
 FLAGS = ["--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "20", "--eval-every",

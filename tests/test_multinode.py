@@ -234,6 +234,34 @@ def test_a_host_cut_off_the_network_ends_the_job_instead_of_hanging_it(hosts, tm
     assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
 
 
+@pytest.mark.parametrize("failure", ["killed", "cut off"])
+def test_a_host_lost_under_torchrun_ends_the_job_with_one_line(hosts, tmp_path, record_property, failure):
+    """torchrun --nnodes 2: vh2's processes killed (Gloo reports the closed connection as a plain RuntimeError,
+    which the engine recognizes) or vh2 cut off (nothing arrives: the collective watchdog, here at 10 s,
+    names the silent rank). vh1's torchrun exits non-zero with the rank's one line; nothing is left."""
+    out = tmp_path / "runs"
+    torchrun = (f"HVD_SPARSE_COLLECTIVE_TIMEOUT=10 {PY} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 "
+                f"--rdzv-backend c10d --rdzv-endpoint vh1:29478 --rdzv-id lost -m hvd_sparse.train --dataset synthetic "
+                f"--model simple-cnn --batch-size 32 --max-steps 100000 --eval-every 50 --goal-error 0 --no-progress "
+                f"--out {out}")
+    try:
+        with job_on(hosts, "vh2", torchrun), job_on(hosts, "vh1", torchrun) as first:
+            wait_for_a_checkpoint(out, first, pattern="*.h5", evaluations=2)
+            if failure == "killed":
+                hosts.kill_host("vh2")
+            else:
+                subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "down"], check=True)
+            output = exit_output(first, record_property)
+    finally:
+        hosts.kill_host("vh2")
+        subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "up"], check=True)
+    expected = {"killed": "hvd_sparse.train: error: another rank failed or left the job",
+                "cut off": "did not arrive: rank 1 (silent for"}[failure]
+    assert first.returncode != 0 and expected in output, output[-4000:]
+    assert "Traceback" not in output.split("hvd_sparse.train FAILED")[0].split(expected)[0], output[-4000:]
+    assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
+
+
 def wait_for_a_checkpoint(out, job, pattern="trial-*.h5", evaluations=3, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
