@@ -198,7 +198,7 @@ def test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes(hosts,
         hosts.kill_host("vh2")
         output = exit_output(job, record_property)
     assert job.returncode != 0, output[-4000:]
-    assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
+    assert hosts.processes("vh1") == [], "a process outlived the job on vh1"
     assert "Peer host:  vh2" in output, output[-4000:]  # Open MPI names the host it lost
     interrupted = read_log(log_path)
     assert interrupted.status == "RUNNING" and checkpoint_path(log_path).exists()
@@ -231,7 +231,7 @@ def test_a_host_cut_off_the_network_ends_the_job_instead_of_hanging_it(hosts, tm
         subprocess.run(["ip", "-n", hosts.namespace("vh2"), "link", "set", "eth0", "up"], check=True)
     assert job.returncode != 0 and "ORTE has lost communication with a remote daemon" in output, output[-4000:]
     assert "Remote daemon: [[" in output and "on node vh2" in output, output[-4000:]
-    assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
+    assert hosts.processes("vh1") == [], "a process outlived the job on vh1"
 
 
 @pytest.mark.parametrize("failure", ["killed", "cut off"])
@@ -259,7 +259,7 @@ def test_a_host_lost_under_torchrun_ends_the_job_with_one_line(hosts, tmp_path, 
                 "cut off": "did not arrive: rank 1 (silent for"}[failure]
     assert first.returncode != 0 and expected in output, output[-4000:]
     assert "Traceback" not in output.split("hvd_sparse.train FAILED")[0].split(expected)[0], output[-4000:]
-    assert hosts.pids("vh1") == [], "a process outlived the job on vh1"
+    assert hosts.processes("vh1") == [], "a process outlived the job on vh1"
 
 
 def wait_for_a_checkpoint(out, job, pattern="trial-*.h5", evaluations=3, timeout=240):

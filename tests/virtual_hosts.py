@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 SUBNET = "10.213.0"  # inside the cluster's own namespaces only
 ENTER = r"""#!/bin/bash
 # enter HOST COMMAND...: run COMMAND on the virtual host HOST (its network namespace, its /etc/hosts, its
@@ -135,6 +137,19 @@ class VirtualHosts:
     def pids(self, host: str) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.namespace(host)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
+
+    def processes(self, host: str) -> list[str]:
+        """What still runs on ``host``: "pid (parent) command line" per process. Zombies are left out: they
+        have ended, and one whose parent is this machine's init waits there until init reaps it."""
+        out = []
+        for pid in self.pids(host):
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{pid} (parent {p.ppid()}) {' '.join(p.cmdline())[:200]}")
+            except psutil.Error:
+                pass
+        return out
 
     def kill_host(self, host: str) -> None:
         """Every process on ``host`` killed at once (SIGKILL), as when a node dies."""
