@@ -38,9 +38,10 @@ replicate-fashion: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --pack $(NP)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --pack $(NP)
 	python -m hvd_sparse.aggregate $$(for spec in $(FASHION_SPECS); do python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --print-dir; done) --out $(FASHION_FIGURES)
-	python -m hvd_sparse.aggregate $(FASHION_OUT)-lipschitz --out $(FASHION_FIGURES)/lipschitz
-	python -m hvd_sparse.aggregate $(FASHION_OUT)-stability --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4
-	python -m hvd_sparse.aggregate $(FASHION_OUT)-stability --no-plots --out $(FASHION_FIGURES)/stability-8
+	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --print-dir)" --out $(FASHION_FIGURES)/lipschitz
+	stability="$$(python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --print-dir)" && \
+	python -m hvd_sparse.aggregate "$$stability" --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4 && \
+	python -m hvd_sparse.aggregate "$$stability" --no-plots --out $(FASHION_FIGURES)/stability-8
 
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup
