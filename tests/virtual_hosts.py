@@ -20,6 +20,7 @@ would give (HOME, USER, a system PATH), in HOME. mpirun, horovodrun and the test
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -123,7 +124,7 @@ class VirtualHosts:
     def command(self, host: str, command: str, env: dict[str, str]) -> list[str]:
         """The argv that runs ``command`` (a shell line) on ``host`` as a login there, with ``env``'s
         variables exported first (a login's own environment is bare, as after ssh)."""
-        exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items() if k.isidentifier() and "\n" not in v)
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k.isidentifier() and "\n" not in v)
         return [str(self.bin / "ssh"), host, f"export {exports}; {command}"]
 
     def enter(self, host: str) -> list[str]:
@@ -131,7 +132,7 @@ class VirtualHosts:
         return [str(self.bin / "enter"), host]
 
     def ssh(self, host: str, command: str, env: dict[str, str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
-        line = f"cd {_quote(str(cwd))} && {command}"
+        line = f"cd {shlex.quote(str(cwd))} && {command}"
         return subprocess.run(self.command(host, line, self.env(env)), capture_output=True, text=True, timeout=timeout)
 
     def pids(self, host: str) -> list[int]:
@@ -171,6 +172,3 @@ class VirtualHosts:
         subprocess.run(["ip", "netns", "del", f"{self.tag}-net"], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "'\\''") + "'"
