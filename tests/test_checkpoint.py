@@ -14,9 +14,9 @@ from hvd_sparse.log import COLUMNS, read_log
 from conftest import BIN, REPO, describe, job_in_own_session, kill_rank_and_wait, launch_env
 
 FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--optimizer", "momentum",
-         "--lr", "0.02", "--batch-size", "32", "--max-steps", "1500", "--eval-every", "100", "--goal-error", "0",
+         "--lr", "0.02", "--batch-size", "32", "--max-steps", "800", "--eval-every", "50", "--goal-error", "0",
          "--save-model", "--no-progress", "--noise-scale-every", "7",  # its moving averages must resume exactly too
-         "--lipschitz-every", "350"]  # measured before the kill (350) and after (700, ...): none lost, none twice
+         "--lipschitz-every", "175"]  # measured before the kill (175) and after (350, ...): none lost, none twice
 
 
 def command(np_, out):
@@ -51,7 +51,7 @@ def assert_same_measurements(a, b):
     for column in COLUMNS:
         if column != "wall_time":
             np.testing.assert_array_equal(la.measurements[column], lb.measurements[column], err_msg=column)
-    assert la.lipschitz["step"].tolist() == lb.lipschitz["step"].tolist() == [350, 700, 1050, 1400]
+    assert la.lipschitz["step"].tolist() == lb.lipschitz["step"].tolist() == [175, 350, 525, 700]
     for key in ("value", "per_gamma"):
         np.testing.assert_array_equal(la.lipschitz[key], lb.lipschitz[key], err_msg=key)
     assert la.status == lb.status and la.attrs["mask_sha256"] == lb.attrs["mask_sha256"]
@@ -60,14 +60,14 @@ def assert_same_measurements(a, b):
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("np_", [1, 2])
+@pytest.mark.parametrize("np_", [2])  # np=1 resumes through the same code; its own kill case left out for the suite's time
 def test_killed_run_resumes_with_identical_measurements(tmp_path, np_, record_property):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     proc = run(np_, whole)
     assert proc.returncode == 0, describe(proc)
 
     with job_in_own_session(command(np_, cut)) as victim:
-        log = wait_for_evaluations(cut, victim, count=4)
+        log = wait_for_evaluations(cut, victim, count=5)
         # SIGKILL a training rank (for np=2 the one of rank 1, as a node failure would)
         family = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
         ranks = [p for p in family if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]]

@@ -190,7 +190,7 @@ def test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes(hosts,
     """Every process of vh2 killed mid-study (a node failure): rank 0 on vh1 exits non-zero within 60 s
     with a line saying why, the log keeps its evaluations and checkpoint, and the same command, rerun
     on both hosts, resumes the trial."""
-    spec = write_spec(tmp_path, batch_sizes=[32], trials=1, max_steps=600, eval_every=50)
+    spec = write_spec(tmp_path, batch_sizes=[32], trials=1, max_steps=300, eval_every=50)
     out = tmp_path / "runs"
     study = f"horovodrun -np 2 -H vh1:1,vh2:1 {PY} -m hvd_sparse.study {spec} --out {out}"
     with job_on(hosts, "vh1", study) as job:
