@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, TextIO
@@ -508,14 +509,6 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None) -> tuple[nn.Modu
     return model, mask, sync
 
 
-def _hosts(placement: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """(host, ranks on it), in the order of their first rank."""
-    counts: dict[str, int] = {}
-    for p in placement:
-        counts[p["host"]] = counts.get(p["host"], 0) + 1
-    return list(counts.items())
-
-
 def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] | None = None) -> TrialResult:
     """Train one trial whose log is ``path`` on data already on the device, resuming it if it was
     interrupted; the caller holds its lock. ``attrs`` go into the log (a study's trial id and
@@ -532,7 +525,8 @@ def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] 
         f", resuming at step {state.step}" if resumed else "",
     )
     placement = dist.placement()
-    logger.info("placement: %s", ", ".join(f"{host} x{n}" for host, n in _hosts(placement)))
+    hosts = Counter(p["host"] for p in placement)  # in the order of each host's first rank
+    logger.info("placement: %s", ", ".join(f"{host} x{n}" for host, n in hosts.items()))
     recorder = Recorder(cfg, path, mask, sync.bytes_per_step, data.fingerprint) if dist.is_root() else NullRecorder()
     attrs = {**(attrs or {}), "placement": json.dumps(placement)}
     dist.agree(lambda: recorder.open(resumed, attrs), "opening the log")

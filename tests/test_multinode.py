@@ -21,7 +21,7 @@ import torch
 
 from hvd_sparse.checkpoint import checkpoint_path
 from hvd_sparse.log import read_log
-from conftest import REPO, launch_env
+from conftest import REPO, describe, launch_env
 from test_study import PACK_SPEC, assert_same_study, logs_of, write_spec
 from virtual_hosts import VirtualHosts
 
@@ -75,13 +75,9 @@ def exit_output(job: subprocess.Popen, record_property) -> str:
     return output
 
 
-def show(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
-
-
 def train(hosts, launcher: str, out, *extra: str, **env: str):
     proc = on(hosts, "vh1", f"{launcher} {PY} -m hvd_sparse.train {' '.join(FLAGS + list(extra))} --out {out}", **env)
-    assert proc.returncode == 0, show(proc)
+    assert proc.returncode == 0, describe(proc)
     (path,) = out.glob("*.h5")
     return read_log(path), torch.load(path.with_suffix(".final.pt"))
 
@@ -92,7 +88,7 @@ def alone(tmp_path_factory):
     out = tmp_path_factory.mktemp("alone")
     proc = subprocess.run([PY, "-m", "hvd_sparse.train", *FLAGS, "--out", str(out)], cwd=REPO, capture_output=True,
                           text=True, env={**launch_env(), "OMP_NUM_THREADS": "1"}, timeout=240)
-    assert proc.returncode == 0, show(proc)
+    assert proc.returncode == 0, describe(proc)
     (path,) = out.glob("*.h5")
     return read_log(path), torch.load(path.with_suffix(".final.pt"))
 
@@ -145,10 +141,10 @@ def test_the_launchers_keep_open_mpi_on_the_nodes_network(hosts):
     the network of the address the hostname resolves to, never docker0's, and leaves a user's own
     choice alone."""
     chosen = on(hosts, "vh2", "bash -c '. launch/env.sh && echo $OMPI_MCA_btl_tcp_if_include $OMPI_MCA_oob_tcp_if_include'")
-    assert chosen.stdout.split() == ["10.213.0.0/24"] * 2, show(chosen)
+    assert chosen.stdout.split() == ["10.213.0.0/24"] * 2, describe(chosen)
     own = on(hosts, "vh2", "bash -c '. launch/env.sh && echo ${OMPI_MCA_btl_tcp_if_include:-unset}'",
              OMPI_MCA_btl_tcp_if_exclude="lo,docker0")
-    assert own.stdout.split() == ["unset"], show(own)
+    assert own.stdout.split() == ["unset"], describe(own)
 
 
 def test_torchrun_on_two_nodes_with_a_rendezvous_endpoint(hosts, alone, tmp_path):
@@ -159,7 +155,7 @@ def test_torchrun_on_two_nodes_with_a_rendezvous_endpoint(hosts, alone, tmp_path
     with job_on(hosts, "vh2", torchrun) as second:
         first = on(hosts, "vh1", torchrun)
         second_out, _ = second.communicate(timeout=60)
-    assert first.returncode == 0, show(first)
+    assert first.returncode == 0, describe(first)
     assert second.returncode == 0, second_out[-4000:]
     (path,) = out.glob("*.h5")
     log = read_log(path)
@@ -175,10 +171,10 @@ def test_a_packed_study_runs_its_groups_on_different_hosts(hosts, tmp_path):
     spec = write_spec(tmp_path, **PACK_SPEC)
     packed = on(hosts, "vh1", f"horovodrun -np 2 -H vh1:1,vh2:1 {PY} -m hvd_sparse.study {spec} "
                               f"--out {tmp_path / 'packed'} --pack 2", timeout=400)
-    assert packed.returncode == 0, show(packed)
+    assert packed.returncode == 0, describe(packed)
     alone = subprocess.run([PY, "-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "alone")], cwd=REPO,
                            env={**launch_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=400)
-    assert alone.returncode == 0, show(alone)
+    assert alone.returncode == 0, describe(alone)
     assert_same_study(tmp_path / "alone", tmp_path / "packed")
     _, logs = logs_of(tmp_path / "packed")
     where = [placement(read_log(p, with_mask=False)) for p in logs]
@@ -203,7 +199,7 @@ def test_a_host_that_dies_ends_the_job_on_the_other_and_the_rerun_resumes(hosts,
     interrupted = read_log(log_path)
     assert interrupted.status == "RUNNING" and checkpoint_path(log_path).exists()
     rerun = on(hosts, "vh1", study, timeout=400)
-    assert rerun.returncode == 0 and "resumed" in rerun.stdout, show(rerun)
+    assert rerun.returncode == 0 and "resumed" in rerun.stdout, describe(rerun)
     resumed = read_log(log_path)
     assert resumed.attrs["resumes"] == 1 and resumed.status in ("COMPLETE", "INCOMPLETE")
     steps = resumed.measurements["step"].tolist()
