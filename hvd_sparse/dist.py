@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -398,11 +398,21 @@ def verify_same_everywhere(value: str, what: str) -> None:
 
 
 class GradientSync:
-    """How the training loop averages and masks gradients; ``bytes_per_step`` is the payload of
-    the gradient allreduce(s) of one step, the same on every rank."""
+    """How the training loop averages and masks the gradients of its trials (one, or several fused:
+    ``parts``, one (optimizer, model, mask) each); ``bytes_per_trial[i]`` is trial i's share of the
+    payload of one step's gradient allreduce(s), the same on every rank."""
 
-    optimizer: torch.optim.Optimizer
-    bytes_per_step: int
+    optimizers: list[torch.optim.Optimizer]
+    bytes_per_trial: list[int]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The first trial's optimizer (the only one, unless trials are fused)."""
+        return self.optimizers[0]
+
+    @property
+    def bytes_per_step(self) -> int:
+        return sum(self.bytes_per_trial)
 
     def zero_grad(self) -> None:
         raise NotImplementedError
@@ -411,22 +421,35 @@ class GradientSync:
         """After backward: every p.grad holds the masked average over ranks."""
         raise NotImplementedError
 
-    def step(self) -> None:
-        raise NotImplementedError
+    def step(self, i: int = 0) -> None:
+        """Trial i's optimizer step."""
+        self.optimizers[i].step()
 
 
-def dense_bytes(model: nn.Module, fp16: bool) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) * (2 if fp16 else 4)
+Part = tuple[torch.optim.Optimizer, nn.Module, Mask]  # one trial's optimizer, model and mask
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def payload_bytes(kind: str, model: nn.Module, mask: Mask) -> int:
+    """A trial's bytes in one step's gradient allreduce under gradient compression ``kind``: every
+    entry (none, fp16), or the kept ones (kept, kept-fp16); 2 bytes an entry with fp16, else 4."""
+    params = _trainable(model)
+    entries = (sum(p.numel() if m is None else int(m.sum()) for m, p in zip(mask.by_parameter(model), params))
+               if kind.startswith("kept") else sum(p.numel() for p in params))
+    return entries * (2 if kind.endswith("fp16") else 4)
 
 
 class DenseSync(GradientSync):
-    """Horovod's DistributedOptimizer: one allreduce per tensor, fused by Horovod, overlapped
-    with backward; the averaged gradients are masked before the step."""
+    """Horovod's DistributedOptimizer (one trial): one allreduce per tensor, fused by Horovod,
+    overlapped with backward; the averaged gradients are masked before the step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool):
         self.model, self.mask = model, mask
-        self.optimizer = _engine().distributed_optimizer(optimizer, model, fp16)
-        self.bytes_per_step = dense_bytes(model, fp16)
+        self.optimizers = [_engine().distributed_optimizer(optimizer, model, fp16)]
+        self.bytes_per_trial = [payload_bytes("fp16" if fp16 else "none", model, mask)]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -436,39 +459,41 @@ class DenseSync(GradientSync):
             self.optimizer.synchronize()
         self.mask.apply_to_grads(self.model)
 
-    def step(self) -> None:
+    def step(self, i: int = 0) -> None:
         with self.optimizer.skip_synchronize():
             self.optimizer.step()
 
 
 class KeptEntriesSync(GradientSync):
-    """Send only the kept (unpruned) entries: every rank holds the same mask, so the kept gradient
-    values of all parameters are gathered into one vector, in the same order everywhere, and
-    averaged in a single allreduce with no indices at all.
+    """Send only the kept (unpruned) entries: every rank holds the same masks, so the kept gradient
+    values of all parameters of all trials are gathered into one vector, in the same order
+    everywhere, and averaged in a single allreduce with no indices at all.
 
     The gradients live as views into one flat buffer, so gathering is one index_select, scattering
     back one index_copy into the zeroed buffer (which leaves pruned entries exactly 0). One large
     message per step, rather than a Compressor's one per tensor, also saves Horovod's per-tensor
-    negotiation.
+    negotiation. A trial's entries are its own slice of the vector: a non-finite value of one trial
+    stays in its slice (the allreduce adds entry by entry).
 
     ``everything``: send every entry, pruned ones too, and mask after the average: the dense
-    allreduce of the torch.distributed engine (the same values at every kept entry as Horovod's
-    per-tensor one, and the same bytes on the wire).
+    allreduce of the torch.distributed engine and of fused trials (the same values at every kept entry
+    as Horovod's per-tensor one, and the same bytes on the wire).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool,
-                 everything: bool = False):
-        self.optimizer, self.fp16 = optimizer, fp16
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, parts: Sequence[Part], fp16: bool, everything: bool = False):
+        self.optimizers, self.fp16 = [optimizer for optimizer, _, _ in parts], fp16
+        self.params = [p for _, model, _ in parts for p in _trainable(model)]
         device = self.params[0].device
         self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
         self.views = split_flat(self.flat, [p.shape for p in self.params])
-        keep = torch.cat([torch.ones(p.numel(), dtype=torch.bool, device=device) if m is None or everything
-                          else m.reshape(-1).to(device) for m, p in zip(mask.by_parameter(model), self.params)])
-        self.index = keep.nonzero().squeeze(1)
-        self.masked_after = (mask, model) if everything else None
+        keeps = [torch.cat([torch.ones(p.numel(), dtype=torch.bool, device=device) if m is None or everything
+                            else m.reshape(-1).to(device) for m, p in zip(mask.by_parameter(model), _trainable(model))])
+                 for _, model, mask in parts]
+        self.index = torch.cat(keeps).nonzero().squeeze(1)
+        self.masked_after = [(mask, model) for _, model, mask in parts] if everything else []
         self.name = "grad.dense" if everything else "grad.kept"
-        self.bytes_per_step = self.index.numel() * (2 if fp16 else 4)
+        kind = ("fp16" if fp16 else "none") if everything else ("kept-fp16" if fp16 else "kept")
+        self.bytes_per_trial = [payload_bytes(kind, model, mask) for _, model, mask in parts]
 
     def zero_grad(self) -> None:
         for p, view in zip(self.params, self.views):
@@ -483,12 +508,8 @@ class KeptEntriesSync(GradientSync):
             kept = allreduce_mean(wire, self.name).to(self.flat.dtype)
         self.flat.zero_()
         self.flat.index_copy_(0, self.index, kept)
-        if self.masked_after is not None:
-            mask, model = self.masked_after
+        for mask, model in self.masked_after:
             mask.apply_to_grads(model)
-
-    def step(self) -> None:
-        self.optimizer.step()
 
 
 class LocalSync(GradientSync):
@@ -496,35 +517,35 @@ class LocalSync(GradientSync):
     registers no hooks and, in synchronize, sends every tensor through its background thread one
     after the other: 12 allreduces of one rank per Simple-CNN step for nothing.)"""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, bytes_per_step: int):
-        self.optimizer, self.model, self.mask, self.bytes_per_step = optimizer, model, mask, bytes_per_step
+    def __init__(self, parts: Sequence[Part], bytes_per_trial: list[int]):
+        self.parts, self.optimizers, self.bytes_per_trial = parts, [o for o, _, _ in parts], bytes_per_trial
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
 
     def synchronize(self) -> None:
-        self.mask.apply_to_grads(self.model)
-
-    def step(self) -> None:
-        self.optimizer.step()
+        for _, model, mask in self.parts:
+            mask.apply_to_grads(model)
 
 
-def _dense(optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool) -> GradientSync:
+def _dense(parts: Sequence[Part], fp16: bool) -> GradientSync:
     if size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
-        return LocalSync(optimizer, model, mask, dense_bytes(model, fp16))
-    if backend() == "torch":
-        return KeptEntriesSync(optimizer, model, mask, fp16, everything=True)
-    return DenseSync(optimizer, model, mask, fp16)
+        return LocalSync(parts, [payload_bytes("fp16" if fp16 else "none", model, mask) for _, model, mask in parts])
+    if backend() == "torch" or len(parts) > 1:
+        return KeptEntriesSync(parts, fp16, everything=True)
+    return DenseSync(*parts[0], fp16)
 
 
-def gradient_sync(kind: str, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask) -> GradientSync:
-    """``kind``: none, fp16 (dense: Horovod per tensor, torch in one allreduce), kept, kept-fp16 (the
-    kept entries, one allreduce)."""
+def gradient_sync(kind: str, parts: Sequence[Part]) -> GradientSync:
+    """The gradient averaging of one trial, or of several fused ones (one allreduce for all of them).
+    ``kind``: none, fp16 (dense: Horovod per tensor for one trial, else one allreduce), kept, kept-fp16
+    (the kept entries, one allreduce)."""
     builders: dict[str, Callable[[], GradientSync]] = {
-        "none": lambda: _dense(optimizer, model, mask, fp16=False),
-        "fp16": lambda: _dense(optimizer, model, mask, fp16=True),
-        "kept": lambda: KeptEntriesSync(optimizer, model, mask, fp16=False),
-        "kept-fp16": lambda: KeptEntriesSync(optimizer, model, mask, fp16=True),
+        "none": lambda: _dense(parts, fp16=False),
+        "fp16": lambda: _dense(parts, fp16=True),
+        "kept": lambda: KeptEntriesSync(parts, fp16=False),
+        "kept-fp16": lambda: KeptEntriesSync(parts, fp16=True),
     }
     if kind not in builders:
         raise ValueError(f"unknown gradient compression {kind!r}; valid: {', '.join(builders)}")

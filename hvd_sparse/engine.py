@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, TextIO
+from typing import Any, Callable, Mapping, NoReturn, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import hvd_sparse
 from hvd_sparse import dist
+from hvd_sparse import fused as fused_ops
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
 from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
@@ -98,6 +99,14 @@ def check_batch(train: TrainConfig) -> None:
                           "must be even")
 
 
+def check_fusable(cfg: Config) -> None:
+    """Fused trials measure neither the gradient noise scale nor the Lipschitz constant (each probes
+    one model through its own forward and backward passes)."""
+    if cfg.train.noise_scale_every or cfg.train.lipschitz_every:
+        raise ConfigError("fused trials measure neither the gradient noise scale nor the Lipschitz constant: "
+                          "fuse 1, or noise_scale_every and lipschitz_every 0")
+
+
 def select_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
@@ -134,7 +143,7 @@ class TrialState:
     loss_sums: torch.Tensor  # this rank's [sum of batch losses, batches] since the last evaluation
     step: int = 0
     best_val_error: float = math.inf
-    resumed_at: int | None = None  # the step a resume began at: its evaluation is in the log already
+    evaluated_at: int | None = None  # the step of the last evaluation in the log (a resume's: its checkpoint's)
 
     @classmethod
     def begin(cls, model: nn.Module, optimizer: torch.optim.Optimizer, noise: NoiseScale, progress: Progress | None,
@@ -151,7 +160,7 @@ class TrialState:
             sums += torch.tensor([sum(a for a, _ in progress.train_loss), sum(b for _, b in progress.train_loss)],
                                  dtype=torch.float64, device=device)
         return cls(model, optimizer, noise, time.time() - progress.wall_time, sums, progress.step,
-                   progress.best_val_error, resumed_at=progress.step)
+                   progress.best_val_error, evaluated_at=progress.step)
 
     def progress(self, wall_time: float | None = None, train_loss: tuple[tuple[float, float], ...] = ()) -> Progress:
         wall = time.time() - self.clock if wall_time is None else wall_time
@@ -322,17 +331,35 @@ def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, m
 class Engine:
     """One trial's fixed parts and the operations its loop is made of; ``state`` is what changes."""
 
+
+@dataclass(frozen=True)
+class Job:
+    """A trial to train: its configuration, its log's path and what else goes into its log (a
+    study's trial id and metaparameters). Whoever hands it to the engine holds its lock."""
+
     cfg: Config
+    path: Path
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Slot:
+    """One trial in the engine: its fixed parts, and ``state``, what changes. ``sync`` is its own
+    gradient averaging, or None when it is fused with others (the engine's shared one)."""
+
+    job: Job
     data: Datasets
     mask: Mask
-    sync: dist.GradientSync
     recorder: Recorder
     state: TrialState
+    sync: dist.GradientSync | None
+    bytes_per_step: int  # the trial's share of a step's gradient allreduce
     evaluator: Evaluator = field(init=False)
     batches: GlobalBatches = field(init=False)
     noise_masks: list[torch.Tensor | None] = field(init=False)
     lipschitz: LipschitzProbe | None = field(init=False)
-    bar: tqdm | None = field(init=False, default=None)
+    bar: tqdm = field(init=False)
+    started: float = field(init=False, default_factory=time.time)
 
     def __post_init__(self) -> None:
         model, train = self.state.model, self.cfg.train
@@ -344,68 +371,28 @@ class Engine:
             self.lipschitz = LipschitzProbe(
                 model, self.mask, self.data.train.x, self.data.train.y, train.eval_batch_size, dist.rank(), dist.size(),
                 reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device))
+        self.bar = progress_bar(train.max_steps, enabled=dist.is_root() and self.cfg.run.progress)
+        self.bar.update(self.state.step)
 
-    def train(self) -> tuple[str, int | None]:
-        """Steps and evaluations until the goal, the step budget, a non-finite loss or a stop signal
-        (``Interrupted``, after a checkpoint); returns (status, steps-to-result)."""
-        state, max_steps = self.state, self.cfg.train.max_steps
-        self.bar = progress_bar(max_steps, enabled=dist.is_root() and self.cfg.run.progress)
-        self.bar.update(state.step)
-        state.model.train()
-        try:
-            while True:
-                if self.evaluation_due():
-                    ended = self.evaluate()
-                    if ended is not None:
-                        return ended
-                if state.step == max_steps:
-                    return "INCOMPLETE", None
-                if state.step % STOP_CHECK_EVERY == 0 and dist.any_rank(stop_requested(), "stop.check"):
-                    self.stop()
-                if not self.step():
-                    return "INFEASIBLE", None
-                self.bar.update(1)
-        finally:
-            self.bar.close()
+    @property
+    def cfg(self) -> Config:
+        return self.job.cfg
 
     def evaluation_due(self) -> bool:
         step, train = self.state.step, self.cfg.train
-        return (step % train.eval_every == 0 or step == train.max_steps) and step != self.state.resumed_at
+        return (step % train.eval_every == 0 or step == train.max_steps) and step != self.state.evaluated_at
+
+    def shard(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's examples of the trial's global batch at its current step."""
+        idx = self.batches.shard(self.state.step, dist.rank(), dist.size()).to(self.data.train.x.device)
+        return self.data.train.x[idx], self.data.train.y[idx]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.state.model(x), y)
 
-    def step(self) -> bool:
-        """One optimizer step on this rank's shard of the global batch, with the measurements that ride
-        along when due (the noise scale reads this step's gradients; the Lipschitz probe looks before and
-        after it); False if the averaged gradient is not finite (INFEASIBLE; the step is not taken)."""
-        state, train, world = self.state, self.cfg.train, dist.size()
-        probe = self.lipschitz if lipschitz_due(state.step, train.lipschitz_every) else None
-        if probe is not None:
-            probe.before_step()  # w_prev and g_prev; p.grad untouched
-        idx = self.batches.shard(state.step, dist.rank(), world).to(self.data.train.x.device)
-        x, y = self.data.train.x[idx], self.data.train.y[idx]
-        measure = train.noise_scale_every > 0 and state.step % train.noise_scale_every == 0
-        self.sync.zero_grad()
-        if measure:  # this rank's own gradient, before the allreduce, and its norm
-            loss, local_sq = local_gradients(state.model, self.loss, x, y, self.noise_masks, halves=world == 1)
-        else:
-            loss = self.loss(x, y)
-            loss.backward()
-        self.sync.synchronize()  # p.grad: the average over ranks, masked
-        if not grads_finite(state.model):
-            return False
-        if measure:
-            measure_noise(state.noise, local_sq, state.model, self.noise_masks, train.batch_size, world)
-        set_learning_rate(self.sync.optimizer, learning_rate(self.cfg.optim, state.step, train.max_steps))
-        self.sync.step()
-        self.mask.apply_to_params(state.model)
-        state.loss_sums[0] += loss.detach()
-        state.loss_sums[1] += 1
-        state.step += 1
-        if probe is not None:
-            self.record_lipschitz(*probe.after_step())
-        return True
+    def noise_due(self) -> bool:
+        every = self.cfg.train.noise_scale_every
+        return every > 0 and self.state.step % every == 0
 
     def record_lipschitz(self, value: float, per_gamma: list[float]) -> None:
         step = self.state.step
@@ -413,49 +400,39 @@ class Engine:
         logger.info("step %d: Lipschitz constant %.4g (the largest along the update; gamma 0.1: %.4g, 0.9: %.4g)",
                     step, value, per_gamma[0], per_gamma[-1])
 
-    def evaluate(self) -> tuple[str, int | None] | None:
-        """Evaluate, log, checkpoint; (status, steps-to-result) if the trial ends here."""
+    def record_evaluation(self, totals: list[float], fused: bool) -> tuple[str, int | None] | None:
+        """Log the evaluation whose summed [errors, examples, loss sum, train-loss sum, batches] are
+        ``totals``; checkpoint; (status, steps-to-result) if the trial ends here."""
         state, train = self.state, self.cfg.train
-        local = torch.cat([self.evaluator(self.data.val, train.eval_batch_size), state.loss_sums]).cpu()
-        errors, count, loss_sum, tl_sum, tl_n = dist.allreduce_sum(local, name="eval.totals").tolist()
+        errors, count, loss_sum, tl_sum, tl_n = totals
         state.loss_sums.zero_()
+        state.evaluated_at = state.step
         row = {
             "step": state.step, "val_error": errors / count, "val_loss": loss_sum / count,
             "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - state.clock,
-            "allreduce_bytes": state.step * self.sync.bytes_per_step,
+            "allreduce_bytes": state.step * self.bytes_per_step,
             "noise_scale": state.noise.b_simple, "grad_sq": state.noise.grad_sq, "grad_trace": state.noise.grad_trace,
         }
         state.best_val_error = min(state.best_val_error, row["val_error"])
         diverged, reached = not math.isfinite(row["val_loss"]), row["val_error"] <= train.goal_error
         goes_on = not (diverged or reached) and state.step < train.max_steps
         dist.agree(lambda: self.recorder.evaluation(row, state if goes_on else None), "writing the log")
-        if self.bar is not None:
-            self.bar.set_postfix(val_error=f"{row['val_error']:.4f}", refresh=False)
-        logger.info("step %d: val_error %.4f val_loss %.4f train_loss %.4f (%.1f s)",
-                    state.step, row["val_error"], row["val_loss"], row["train_loss"], row["wall_time"])
+        self.bar.set_postfix(val_error=f"{row['val_error']:.4f}", refresh=False)
+        logger.info("%sstep %d: val_error %.4f val_loss %.4f train_loss %.4f (%.1f s)",
+                    f"{self.job.path.name}: " if fused else "", state.step, row["val_error"], row["val_loss"],
+                    row["train_loss"], row["wall_time"])
         if diverged:
             return "INFEASIBLE", None
         return ("COMPLETE", state.step) if reached else None
 
-    def stop(self) -> NoReturn:
-        """A stop signal reached some rank: checkpoint this step (with every rank's training-loss sums,
-        so the resumed run measures exactly the same), mark the log, raise Interrupted on every rank."""
-        state = self.state
-        pairs = dist.allgather_object(tuple(state.loss_sums.tolist()), name="stop.train_loss")
-        names = sorted(set(_received)) or ["a stop signal on another rank"]
-        why = f"{'/'.join(names)} at step {state.step}"
-        progress = state.progress(train_loss=tuple(pairs))
-        dist.agree(lambda: self.recorder.interrupted(why, state, progress), "checkpointing on a stop signal")
-        resume = "run the same command again to resume" if self.cfg.run.checkpoint else "not checkpointed (--no-checkpoint)"
-        raise Interrupted(f"stopped by {why}: {resume}")
-
-    def finish(self, status: str, steps_to_result: int | None) -> TrialResult:
+    def finish(self, status: str, steps_to_result: int | None, fused: bool) -> TrialResult:
         """The test split if asked, then the log's final record (the model file first)."""
+        self.bar.close()
         state, train = self.state, self.cfg.train
         extra: dict[str, float | int] = {"best_val_error": state.best_val_error, "steps_done": state.step}
         test_error = None
         if train.report_test and self.data.test is not None:
-            local = self.evaluator(self.data.test, train.eval_batch_size).cpu()
+            local = evaluate_slots([self], self.data.test, fused).reshape(-1).cpu()
             errors, count, loss_sum = dist.allreduce_sum(local, name="eval.test").tolist()
             test_error, extra["test_error"], extra["test_loss"] = errors / count, errors / count, loss_sum / count
         dist.agree(lambda: self.recorder.finish(status, steps_to_result, extra, state.model), "finishing the log")
@@ -465,6 +442,180 @@ class Engine:
             layer_density=self.mask.layer_density(), mask_sha256=self.mask.sha256(), test_error=test_error,
             log_path=self.recorder.path if dist.is_root() else None,
         )
+
+
+def evaluate_slots(slots: Sequence[Slot], split: Split, fused: bool) -> torch.Tensor:
+    """[len(slots), 3]: each trial's [errors, examples, loss sum] over this rank's slice of ``split``;
+    fused trials on a GPU in one pass over the data (``fused.evaluate``). On the CPU fused trials are
+    evaluated one by one, each through its channels-last twin: the grouped convolutions of a fused
+    evaluation cost several times more there (BENCHMARKS.md, benchmarks/fuse_ops.py)."""
+    batch_size = slots[0].cfg.train.eval_batch_size
+    if not fused or split.x.device.type == "cpu":
+        return torch.stack([slot.evaluator(split, batch_size) for slot in slots])
+    part = eval_slice(len(split), dist.rank(), dist.size())
+    return fused_ops.evaluate([slot.state.model for slot in slots], split.x[part], split.y[part], batch_size)
+
+
+Ended = Callable[[Job, TrialResult], None]
+
+
+class Engine:
+    """Trains trials, ``fuse`` at a time on every rank: one trial (``fuse`` 1, ``train``), or up to
+    ``fuse`` trials of one study cell (same model, data and batch size) as one fused model
+    (``hvd_sparse.fused``), with one gradient allreduce per step for all of them. It is the same loop
+    either way: every operation below runs over the trials it holds (its slots).
+
+    ``next_job`` hands out the next trial (None: no more); a trial ends on its own (goal, budget,
+    divergence) and ``ended`` receives its result; its slot is then filled with the next trial at once,
+    so the number of trials trained together does not fade until the jobs run out. A stop signal
+    checkpoints every trial held and raises ``Interrupted``.
+    """
+
+    def __init__(self, data: Datasets, fuse: int, next_job: Callable[[], Job | None], ended: Ended):
+        if fuse < 1:
+            raise ConfigError(f"--fuse must be a positive number of trials, got {fuse}")
+        self.data, self.fuse, self.next_job, self.ended = data, fuse, next_job, ended
+        self.fused = fuse > 1
+        self.slots: list[Slot] = []
+        self.shared: dist.GradientSync | None = None  # the fused trials' gradient averaging
+
+    @property
+    def sync(self) -> dist.GradientSync:
+        return self.shared if self.fused else self.slots[0].sync  # type: ignore[return-value]
+
+    def run(self) -> None:
+        """Until no trial is left; the loop of every trial held is evaluate when due, end if done,
+        check for a stop signal, step."""
+        self.fill()
+        while self.slots:
+            done = [(slot, outcome) for slot, outcome in self.evaluate() if outcome is not None]
+            done += [(slot, ("INCOMPLETE", None)) for slot in self.slots if slot.state.step == slot.cfg.train.max_steps
+                     and all(slot is not ended for ended, _ in done)]
+            if done:
+                self.end(done)
+                continue  # the trials that took the free slots are evaluated at their start first
+            if any(s.state.step % STOP_CHECK_EVERY == 0 for s in self.slots) and dist.any_rank(stop_requested(), "stop.check"):
+                self.stop()
+            failed = [slot for slot, finite in zip(list(self.slots), self.step()) if not finite]
+            if failed:
+                self.end([(slot, ("INFEASIBLE", None)) for slot in failed])
+
+    def fill(self) -> None:
+        """Free slots to the next trials; the fused trials' gradient averaging for the new set."""
+        while len(self.slots) < self.fuse:
+            job = self.next_job()
+            if job is None:
+                break
+            self.slots.append(self.open(job))
+        if self.fused and self.slots:
+            kinds = {slot.cfg.dist.grad_compression for slot in self.slots}
+            if len(kinds) > 1:
+                raise ConfigError(f"fused trials must share their gradient compression, got {sorted(kinds)}")
+            self.shared = dist.gradient_sync(kinds.pop(), [(s.state.optimizer, s.state.model, s.mask) for s in self.slots])
+
+    def end(self, outcomes: list[tuple[Slot, tuple[str, int | None]]]) -> None:
+        for slot, (status, steps_to_result) in outcomes:
+            result = slot.finish(status, steps_to_result, self.fused)
+            self.slots.remove(slot)
+            self.ended(slot.job, result)
+        self.fill()
+
+    def open(self, job: Job) -> Slot:
+        """A trial's slot: fresh, or resumed from its checkpoint; its log opened."""
+        cfg, path, t_init = job.cfg, job.path, time.time()
+        if self.fused:
+            check_fusable(cfg)
+        ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite, self.data.fingerprint),
+                            "reading the earlier log")
+        resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
+        model, mask, optimizer, sync = build(cfg, self.data, ckpt, own_sync=not self.fused)
+        state = TrialState.begin(model, optimizer, NoiseScale(cfg.train.noise_scale_smoothing), resumed, t_init)
+        logger.info(
+            "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)%s%s",
+            dist.size(), cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
+            f", resuming at step {state.step}" if resumed else "", f", fused {self.fuse} at a time" if self.fused else "",
+        )
+        placement = dist.placement()
+        hosts = Counter(p["host"] for p in placement)  # in the order of each host's first rank
+        logger.info("placement: %s", ", ".join(f"{host} x{n}" for host, n in hosts.items()))
+        bytes_per_step = dist.payload_bytes(cfg.dist.grad_compression, model, mask)
+        recorder = Recorder(cfg, path, mask, bytes_per_step, self.data.fingerprint) if dist.is_root() else NullRecorder()
+        attrs = {**job.attrs, "placement": json.dumps(placement), "fuse": self.fuse}
+        dist.agree(lambda: recorder.open(resumed, attrs), "opening the log")
+        return Slot(job, self.data, mask, recorder, state, sync, bytes_per_step)
+
+    def evaluate(self) -> list[tuple[Slot, tuple[str, int | None] | None]]:
+        """The trials whose evaluation is due, evaluated together, their totals in one allreduce."""
+        due = [slot for slot in self.slots if slot.evaluation_due()]
+        if not due:
+            return []
+        val = evaluate_slots(due, self.data.val, self.fused)
+        local = torch.cat([val, torch.stack([slot.state.loss_sums for slot in due])], dim=1).reshape(-1).cpu()
+        totals = dist.allreduce_sum(local, name="eval.totals").reshape(len(due), -1).tolist()
+        return [(slot, slot.record_evaluation(t, self.fused)) for slot, t in zip(due, totals)]
+
+    def losses(self, shards: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each trial's mean loss on its shard: fused, one forward for all."""
+        if not self.fused:
+            return [slot.loss(*shard) for slot, shard in zip(self.slots, shards)]
+        xs, ys = zip(*shards)
+        return list(fused_ops.losses([slot.state.model for slot in self.slots], torch.stack(xs), torch.stack(ys)))
+
+    def step(self) -> list[bool]:
+        """One optimizer step of every trial on this rank's shard of its global batch, with the
+        measurements that ride along when due (the noise scale reads this step's gradients; the
+        Lipschitz probe looks before and after it; neither is taken by fused trials). Per trial:
+        False if its averaged gradient is not finite (INFEASIBLE; its step is not taken)."""
+        slots, world, sync = self.slots, dist.size(), self.sync
+        probes = [s.lipschitz if s.lipschitz and lipschitz_due(s.state.step, s.cfg.train.lipschitz_every) else None
+                  for s in slots]
+        for probe in probes:
+            if probe is not None:
+                probe.before_step()  # w_prev and g_prev; p.grad untouched
+        shards = [slot.shard() for slot in slots]
+        measure = [slot.noise_due() for slot in slots]
+        sync.zero_grad()
+        if any(measure):  # one trial: its own gradient, before the allreduce, and its norm
+            slot, (x, y) = slots[0], shards[0]
+            loss, local_sq = local_gradients(slot.state.model, slot.loss, x, y, slot.noise_masks, halves=world == 1)
+            losses = [loss]
+        else:
+            losses = self.losses(shards)
+            (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+        sync.synchronize()  # p.grad: the average over ranks, masked
+        finite = [grads_finite(slot.state.model) for slot in slots]
+        for i, (slot, probe) in enumerate(zip(slots, probes)):
+            if not finite[i]:
+                continue
+            state, train = slot.state, slot.cfg.train
+            if measure[i]:
+                measure_noise(state.noise, local_sq, state.model, slot.noise_masks, train.batch_size, world)
+            set_learning_rate(state.optimizer, learning_rate(slot.cfg.optim, state.step, train.max_steps))
+            sync.step(i)
+            slot.mask.apply_to_params(state.model)
+            state.loss_sums[0] += losses[i].detach()
+            state.loss_sums[1] += 1
+            state.step += 1
+            slot.bar.update(1)
+            if probe is not None:
+                slot.record_lipschitz(*probe.after_step())
+        return finite
+
+    def stop(self) -> NoReturn:
+        """A stop signal reached some rank: checkpoint every trial at its step (with every rank's
+        training-loss sums, so the resumed run measures exactly the same), mark the logs, raise
+        Interrupted on every rank."""
+        sums = dist.allgather_object([tuple(s.state.loss_sums.tolist()) for s in self.slots], name="stop.train_loss")
+        names = "/".join(sorted(set(_received)) or ["a stop signal on another rank"])
+        for i, slot in enumerate(self.slots):
+            state, why = slot.state, f"{names} at step {slot.state.step}"
+            progress = state.progress(train_loss=tuple(rank_sums[i] for rank_sums in sums))
+            dist.agree(lambda: slot.recorder.interrupted(why, state, progress), "checkpointing on a stop signal")
+            slot.bar.close()
+        steps = ", ".join(str(slot.state.step) for slot in self.slots)
+        resume = ("run the same command again to resume" if all(s.cfg.run.checkpoint for s in self.slots)
+                  else "not checkpointed (--no-checkpoint)")
+        raise Interrupted(f"stopped by {names} at step{'s' if len(self.slots) > 1 else ''} {steps}: {resume}")
 
 
 # -- building a trial --------------------------------------------------------------------------
@@ -491,9 +642,11 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | No
     return dist.broadcast_mask(dist.on_root(compute, "SNIP"), ones)
 
 
-def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None) -> tuple[nn.Module, Mask, dist.GradientSync]:
-    """The model (rank 0's initial or checkpointed weights on every rank), its mask, and the
-    optimizer inside its gradient synchronization (rank 0's state on every rank)."""
+def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
+          ) -> tuple[nn.Module, Mask, torch.optim.Optimizer, dist.GradientSync | None]:
+    """The model (rank 0's initial or checkpointed weights on every rank), its mask, its optimizer
+    (rank 0's state on every rank) and, with ``own_sync``, the gradient synchronization it is trained
+    through alone (Horovod's optimizer wraps it first: the state is loaded into the wrapper)."""
     device = data.train.x.device
     model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")).to(device)
     if ckpt is not None:
@@ -501,35 +654,19 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None) -> tuple[nn.Modu
     dist.broadcast_parameters(model)
     mask = prepare_mask(cfg, model, data, ckpt.mask if ckpt else None)
     mask.apply_to_params(model)
-    sync = dist.gradient_sync(cfg.dist.grad_compression, build_optimizer(model.parameters(), cfg.optim), model, mask)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    sync = dist.gradient_sync(cfg.dist.grad_compression, [(optimizer, model, mask)]) if own_sync else None
+    optimizer = sync.optimizer if sync is not None else optimizer
     if ckpt is not None:
-        sync.optimizer.load_state_dict(ckpt.optimizer)
-    dist.broadcast_optimizer_state(sync.optimizer)
+        optimizer.load_state_dict(ckpt.optimizer)
+    dist.broadcast_optimizer_state(optimizer)
     mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
-    return model, mask, sync
+    return model, mask, optimizer, sync
 
 
 def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] | None = None) -> TrialResult:
     """Train one trial whose log is ``path`` on data already on the device, resuming it if it was
-    interrupted; the caller holds its lock. ``attrs`` go into the log (a study's trial id and
-    metaparameters)."""
-    t_init = time.time()
-    ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite, data.fingerprint),
-                        "reading the earlier log")
-    resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
-    model, mask, sync = build(cfg, data, ckpt)
-    state = TrialState.begin(model, sync.optimizer, NoiseScale(cfg.train.noise_scale_smoothing), resumed, t_init)
-    logger.info(
-        "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)%s",
-        dist.size(), cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
-        f", resuming at step {state.step}" if resumed else "",
-    )
-    placement = dist.placement()
-    hosts = Counter(p["host"] for p in placement)  # in the order of each host's first rank
-    logger.info("placement: %s", ", ".join(f"{host} x{n}" for host, n in hosts.items()))
-    recorder = Recorder(cfg, path, mask, sync.bytes_per_step, data.fingerprint) if dist.is_root() else NullRecorder()
-    attrs = {**(attrs or {}), "placement": json.dumps(placement)}
-    dist.agree(lambda: recorder.open(resumed, attrs), "opening the log")
-    engine = Engine(cfg, data, mask, sync, recorder, state)
-    return engine.finish(*engine.train())
-
+    interrupted; the caller holds its lock."""
+    jobs, results = iter([Job(cfg, path, attrs or {})]), []
+    Engine(data, 1, lambda: next(jobs, None), lambda job, result: results.append(result)).run()
+    return results[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import yaml
@@ -31,7 +32,8 @@ from hvd_sparse.aggregate import config_columns, curve_table, format_studies, st
 from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
-from hvd_sparse.engine import Interrupted, check_batch, load_data_everywhere, run_trial, select_device, stop_requested, validate
+from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, load_data_everywhere,
+                               select_device, stop_requested, validate)
 from hvd_sparse.log import LogError, check_writable, copy_log, read_log
 from hvd_sparse.search import SearchSpace, reference_space
 
@@ -72,7 +74,7 @@ def _per_batch(value: Any, batch_sizes: Sequence[int], what: str) -> int | dict[
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A study grid. Every field but ``data_dir`` enters the study hash."""
+    """A study grid. Every field but ``data_dir`` and ``fuse`` enters the study hash."""
 
     name: str
     dataset: str
@@ -92,10 +94,13 @@ class StudySpec:
     seed: int = 0
     config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # fixed settings of every trial
     data_dir: str | None = None  # where the data is, not what it is: kept out of the hash
+    fuse: int = 1  # trials of a cell trained together as one fused model; how, not what: kept out of the hash
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"study spec: name must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not isinstance(self.fuse, int) or isinstance(self.fuse, bool) or self.fuse < 1:
+            raise ConfigError(f"study spec: fuse must be a positive number of trials, got {self.fuse!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ConfigError(f"study spec: trials must be a positive integer, got {self.trials!r}")
         for key in ("max_steps", "eval_every"):
@@ -201,6 +206,7 @@ class StudySpec:
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
         d.pop("data_dir")
+        d.pop("fuse")
         d["config"] = {section: legacy_identity(section, dict(values)) for section, values in d["config"].items()}
         return d
 
@@ -354,6 +360,7 @@ def prepare_dir(spec: StudySpec, directory: Path) -> None:
     try:
         saved = json.loads(saved_path.read_text())["spec"]
         saved.pop("data_dir", None)
+        saved.pop("fuse", None)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{saved_path}: unreadable study spec ({type(e).__name__}); not touching this directory") from None
     diff = _differences(saved, spec.identity())
@@ -486,17 +493,21 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     everything = grid(spec)
     for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
         validate(next(t.config for t in everything if t.optimizer == optimizer))
+    if spec.fuse > 1:
+        check_fusable(everything[0].config)
     trials = shard(everything, *shard_of)
     dist.init(pack, backend)
     group, groups = dist.group()
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:
         check_batch(t.config.train)
-    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack}", "study spec, shard and --pack")
+    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack} fuse {spec.fuse}",
+                           "study spec, shard, --pack and --fuse")
     dist.on_root(lambda: prepare_dir(spec, directory), "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())
     if dist.world_is_root():
         packing = "" if groups == 1 else f" as {groups} groups of {dist.size()} running trials side by side"
+        packing += f", {spec.fuse} trials of a cell fused" if spec.fuse > 1 else ""
         say(f"study {directory} ({len(trials)} trials{'' if shard_of == (0, 1) else f', shard {shard_of[0]}/{shard_of[1]}'}"
             f", world size {dist.size() * groups}{packing})")
 
@@ -512,45 +523,63 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
 
 
 def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: Any, group: int, groups: int) -> list[Outcome]:
-    """This group's trials, with rank 0 printing each. One group runs them all in order. Packed groups
-    take the next trial that no group has taken (its lock says so), so a group that drew cheap
-    trials goes on to others rather than waiting for the slowest group at the end; a trial that had
-    ended before the job started is reported by one group only. Every group's list of those is
-    shared before any group runs a trial (a world allgather): a list made after another group had
-    adopted or ended a trial would report that trial twice."""
+    """This group's trials, cell by cell (``spec.fuse`` of a cell at a time), with rank 0 printing
+    each as it ends. One group runs them all in order. Packed groups take the next trial that no
+    group has taken (its lock says so), so a group that drew cheap trials goes on to others rather
+    than waiting for the slowest group at the end; a trial that had ended before the job started is
+    reported by one group only. Every group's list of those is shared before any group runs a trial
+    (a world allgather): a list made after another group had adopted or ended a trial would report
+    that trial twice."""
     prefix = "" if groups == 1 else f"group {group}: "
     ended_before = set() if groups == 1 else set().union(*dist.world_allgather(dist.root_decides(
         lambda: [t.index for t in trials if ended_result(directory / t.relpath(), t, spec) is not None],
         "listing ended trials"), "ended trials"))
     outcomes: list[Outcome] = []
-    for trial in trials:
-        if trial.index in ended_before and trial.index % groups != group:
-            continue  # another group reports it
-        outcome = run_one(spec, directory, trial, data)
-        if groups > 1 and trial.index not in ended_before and outcome.action in ("busy", "skipped"):
-            continue  # another group of this job has it, or just ended it
+
+    def report(outcome: Outcome) -> None:
+        index = outcome.trial.index
+        if groups > 1 and index not in ended_before and outcome.action in ("busy", "skipped"):
+            return  # another group of this job has it, or just ended it
         outcomes.append(outcome)
         if dist.is_root():
             say(prefix + format_outcome(outcome, len(outcomes), len(trials)))
+
+    mine = [t for t in trials if t.index not in ended_before or t.index % groups == group]
+    for _, cell in itertools.groupby(mine, key=lambda t: (t.optimizer, t.sparsity, t.batch_size)):
+        run_cell(spec, directory, list(cell), data, report)
     return outcomes
 
 
-def run_one(spec: StudySpec, directory: Path, trial: Trial, data: Any) -> Outcome:
-    """One trial on every rank of this group: skipped if it ended, left alone if another job runs it."""
-    path = directory / trial.relpath()
-    lock = RunLock(path)
-    decision = dist.root_decides(lambda: decide(directory, lock, trial, spec, data.fingerprint), "deciding a trial")
-    if decision[0] in ("skipped", "adopted"):
-        return Outcome(trial, *decision, 0.0)
-    if decision[0] == "busy":
-        return Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0)
-    t0 = time.time()
-    try:
-        result = run_trial(trial.config, path, data, trial.attrs(spec))
-    finally:
+def run_cell(spec: StudySpec, directory: Path, cell: Sequence[Trial], data: Any, report: Callable[[Outcome], None]) -> None:
+    """The trials of one cell on every rank of this group, ``spec.fuse`` at a time (``Engine``): each
+    is skipped if it ended, left alone if another job runs it, else run (or resumed) under its lock."""
+    pending = iter(cell)
+    running: dict[Path, tuple[Trial, RunLock, str, float]] = {}
+
+    def next_job() -> Job | None:
+        for trial in pending:
+            path = directory / trial.relpath()
+            lock = RunLock(path)
+            decision = dist.root_decides(lambda: decide(directory, lock, trial, spec, data.fingerprint), "deciding a trial")
+            if decision[0] in ("skipped", "adopted"):
+                report(Outcome(trial, *decision, 0.0))
+            elif decision[0] == "busy":
+                report(Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0))
+            else:
+                running[path] = (trial, lock, "resumed" if decision[0] == "resume" else "ran", time.time())
+                return Job(trial.config, path, trial.attrs(spec))
+        return None
+
+    def ended(job: Job, result: TrialResult) -> None:
+        trial, lock, action, t0 = running.pop(job.path)
         lock.release()
-    action = "resumed" if decision[0] == "resume" else "ran"
-    return Outcome(trial, action, result.status, result.steps_to_result, result.best_val_error, time.time() - t0)
+        report(Outcome(trial, action, result.status, result.steps_to_result, result.best_val_error, time.time() - t0))
+
+    try:
+        Engine(data, spec.fuse, next_job, ended).run()
+    finally:
+        for _, lock, _, _ in running.values():
+            lock.release()
 
 
 def list_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial]) -> None:
@@ -575,6 +604,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pack", type=int, default=1, metavar="G",
                         help="split the job's ranks into G groups, each running its own trials side by side "
                              "(np=2 --pack 2: two single-rank trials at a time); for trials too small to scale")
+    parser.add_argument("--fuse", type=int, metavar="T",
+                        help="train T trials of a cell (same optimizer, sparsity, batch size) at a time as one fused model, "
+                             "one allreduce for all (overrides the spec's fuse; default 1); for GPUs, where small trials "
+                             "leave the device idle")
     parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch"),
                         help="distributed engine (default: from the launch: torchrun -> torch, horovodrun/mpirun/srun -> horovod)")
     parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
@@ -590,6 +623,8 @@ def study_main(argv: Sequence[str] | None) -> int:
     spec = StudySpec.load(args.spec)
     if args.data_dir:
         spec = dataclasses.replace(spec, data_dir=args.data_dir)
+    if args.fuse is not None:
+        spec = dataclasses.replace(spec, fuse=args.fuse)
     directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
     shard_of = parse_shard(args.shard)
     if args.print_dir:

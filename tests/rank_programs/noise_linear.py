@@ -31,7 +31,7 @@ with torch.no_grad():
     model.weight.copy_((w_star + delta)[None])
 keep = torch.arange(D) % 2 == 0 if masked else torch.ones(D, dtype=torch.bool)
 mask = Mask({"weight": keep[None].clone()})
-sync = dist.gradient_sync(scheme, torch.optim.SGD(model.parameters(), lr=0.0), model, mask)
+sync = dist.gradient_sync(scheme, [(torch.optim.SGD(model.parameters(), lr=0.0), model, mask)])
 masks = mask.by_parameter(model)
 noise = NoiseScale(smoothing=0.999)
 

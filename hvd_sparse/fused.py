@@ -1,0 +1,65 @@
+"""Several trials of one model trained as one: the forward passes of T same-shaped models in one call.
+
+Each trial keeps its own ``nn.Module`` (its parameters, optimizer, mask, checkpoint: exactly those of
+a trial trained alone). A fused step stacks the T models' parameters, name by name, and maps the
+model's forward over them with ``torch.func.vmap``: a convolution of T models becomes one grouped
+convolution, a linear layer one batched matmul, whatever the model (all registry models are fused
+by the same code). The stacking is differentiable, so one backward of the summed losses puts each
+trial's gradient into its own parameters' ``.grad``; a trial's gradient depends on its own
+parameters and data only (another trial's NaN does not reach it).
+
+vmap rather than hand-fused layers (grouped convolutions and ``baddbmm`` written per model): side
+by side on Simple-CNN (``benchmarks/fuse_ops.py``, BENCHMARKS.md) the two cost the same at the small
+batches where fusing pays, and vmap needs no second forward for each of the five models.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+def stacked(models: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """Name -> the models' parameters stacked along a new first dimension (differentiable).
+
+    One model is stacked with a detached copy of itself: vmap runs a single model's convolutions as
+    plain ones, whose kernels sum in another order than the grouped convolutions of two or more, so
+    a trial left alone in its array would drift from the bits it had beside others (a neighbour's
+    end would change its numbers). The copy's gradient goes nowhere.
+    """
+    named = [dict(m.named_parameters()) for m in models]
+    if len(named) == 1:
+        named.append({name: p.detach() for name, p in named[0].items()})
+    return {name: torch.stack([params[name] for params in named]) for name in named[0]}
+
+
+def losses(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[T] mean cross-entropy losses: model t on its own batch ``x[t]``, ``y[t]``."""
+    template, t = models[0], len(models)
+
+    def loss(params: dict[str, torch.Tensor], xt: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(template, params, (xt,)), yt)
+
+    if t == 1:  # beside its copy (``stacked``)
+        x, y = x.expand(2, *x.shape[1:]), y.expand(2, *y.shape[1:])
+    return vmap(loss)(stacked(models), x, y)[:t]
+
+
+@torch.no_grad()
+def evaluate(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[T, 3]: each model's [errors, examples, loss sum] on the same examples ``x``, ``y``."""
+    template = models[0]
+    params = stacked(models)
+    logits_of = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
+    loss_of = vmap(lambda logits, target: F.cross_entropy(logits, target, reduction="sum"), in_dims=(0, None))
+    totals = torch.zeros(len(models), 3, dtype=torch.float64, device=x.device)
+    for start in range(0, len(y), batch_size):
+        logits = logits_of(params, x[start : start + batch_size])[: len(models)]
+        target = y[start : start + batch_size]
+        totals[:, 0] += (logits.argmax(dim=2) != target).sum(dim=1)
+        totals[:, 2] += loss_of(logits, target).double()
+    totals[:, 1] = len(y)
+    return totals
