@@ -1,9 +1,11 @@
-"""The trial engine: one trial's state, its loop of steps and evaluations, and rank 0's recorder.
+"""The trial engine: the trials' states, their loop of steps and evaluations, and rank 0's recorders.
 
-``train`` (one trial) and ``study`` (many) both drive ``run_trial``. What changes while a trial
-trains is a ``TrialState``, exactly what its checkpoint stores; stopping on a signal and resuming
-are a checkpoint of that state and a load of it. The files (log, checkpoint, final model) are the
-``Recorder``'s, held by rank 0; the other ranks hold a ``NullRecorder``.
+``train`` (one trial) and ``study`` (many, ``--fuse`` at a time) both drive the ``Engine``: one loop
+over the trials it holds, one of them, or several of one study cell fused into one model
+(``hvd_sparse.fused``). What changes while a trial trains is its ``TrialState``, exactly what its
+checkpoint stores; stopping on a signal and resuming are a checkpoint of that state and a load of
+it. The files (log, checkpoint, final model) are each trial's ``Recorder``'s, held by rank 0; the
+other ranks hold a ``NullRecorder``.
 """
 from __future__ import annotations
 
@@ -311,11 +313,16 @@ def progress_bar(total: int, enabled: bool) -> tqdm:
                 file=_LinesOut(sys.stderr), ascii=True)
 
 
-def grads_finite(model: nn.Module) -> bool:
-    """Whether the averaged gradient is finite; the same answer on every rank (same values)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack(norms).sum()))
+def grads_finite(models: Sequence[nn.Module]) -> list[bool]:
+    """Per model, whether its averaged gradient is finite; the same answers on every rank (same
+    values). One pass over all the gradients and one read of the answers (a GPU waits once)."""
+    grads = [[p.grad for p in model.parameters() if p.grad is not None] for model in models]
+    norms = torch._foreach_norm([g for per_model in grads for g in per_model])
+    sums, start = [], 0
+    for per_model in grads:
+        sums.append(torch.stack(norms[start : start + len(per_model)]).sum())
+        start += len(per_model)
+    return torch.isfinite(torch.stack(sums)).tolist()
 
 
 def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, masks: list[torch.Tensor | None],
@@ -325,11 +332,6 @@ def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, m
     small = dist.allreduce_mean(local_sq.reshape(1).cpu(), name="noise.local_sq").item()
     big = masked_sq_norm([p.grad for p in model.parameters() if p.requires_grad], masks).item()
     noise.update(small, big, batch_size // max(world, 2), batch_size)
-
-
-@dataclass
-class Engine:
-    """One trial's fixed parts and the operations its loop is made of; ``state`` is what changes."""
 
 
 @dataclass(frozen=True)
@@ -359,7 +361,6 @@ class Slot:
     noise_masks: list[torch.Tensor | None] = field(init=False)
     lipschitz: LipschitzProbe | None = field(init=False)
     bar: tqdm = field(init=False)
-    started: float = field(init=False, default_factory=time.time)
 
     def __post_init__(self) -> None:
         model, train = self.state.model, self.cfg.train
@@ -583,7 +584,7 @@ class Engine:
             losses = self.losses(shards)
             (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
         sync.synchronize()  # p.grad: the average over ranks, masked
-        finite = [grads_finite(slot.state.model) for slot in slots]
+        finite = grads_finite([slot.state.model for slot in slots])
         for i, (slot, probe) in enumerate(zip(slots, probes)):
             if not finite[i]:
                 continue

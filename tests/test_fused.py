@@ -2,10 +2,14 @@
 slots). Each fused trial must be the trial trained alone, up to float summation order; fused at np=2
 must be fused at np=1; a trial that diverges must leave its neighbours bit for bit as they were."""
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +20,8 @@ from hvd_sparse.engine import check_fusable
 from hvd_sparse.log import read_log
 from hvd_sparse.models import MODELS, build_model
 from hvd_sparse.study import StudySpec
-from conftest import REPO, describe, horovodrun, launch_env, torchrun
-from test_study import RUN_SPEC, assert_same_study, logs_of, run_study, write_spec
+from conftest import REPO, describe, horovodrun, launch_env, rank_lines, torchrun
+from test_study import RUN_SPEC, assert_same_study, logs_of, run_study, study_cmd, write_spec
 
 SHAPES = {"resnet8": (3, 32, 32)}  # the others take 28x28 grey images
 
@@ -175,3 +179,66 @@ def test_a_diverging_trial_leaves_its_neighbours_bitwise_unchanged(fused_np1, tm
         assert all(torch.equal(weights[trial][n], np1_weights[trial][n]) for n in weights[trial]), trial
         for column in ("val_loss", "val_error", "train_loss"):
             np.testing.assert_array_equal(logs[trial].measurements[column], np1_logs[trial].measurements[column])
+
+
+# -- fused studies --------------------------------------------------------------------------------
+
+
+def assert_close_studies(a_root, b_root, rtol=1e-5):
+    """The same trials, statuses and masks; every logged evaluation to ``rtol``."""
+    (da, la), (db, lb) = logs_of(a_root), logs_of(b_root)
+    assert [p.relative_to(da) for p in la] == [p.relative_to(db) for p in lb]
+    for pa, pb in zip(la, lb):
+        a, b = read_log(pa), read_log(pb)
+        assert (a.status, a.steps_to_result, a.attrs["mask_sha256"]) == (b.status, b.steps_to_result, b.attrs["mask_sha256"])
+        np.testing.assert_array_equal(a.measurements["step"], b.measurements["step"])
+        for column in ("val_loss", "train_loss"):
+            np.testing.assert_allclose(a.measurements[column], b.measurements[column], rtol=rtol, err_msg=f"{pa} {column}")
+
+
+@pytest.mark.launches
+def test_a_fused_packed_study_on_torchrun_is_the_unfused_study(tmp_path, monkeypatch):
+    """torchrun np=2 --pack 2 --fuse 2: each group fuses the trials it takes; every log is the unfused
+    np=1 study's to 1e-5 with the same masks, and a rerun skips every trial."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_path = write_spec(tmp_path, batch_sizes=[16, 32], trials=3, max_steps=60, eval_every=20)
+    args = ["-m", "hvd_sparse.study", str(spec_path), "--out", str(tmp_path / "fused"), "--pack", "2", "--fuse", "2"]
+    fused_run = torchrun(2, args, timeout=300)
+    assert fused_run.returncode == 0, describe(fused_run)
+    assert "2 trials of a cell fused" in fused_run.stdout
+    alone = run_study(1, spec_path, tmp_path / "alone")
+    assert alone.returncode == 0, describe(alone)
+    assert_close_studies(tmp_path / "alone", tmp_path / "fused")
+    assert {read_log(p, with_mask=False).attrs["fuse"] for p in logs_of(tmp_path / "fused")[1]} == {2}
+    rerun = torchrun(2, args, timeout=120)
+    assert rerun.returncode == 0 and rerun.stdout.count("(skipped,") == 6, describe(rerun)
+
+
+@pytest.mark.launches
+def test_a_stop_signal_checkpoints_every_fused_trial_and_the_rerun_measures_the_same(tmp_path):
+    """SIGTERM to rank 1 of a np=2 --fuse 2 study while both trials of batch 16 train: exit 0, both
+    checkpointed at their step; the rerun resumes both, and its logs are bitwise those of the same
+    fused study uninterrupted."""
+    spec_path = write_spec(tmp_path, batch_sizes=[16], trials=3, max_steps=300, eval_every=50)
+    whole = run_study(2, spec_path, tmp_path / "whole", "--fuse", "2")
+    assert whole.returncode == 0, describe(whole)
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(study_cmd(2, spec_path, root, "--fuse", "2"), env=launch_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (root.exists() and len(list(root.rglob("*.ckpt.pt"))) == 2) and time.time() < deadline:
+        assert proc.poll() is None, "the study ended before the signal"
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and re.search(r"INTERRUPTED: stopped by .* at steps \d+, \d+: run the same command", out), out
+    stopped = [read_log(p) for p in sorted(root.rglob("trial-00[01].h5"))]
+    assert [log.status for log in stopped] == ["RUNNING"] * 2 and all(log.attrs["interruptions"] == 1 for log in stopped)
+    rerun = run_study(2, spec_path, root, "--fuse", "2")
+    assert rerun.returncode == 0, describe(rerun)
+    out = "\n".join(rank_lines(rerun.stdout, 0))
+    assert out.count("(resumed,") == 2 and out.count("(ran,") == 1, out
+    assert_same_study(tmp_path / "whole", root)
