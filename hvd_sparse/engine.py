@@ -556,8 +556,10 @@ class Engine:
         return [(slot, slot.record_evaluation(t, self.fused)) for slot, t in zip(due, totals)]
 
     def losses(self, shards: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Each trial's mean loss on its shard: fused, one forward for all."""
-        if not self.fused:
+        """Each trial's mean loss on its shard: fused, one forward for all (where it pays: on a CPU
+        only at small batches, ``fused.pays``)."""
+        x = shards[0][0]
+        if not self.fused or not fused_ops.pays(x.device, len(x)):
             return [slot.loss(*shard) for slot, shard in zip(self.slots, shards)]
         xs, ys = zip(*shards)
         return list(fused_ops.losses([slot.state.model for slot in self.slots], torch.stack(xs), torch.stack(ys)))

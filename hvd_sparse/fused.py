@@ -21,6 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+# On a CPU the fused forward and backward pass pays only at the smallest batches: from 16 examples a
+# model on, the grouped convolutions over T models' activations (which no longer fit the caches)
+# cost 1.6x the same models run one by one (Simple-CNN, 16 models, one thread: BENCHMARKS.md,
+# benchmarks/fuse_ops.py). Above this batch (per rank) fused trials on a CPU run their passes model
+# by model and keep the rest: one allreduce, one loop. GPUs always fuse.
+CPU_MAX_BATCH = 8
+
+
+def pays(device: torch.device, batch_per_rank: int) -> bool:
+    """Whether trials of this batch (per rank) on this device run their passes fused (vmap)."""
+    return device.type != "cpu" or batch_per_rank <= CPU_MAX_BATCH
+
 
 def stacked(models: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     """Name -> the models' parameters stacked along a new first dimension (differentiable).

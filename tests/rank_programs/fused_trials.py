@@ -1,7 +1,7 @@
 """Train six trials of one cell through the engine, FUSE at a time (1: each alone), on every rank.
 
 argv: OUT FUSE MODEL [GRAD_COMPRESSION [DIVERGE]]. Trial t: seed t, Nesterov with its own learning
-rate and momentum, sparsity 0.9, batch 16, 20 steps, an evaluation every 5; ``DIVERGE`` gives that
+rate and momentum, sparsity 0.9, batch 8, 20 steps, an evaluation every 5; ``DIVERGE`` gives that
 trial a learning rate of 1e6, so it ends INFEASIBLE early and its slot is refilled. The final weights
 go to OUT/trial-<t>.final.pt (the engine's --save-model) beside the logs; rank 0 writes
 OUT/results.json: per trial its status, steps and mask checksum, in the order the trials ended.
@@ -19,17 +19,18 @@ from hvd_sparse.engine import Engine, Job, TrialResult, load_data_everywhere, se
 out, fuse, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 compression = sys.argv[4] if len(sys.argv) > 4 else "none"
 diverge = int(sys.argv[5]) if len(sys.argv) > 5 else None
+BATCH = 8  # at np=1 and np=2 small enough to run fused on a CPU (``fused.pays``)
 dist.init()
 torch.set_num_threads(1)
 
 
 def config(t: int) -> Config:
-    lr = 1e6 if t == diverge else 0.01 * (1 + t % 3)
+    lr = 1e6 if t == diverge else 0.005 * (1 + t % 3)
     return Config.from_dict({
         "data": {"dataset": "mnist5k"}, "model": {"model": model}, "prune": {"sparsity": 0.9, "snip_batches": 2},
-        "optim": {"optimizer": "nesterov", "lr": lr, "momentum": 0.9 + 0.01 * t},
+        "optim": {"optimizer": "nesterov", "lr": lr, "momentum": 0.9 + 0.005 * t},
         "dist": {"grad_compression": compression},
-        "train": {"batch_size": 16, "max_steps": 20, "eval_every": 5, "goal_error": 0.0, "seed": t},
+        "train": {"batch_size": BATCH, "max_steps": 20, "eval_every": 5, "goal_error": 0.0, "seed": t},
         "run": {"out": str(out), "save_model": True, "progress": False},
     })
 
