@@ -1,8 +1,8 @@
 """How to fuse trials: torch.func's vmap against hand-fused layers, beside the same models one by one.
 
-    python benchmarks/fuse_ops.py [--trials 16] [--batch-sizes 4 16 64 256] [--repeats 5]
+    python benchmarks/fuse_ops.py [--trials 16] [--batch-sizes 4 16 64 256] [--repeats 5] [--device cuda]
 
-Simple-CNN, one intra-op thread, T models each with its own batch: ms of one forward and backward
+Simple-CNN, one intra-op thread (on the CPU), T models each with its own batch: ms of one forward and backward
 pass of all T models (a training step without its optimizer), three ways side by side:
 - ``loop``: each model alone, one after the other (unfused trials);
 - ``vmap``: ``hvd_sparse.fused.losses``, the engine's way (torch.func.vmap over stacked parameters);
@@ -25,14 +25,16 @@ from hvd_sparse import fused
 from hvd_sparse.models import build_model
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(repeats)) * 1000
 
 
 def loop(models, x, y) -> None:
@@ -63,17 +65,20 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    models = [build_model("simple-cnn", (1, 28, 28), 10, seed=t) for t in range(args.trials)]
+    models = [build_model("simple-cnn", (1, 28, 28), 10, seed=t).to(device) for t in range(args.trials)]
 
-    print(f"Simple-CNN, {args.trials} models, one thread: ms of forward + backward of all of them (median of {args.repeats})")
+    print(f"Simple-CNN, {args.trials} models on {device} (one thread): ms of forward + backward of all of them "
+          f"(median of {args.repeats})")
     print(f"{'batch':>6} {'loop':>9} {'vmap':>9} {'hand':>9} {'vmap/hand':>10} {'loop/vmap':>10}")
     for batch in args.batch_sizes:
-        x = torch.randn(args.trials, batch, 1, 28, 28, generator=g)
-        y = torch.randint(0, 10, (args.trials, batch), generator=g)
-        ms = {name: median_ms(lambda fn=fn: fn(models, x, y), args.repeats)
+        x = torch.randn(args.trials, batch, 1, 28, 28, generator=g).to(device)
+        y = torch.randint(0, 10, (args.trials, batch), generator=g).to(device)
+        ms = {name: median_ms(lambda fn=fn: fn(models, x, y), args.repeats, device)
               for name, fn in (("loop", loop), ("vmap", vmap), ("hand", hand))}
         print(f"{batch:>6} {ms['loop']:9.1f} {ms['vmap']:9.1f} {ms['hand']:9.1f} {ms['vmap'] / ms['hand']:10.2f} "
               f"{ms['loop'] / ms['vmap']:10.2f}", flush=True)
@@ -81,11 +86,12 @@ def main() -> None:
     from hvd_sparse.data import Split
     from hvd_sparse.engine import Evaluator
 
-    x, y = torch.randn(1000, 1, 28, 28, generator=g), torch.randint(0, 10, (1000,), generator=g)
-    evaluators = [Evaluator(m, torch.device("cpu")) for m in models]
-    alone = median_ms(lambda: [e(Split(x, y), 1000) for e in evaluators], args.repeats)
-    together = median_ms(lambda: fused.evaluate(models, x, y, 1000), args.repeats)
-    print(f"evaluation of {args.trials} models on 1,000 examples: one by one (channels-last twins) {alone:.0f} ms, "
+    x = torch.randn(1000, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (1000,), generator=g).to(device)
+    evaluators = [Evaluator(m, device) for m in models]
+    alone = median_ms(lambda: [e(Split(x, y), 1000) for e in evaluators], args.repeats, device)
+    together = median_ms(lambda: fused.evaluate(models, x, y, 1000), args.repeats, device)
+    print(f"evaluation of {args.trials} models on 1,000 examples: one by one (on the CPU, channels-last twins) {alone:.0f} ms, "
           f"fused (vmap) {together:.0f} ms: fused/alone {together / alone:.2f}")
 
 

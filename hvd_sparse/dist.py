@@ -529,21 +529,24 @@ class LocalSync(GradientSync):
             mask.apply_to_grads(model)
 
 
-def _dense(parts: Sequence[Part], fp16: bool) -> GradientSync:
+def _dense(parts: Sequence[Part], fp16: bool, fused: bool) -> GradientSync:
     if size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
         return LocalSync(parts, [payload_bytes("fp16" if fp16 else "none", model, mask) for _, model, mask in parts])
-    if backend() == "torch" or len(parts) > 1:
+    if backend() == "torch" or fused:  # fused: never Horovod's optimizer, whose wrapper starts with no state
         return KeptEntriesSync(parts, fp16, everything=True)
     return DenseSync(*parts[0], fp16)
 
 
-def gradient_sync(kind: str, parts: Sequence[Part]) -> GradientSync:
-    """The gradient averaging of one trial, or of several fused ones (one allreduce for all of them).
-    ``kind``: none, fp16 (dense: Horovod per tensor for one trial, else one allreduce), kept, kept-fp16
-    (the kept entries, one allreduce)."""
+def gradient_sync(kind: str, parts: Sequence[Part], fused: bool = False) -> GradientSync:
+    """The gradient averaging of one trial, or of the trials fused in an engine (``fused``, one or
+    more: one allreduce for all of them; their optimizers stay as built). ``kind``: none, fp16 (dense:
+    Horovod per tensor for one trial alone, else one allreduce), kept, kept-fp16 (the kept entries,
+    one allreduce)."""
+    if len(parts) > 1 and not fused:
+        raise ValueError("several trials' gradients are averaged together only when they are fused")
     builders: dict[str, Callable[[], GradientSync]] = {
-        "none": lambda: _dense(parts, fp16=False),
-        "fp16": lambda: _dense(parts, fp16=True),
+        "none": lambda: _dense(parts, fp16=False, fused=fused),
+        "fp16": lambda: _dense(parts, fp16=True, fused=fused),
         "kept": lambda: KeptEntriesSync(parts, fp16=False),
         "kept-fp16": lambda: KeptEntriesSync(parts, fp16=True),
     }

@@ -219,7 +219,7 @@ class Recorder:
     def open(self, resumed: Progress | None, attrs: Mapping[str, Any]) -> None:
         """A new log, or the resumed one without the evaluations made after its checkpoint (redone)."""
         if resumed is not None:
-            self.log.truncate(resumed.step, world_size=dist.size(), placement=attrs["placement"])
+            self.log.truncate(resumed.step, world_size=dist.size(), latest={k: attrs[k] for k in ("placement", "fuse")})
             return
         import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
 
@@ -372,6 +372,7 @@ class Slot:
             self.lipschitz = LipschitzProbe(
                 model, self.mask, self.data.train.x, self.data.train.y, train.eval_batch_size, dist.rank(), dist.size(),
                 reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device))
+        model.train()
         self.bar = progress_bar(train.max_steps, enabled=dist.is_root() and self.cfg.run.progress)
         self.bar.update(self.state.step)
 
@@ -487,11 +488,18 @@ class Engine:
     def run(self) -> None:
         """Until no trial is left; the loop of every trial held is evaluate when due, end if done,
         check for a stop signal, step."""
+        try:
+            self.loop()
+        finally:
+            for slot in self.slots:
+                slot.bar.close()
+
+    def loop(self) -> None:
         self.fill()
         while self.slots:
             done = [(slot, outcome) for slot, outcome in self.evaluate() if outcome is not None]
             done += [(slot, ("INCOMPLETE", None)) for slot in self.slots if slot.state.step == slot.cfg.train.max_steps
-                     and all(slot is not ended for ended, _ in done)]
+                     and all(slot is not evaluated for evaluated, _ in done)]
             if done:
                 self.end(done)
                 continue  # the trials that took the free slots are evaluated at their start first
@@ -512,7 +520,8 @@ class Engine:
             kinds = {slot.cfg.dist.grad_compression for slot in self.slots}
             if len(kinds) > 1:
                 raise ConfigError(f"fused trials must share their gradient compression, got {sorted(kinds)}")
-            self.shared = dist.gradient_sync(kinds.pop(), [(s.state.optimizer, s.state.model, s.mask) for s in self.slots])
+            parts = [(s.state.optimizer, s.state.model, s.mask) for s in self.slots]
+            self.shared = dist.gradient_sync(kinds.pop(), parts, fused=True)
 
     def end(self, outcomes: list[tuple[Slot, tuple[str, int | None]]]) -> None:
         for slot, (status, steps_to_result) in outcomes:

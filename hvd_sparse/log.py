@@ -273,10 +273,11 @@ class TrialLog:
 
         self._update(change)
 
-    def truncate(self, last_step: int, world_size: int | None = None, placement: str | None = None) -> None:
+    def truncate(self, last_step: int, world_size: int | None = None, latest: Mapping[str, Any] | None = None) -> None:
         """Drop evaluations and Lipschitz measurements after ``last_step`` (written after the checkpoint a
         run resumes from: they are redone); ``world_size``: the resumed run's, added to ``world_sizes``;
-        ``placement``: the resumed run's, which replaces the earlier one."""
+        ``latest``: attributes of the resumed run (its placement, how many trials it fused), which
+        replace the earlier ones."""
 
         def change(f: h5py.File) -> None:
             for group, names in (("measurements", COLUMNS), (LIPSCHITZ, ("step", "value", "per_gamma"))):
@@ -290,8 +291,8 @@ class TrialLog:
                 sizes = json.loads(f.attrs.get("world_sizes", json.dumps([int(f.attrs["world_size"])])))
                 f.attrs["world_sizes"] = json.dumps(sizes + [world_size])
                 f.attrs["world_size"] = world_size
-            if placement is not None:
-                f.attrs["placement"] = placement
+            for name, value in (latest or {}).items():
+                f.attrs[name] = value
 
         self._update(change)
 

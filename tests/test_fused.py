@@ -110,10 +110,10 @@ def test_fused_trials_refuse_the_probes_of_one_model():
 PROGRAM = str(REPO / "tests" / "rank_programs" / "fused_trials.py")
 
 
-def train_six(out, np_, fuse, model="simple-cnn", compression="none", diverge=None):
+def train_six(out, np_, fuse, compression="none", diverge=None):
     """tests/rank_programs/fused_trials.py: six trials of one cell, ``fuse`` at a time, one thread a rank."""
     out.mkdir()
-    args = [PROGRAM, str(out), str(fuse), model, compression, *([str(diverge)] if diverge is not None else [])]
+    args = [PROGRAM, str(out), str(fuse), "simple-cnn", compression, *([str(diverge)] if diverge is not None else [])]
     if np_ == 1:
         proc = subprocess.run([sys.executable, *args], env={**launch_env(), "OMP_NUM_THREADS": "1"}, cwd=REPO,
                               capture_output=True, text=True, timeout=240)
@@ -135,14 +135,12 @@ def fused_np1(tmp_path_factory):
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("model", ["simple-cnn", "lenet-300-100"])
-def test_a_fused_trial_is_the_trial_trained_alone(fused_np1, tmp_path, model):
+def test_a_fused_trial_is_the_trial_trained_alone(fused_np1, tmp_path):
     """Six trials, four at a time (two refill freed slots), against each trained alone with the same
     thread count: after 20 steps the weights agree to 1e-5 relative, the masks bit for bit, and every
-    logged evaluation to 1e-5."""
-    fused_run = fused_np1 if model == "simple-cnn" else train_six(tmp_path / "fused", 1, fuse=4, model=model)
-    alone_run = train_six(tmp_path / "alone", 1, fuse=1, model=model)
-    (fused_results, fused_weights, fused_logs), (alone_results, alone_weights, alone_logs) = fused_run, alone_run
+    logged evaluation to 1e-5. (Every registry model fuses: the first test of this module.)"""
+    (fused_results, fused_weights, fused_logs) = fused_np1
+    (alone_results, alone_weights, alone_logs) = train_six(tmp_path / "alone", 1, fuse=1)
     assert sorted(map(json.dumps, fused_results)) == sorted(map(json.dumps, alone_results))  # status, steps, mask
     for trial, weights in alone_weights.items():
         assert relative_difference(fused_weights[trial], weights) <= 1e-5, trial
@@ -156,9 +154,10 @@ def test_a_fused_trial_is_the_trial_trained_alone(fused_np1, tmp_path, model):
 @pytest.mark.launches
 @pytest.mark.parametrize("compression", ["none", "kept"])
 def test_fused_at_np2_is_fused_at_np1(fused_np1, tmp_path, compression):
-    """Two ranks, each with half of every trial's batch, one allreduce a step for all four trials
-    (dense, or the kept entries of all four masks): the np=1 weights to float summation order."""
-    results, weights, logs = train_six(tmp_path / "np2", 2, fuse=4, compression=compression)
+    """Two ranks, each with half of every trial's batch, one allreduce a step for all five trials of
+    the array (dense, or the kept entries of all five masks), then the sixth alone: the np=1 weights
+    (four at a time) to float summation order."""
+    results, weights, logs = train_six(tmp_path / "np2", 2, fuse=5, compression=compression)
     np1_results, np1_weights, _ = fused_np1
     assert results == np1_results
     for trial in weights:
