@@ -110,7 +110,7 @@ def test_fused_trials_refuse_the_probes_of_one_model():
 PROGRAM = str(REPO / "tests" / "rank_programs" / "fused_trials.py")
 
 
-def train_six(out, np_, fuse, compression="none", diverge=None):
+def train_six(out, np_, fuse, compression="none", diverge=None, launcher="horovodrun"):
     """tests/rank_programs/fused_trials.py: six trials of one cell, ``fuse`` at a time, one thread a rank."""
     out.mkdir()
     args = [PROGRAM, str(out), str(fuse), "simple-cnn", compression, *([str(diverge)] if diverge is not None else [])]
@@ -118,7 +118,7 @@ def train_six(out, np_, fuse, compression="none", diverge=None):
         proc = subprocess.run([sys.executable, *args], env={**launch_env(), "OMP_NUM_THREADS": "1"}, cwd=REPO,
                               capture_output=True, text=True, timeout=240)
     else:
-        proc = horovodrun(np_, args)
+        proc = (horovodrun if launcher == "horovodrun" else torchrun)(np_, args)
     assert proc.returncode == 0, describe(proc)
     results = json.loads((out / "results.json").read_text())
     weights = {r["trial"]: torch.load(out / f"{r['trial']}.final.pt") for r in results}
@@ -152,17 +152,18 @@ def test_a_fused_trial_is_the_trial_trained_alone(fused_np1, tmp_path):
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("compression", ["none", "kept"])
-def test_fused_at_np2_is_fused_at_np1(fused_np1, tmp_path, compression):
+@pytest.mark.parametrize("launcher, compression", [("horovodrun", "none"), ("horovodrun", "kept"), ("torchrun", "none")])
+def test_fused_at_np2_is_fused_at_np1(fused_np1, tmp_path, launcher, compression):
     """Two ranks, each with half of every trial's batch, one allreduce a step for all five trials of
     the array (dense, or the kept entries of all five masks), then the sixth alone: the np=1 weights
-    (four at a time) to float summation order."""
-    results, weights, logs = train_six(tmp_path / "np2", 2, fuse=5, compression=compression)
+    (four at a time) to float summation order, on either engine."""
+    results, weights, logs = train_six(tmp_path / "np2", 2, fuse=5, compression=compression, launcher=launcher)
     np1_results, np1_weights, _ = fused_np1
     assert results == np1_results
     for trial in weights:
         assert relative_difference(weights[trial], np1_weights[trial]) <= 1e-5, trial
         assert logs[trial].attrs["world_size"] == 2
+        assert logs[trial].attrs["backend"] == ("horovod" if launcher == "horovodrun" else "torch")
 
 
 @pytest.mark.launches
