@@ -102,11 +102,9 @@ def check_batch(train: TrainConfig) -> None:
 
 
 def check_fusable(cfg: Config) -> None:
-    """Fused trials measure neither the gradient noise scale nor the Lipschitz constant (each probes
-    one model through its own forward and backward passes)."""
-    if cfg.train.noise_scale_every or cfg.train.lipschitz_every:
-        raise ConfigError("fused trials measure neither the gradient noise scale nor the Lipschitz constant: "
-                          "fuse 1, or noise_scale_every and lipschitz_every 0")
+    """Fused trials do not measure the Lipschitz constant (its probe runs one model's own passes)."""
+    if cfg.train.lipschitz_every:
+        raise ConfigError("fused trials do not measure the Lipschitz constant: fuse 1, or lipschitz_every 0")
 
 
 def select_device() -> torch.device:
@@ -325,13 +323,15 @@ def grads_finite(models: Sequence[nn.Module]) -> list[bool]:
     return torch.isfinite(torch.stack(sums)).tolist()
 
 
-def measure_noise(noise: NoiseScale, local_sq: torch.Tensor, model: nn.Module, masks: list[torch.Tensor | None],
+def measure_noise(measured: Sequence[tuple[NoiseScale, nn.Module, list[torch.Tensor | None]]], local_sq: torch.Tensor,
                   batch_size: int, world: int) -> None:
-    """One scalar allreduce: the mean over ranks of |local gradient|^2 (batch B/k; at np=1, of the two
-    halves, B/2) beside |averaged gradient|^2 (batch B), into the noise-scale estimates."""
-    small = dist.allreduce_mean(local_sq.reshape(1).cpu(), name="noise.local_sq").item()
-    big = masked_sq_norm([p.grad for p in model.parameters() if p.requires_grad], masks).item()
-    noise.update(small, big, batch_size // max(world, 2), batch_size)
+    """One allreduce of a scalar per measured model (noise scale, model, masks): the mean over ranks of
+    |local gradient|^2 (batch B/k; at np=1, of the two halves, B/2) beside |averaged gradient|^2
+    (batch B), into each model's noise-scale estimates."""
+    small = dist.allreduce_mean(local_sq.reshape(-1).cpu(), name="noise.local_sq").tolist()
+    for (noise, model, masks), sq in zip(measured, small):
+        big = masked_sq_norm([p.grad for p in model.parameters() if p.requires_grad], masks).item()
+        noise.update(sq, big, batch_size // max(world, 2), batch_size)
 
 
 @dataclass(frozen=True)
@@ -576,7 +576,7 @@ class Engine:
     def step(self) -> list[bool]:
         """One optimizer step of every trial on this rank's shard of its global batch, with the
         measurements that ride along when due (the noise scale reads this step's gradients; the
-        Lipschitz probe looks before and after it; neither is taken by fused trials). Per trial:
+        Lipschitz probe, never taken by fused trials, looks before and after it). Per trial:
         False if its averaged gradient is not finite (INFEASIBLE; its step is not taken)."""
         slots, world, sync = self.slots, dist.size(), self.sync
         probes = [s.lipschitz if s.lipschitz and lipschitz_due(s.state.step, s.cfg.train.lipschitz_every) else None
@@ -587,21 +587,24 @@ class Engine:
         shards = [slot.shard() for slot in slots]
         measure = [slot.noise_due() for slot in slots]
         sync.zero_grad()
-        if any(measure):  # one trial: its own gradient, before the allreduce, and its norm
-            slot, (x, y) = slots[0], shards[0]
-            loss, local_sq = local_gradients(slot.state.model, slot.loss, x, y, slot.noise_masks, halves=world == 1)
-            losses = [loss]
+        if any(measure):  # every trial's own gradient, before the allreduce, and its norm
+            losses, local_sq = local_gradients(
+                [slot.state.model for slot in slots], lambda part: self.losses([(x[part], y[part]) for x, y in shards]),
+                len(shards[0][1]), [slot.noise_masks or slot.mask.by_parameter(slot.state.model) for slot in slots],
+                halves=world == 1)
         else:
             losses = self.losses(shards)
             (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
         sync.synchronize()  # p.grad: the average over ranks, masked
         finite = grads_finite([slot.state.model for slot in slots])
+        measured = [i for i, due in enumerate(measure) if due and finite[i]]
+        if measured:
+            measure_noise([(slots[i].state.noise, slots[i].state.model, slots[i].noise_masks) for i in measured],
+                          local_sq[measured], slots[0].cfg.train.batch_size, world)
         for i, (slot, probe) in enumerate(zip(slots, probes)):
             if not finite[i]:
                 continue
             state, train = slot.state, slot.cfg.train
-            if measure[i]:
-                measure_noise(state.noise, local_sq, state.model, slot.noise_masks, train.batch_size, world)
             set_learning_rate(state.optimizer, learning_rate(slot.cfg.optim, state.step, train.max_steps))
             sync.step(i)
             slot.mask.apply_to_params(state.model)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,34 +78,39 @@ def masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor | None]) 
     return total
 
 
-def local_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                    y: torch.Tensor, masks: list[torch.Tensor | None], halves: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put this rank's gradient of ``loss_fn(x, y)`` (a mean over the examples) into every ``p.grad`` without starting an
-    allreduce (``autograd.grad`` does not run the gradient-accumulator hooks Horovod listens to; the
-    synchronize that follows reduces every gradient), and return (loss, |masked local gradient|^2).
+def local_gradients(models: Sequence[nn.Module], losses_of: Callable[[slice], list[torch.Tensor]], n: int,
+                    masks: Sequence[list[torch.Tensor | None]], halves: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Put each model's gradient of its loss on this rank's ``n`` examples into every ``p.grad`` without
+    starting an allreduce (``autograd.grad`` does not run the gradient-accumulator hooks Horovod
+    listens to; the synchronize that follows reduces every gradient), and return (each model's loss,
+    [models] |masked local gradient|^2). ``losses_of(part)``: each model's mean loss on that slice of
+    its examples (several models: fused trials, whose passes are shared).
 
     With ``halves`` (np=1) the batch is taken as two halves: the gradient is the mean of the two
     half-batch gradients (the full-batch gradient, summed in another order) and the squared norm is
     the mean of theirs, a gradient of B/2 examples.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    n = len(y)
+    params = [[p for p in model.parameters() if p.requires_grad] for model in models]
+    flat = [p for per_model in params for p in per_model]
     parts = (slice(0, n // 2), slice(n // 2, n)) if halves else (slice(0, n),)
-    totals = [torch.zeros_like(p) for p in params]
-    sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    totals = [torch.zeros_like(p) for p in flat]
+    sq = torch.zeros(len(models), dtype=torch.float64, device=flat[0].device)
     losses = []
     for part in parts:
-        loss = loss_fn(x[part], y[part])
-        grads = torch.autograd.grad(loss, params)
-        sq += masked_sq_norm(list(grads), masks)
+        part_losses = losses_of(part)
+        grads = torch.autograd.grad(part_losses[0] if len(part_losses) == 1 else torch.stack(part_losses).sum(), flat)
+        start = 0
+        for i, per_model in enumerate(params):
+            sq[i] += masked_sq_norm(list(grads[start : start + len(per_model)]), masks[i])
+            start += len(per_model)
         for t, g in zip(totals, grads):
             t.add_(g)
-        losses.append(loss.detach())
-    for p, t in zip(params, totals):
+        losses.append(torch.stack([loss.detach() for loss in part_losses]))
+    for p, t in zip(flat, totals):
         if len(parts) > 1:
             t.div_(len(parts))
         if p.grad is None:
             p.grad = t
         else:  # a view into KeptEntriesSync's flat buffer: keep it
             p.grad.copy_(t)
-    return torch.stack(losses).mean(), sq / len(parts)
+    return list(torch.stack(losses).mean(dim=0)), sq / len(parts)

@@ -46,9 +46,9 @@ for step in range(steps):
     x = torch.randn(local, D, generator=draw)
     y = x @ w_star + SIGMA * torch.randn(local, generator=draw)
     sync.zero_grad()
-    _, local_sq = local_gradients(model, loss_fn, x, y, masks, halves=world == 1)
+    _, local_sq = local_gradients([model], lambda part: [loss_fn(x[part], y[part])], len(y), [masks], halves=world == 1)
     sync.synchronize()
-    measure_noise(noise, local_sq, model, masks, BATCH, world)
+    measure_noise([(noise, model, masks)], local_sq, BATCH, world)
 
 if rank == 0:
     kept = delta[keep]
