@@ -366,7 +366,7 @@ class Slot:
         model, train = self.state.model, self.cfg.train
         self.evaluator = Evaluator(model, self.data.train.x.device)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
-        self.noise_masks = self.mask.by_parameter(model) if train.noise_scale_every else []
+        self.noise_masks = self.mask.by_parameter(model)
         self.lipschitz = None
         if train.lipschitz_every:
             self.lipschitz = LipschitzProbe(
@@ -474,8 +474,6 @@ class Engine:
     """
 
     def __init__(self, data: Datasets, fuse: int, next_job: Callable[[], Job | None], ended: Ended):
-        if fuse < 1:
-            raise ConfigError(f"--fuse must be a positive number of trials, got {fuse}")
         self.data, self.fuse, self.next_job, self.ended = data, fuse, next_job, ended
         self.fused = fuse > 1
         self.slots: list[Slot] = []
@@ -590,7 +588,7 @@ class Engine:
         if any(measure):  # every trial's own gradient, before the allreduce, and its norm
             losses, local_sq = local_gradients(
                 [slot.state.model for slot in slots], lambda part: self.losses([(x[part], y[part]) for x, y in shards]),
-                len(shards[0][1]), [slot.noise_masks or slot.mask.by_parameter(slot.state.model) for slot in slots],
+                len(shards[0][1]), [slot.noise_masks for slot in slots],
                 halves=world == 1)
         else:
             losses = self.losses(shards)
