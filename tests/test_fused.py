@@ -166,6 +166,20 @@ def test_fused_at_np2_is_fused_at_np1(fused_np1, tmp_path, launcher, compression
 
 
 @pytest.mark.launches
+def test_a_trial_left_alone_midway_at_np2_keeps_its_optimizer_state(fused_np1, tmp_path):
+    """Five at a time on Horovod at np=2, trial 1 diverging at once: trial 5 takes its slot at step 1
+    and trains its last steps alone, its momentum carried over. Every other trial still ends at the
+    np=1 weights to float summation order (a lone trial once went through Horovod's optimizer
+    wrapper, which starts with an empty state)."""
+    results, weights, _ = train_six(tmp_path / "np2", 2, fuse=5, diverge=1)
+    _, np1_weights, _ = fused_np1
+    assert {r["trial"]: r["status"] for r in results}["trial-1"] == "INFEASIBLE"
+    for trial in np1_weights:
+        if trial != "trial-1":
+            assert relative_difference(weights[trial], np1_weights[trial]) <= 1e-5, trial
+
+
+@pytest.mark.launches
 def test_a_diverging_trial_leaves_its_neighbours_bitwise_unchanged(fused_np1, tmp_path):
     """Trial 1 at learning rate 1e6 ends INFEASIBLE at once and trial 4 takes its slot early: every
     other trial's weights and logged evaluations are bit for bit those of the run without it."""
