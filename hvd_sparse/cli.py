@@ -94,7 +94,7 @@ def guarded(body: Callable[[], int], prog: str) -> int:
     install_stop_handlers(prog)
     dist.program = prog
     try:
-        return body()
+        code = body()
     except Interrupted as e:
         return report_interrupted(e)
     except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
@@ -103,3 +103,5 @@ def guarded(body: Callable[[], int], prog: str) -> int:
         return fail(e, 1, prog)
     except dist.PeerFailure:
         return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1, prog)
+    dist.finish()
+    return code

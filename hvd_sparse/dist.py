@@ -268,6 +268,21 @@ def exit_barrier(timeout: float = 10.0) -> None:
     waiter.join(timeout)
 
 
+def finish() -> None:
+    """The end of a command that every rank completed: wait until all ranks of the job are here, then
+    close the engine's connections (torch.distributed: the process group), so that no rank tears its
+    connections down while a slower one still reads from them. Once seen without it, in CI: rank 0 of
+    a torchrun job that had printed its result aborted at exit ("terminate called without an active
+    exception"). Best effort: the command's work is done and written."""
+    if _e is None or not _e.is_initialized():
+        return
+    try:
+        with waiting("finish"):
+            _e.finish()
+    except Exception:  # noqa: BLE001 - a rank already gone: it said why itself
+        pass
+
+
 def rank() -> int:
     return _e.rank() if _e is not None else 0
 

@@ -143,6 +143,9 @@ class Horovod:
     def barrier(self) -> None:
         self.hvd.barrier()
 
+    def finish(self) -> None:
+        """Nothing to close: Horovod shuts itself down at exit (its own atexit hook)."""
+
     def distributed_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool) -> Any:
         """Horovod's optimizer: one allreduce per gradient, fused, overlapped with backward."""
         hvd = self.hvd
@@ -231,6 +234,12 @@ class Torch:
                 self.td.destroy_process_group()
         except Exception:  # noqa: BLE001 - on the way out, a peer may be gone already
             pass
+
+    def finish(self) -> None:
+        """Every rank of the world meets, then each closes its process groups (``dist.finish``)."""
+        if self.td.is_initialized():
+            self.td.barrier()
+            self.td.destroy_process_group()
 
     def is_initialized(self) -> bool:
         return self.td.is_initialized()
