@@ -139,9 +139,18 @@ class VirtualHosts:
         out = subprocess.run(["ip", "netns", "pids", self.namespace(host)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
-    def processes(self, host: str) -> list[str]:
-        """What still runs on ``host``: "pid (parent) command line" per process. Zombies are left out: they
-        have ended, and one whose parent is this machine's init waits there until init reaps it."""
+    def processes(self, host: str, settle: float = 5.0) -> list[str]:
+        """What still runs on ``host`` ``settle`` s after the call at the latest: "pid (parent) command
+        line" per process. Zombies are left out: they have ended, and one whose parent is this machine's
+        init waits there until init reaps it. The wait is for processes on their way out (seen in CI: a
+        rank killed as its job ended, its command line already gone, listed a moment after mpirun
+        returned); one that goes on running is still listed."""
+        deadline = time.monotonic() + settle
+        while (left := self._running(host)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
+    def _running(self, host: str) -> list[str]:
         out = []
         for pid in self.pids(host):
             try:
