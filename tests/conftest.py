@@ -1,4 +1,4 @@
-"""Shared helpers: launching real Horovod ranks with horovodrun, and reading their output.
+"""Shared helpers: launching real Horovod ranks (mpirun, as horovodrun does), and reading their output.
 
 Every test that starts a process (horovodrun, mpirun, srun, a CLI) carries the ``launches`` marker,
 and the fast tier (``make test-fast``: ``-m "not launches"``) leaves them out. ``launch_env()``, which
@@ -42,26 +42,49 @@ def launch_env() -> dict[str, str]:
     require_launches_marker()
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"  # horovodrun passes --allow-run-as-root to mpirun itself
+    env["PYTHONUNBUFFERED"] = "1"  # horovodrun and launch/mpirun pass mpirun --allow-run-as-root themselves
     return env
 
 
-def horovodrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``horovodrun -np N python ARGS`` with real ranks; fails the test (not hangs) on timeout."""
-    cmd = [str(BIN / "horovodrun"), "-np", str(np), sys.executable, *args]
+def mpirun_cmd(np: int) -> list[str]:
+    """The mpirun command horovodrun runs for ``-np N`` on this host (launch/mpirun's flags, rank-tagged
+    output, horovodrun's transport), without horovodrun's own start, which imports torch to check
+    Horovod's build: 1.5-2 s a launch, about 2 minutes over the suite. The tests of the README's
+    commands and of the launcher watch (``test_watch``) use horovodrun itself."""
+    return [str(REPO / "launch" / "mpirun"), "--tag-output", "-np", str(np), "-H", f"localhost:{np}",
+            "--mca", "pml", "ob1", "--mca", "btl", "^openib"]
+
+
+def horovodrun_cmd(np: int) -> list[str]:
+    return [str(BIN / "horovodrun"), "-np", str(np)]
+
+
+def torchrun_cmd(np: int) -> list[str]:
+    """torchrun on this host, a free port each time."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(np)]
+
+
+def launched(cmd: list[str], timeout: float, cwd: Path | None) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end; fails the test (not hangs) on timeout."""
     try:
         return subprocess.run(cmd, env=launch_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+
+
+def mpirun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` on N real Horovod ranks (``mpirun_cmd``)."""
+    return launched([*mpirun_cmd(np), sys.executable, *args], timeout, cwd)
+
+
+def horovodrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``horovodrun -np N python ARGS``."""
+    return launched([*horovodrun_cmd(np), sys.executable, *args], timeout, cwd)
 
 
 def torchrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N ARGS`` (a free port each time) with real ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(np), *args]
-    try:
-        return subprocess.run(cmd, env=launch_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hang?)\n{e.stdout}\n{e.stderr}")
+    """``torchrun --standalone --nproc-per-node N ARGS`` with real ranks (torch.distributed)."""
+    return launched([*torchrun_cmd(np), *args], timeout, cwd)
 
 
 @contextmanager
@@ -88,12 +111,12 @@ def kill_rank_and_wait(job: subprocess.Popen, rank, record_property) -> None:
     assert job.returncode != 0
 
 
-def run_train(np: int, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return horovodrun(np, ["-m", "hvd_sparse.train", "--no-progress", *flags], timeout=timeout)
+def run_train(np: int, *flags: str, timeout: float = 240, launcher=mpirun) -> subprocess.CompletedProcess:
+    return launcher(np, ["-m", "hvd_sparse.train", "--no-progress", *flags], timeout=timeout)
 
 
 def rank_lines(output: str, rank: int) -> list[str]:
-    """The lines horovodrun tagged as coming from ``rank`` (``[1,R]<stdout>:`` or ``<stderr>:``)."""
+    """The lines mpirun tagged as coming from ``rank`` (``[1,R]<stdout>:`` or ``<stderr>:``)."""
     lines = []
     for line in output.splitlines():
         m = _TAG.match(line)

@@ -11,7 +11,7 @@ import torch
 
 from hvd_sparse.checkpoint import checkpoint_path
 from hvd_sparse.log import COLUMNS, read_log
-from conftest import BIN, REPO, describe, job_in_own_session, kill_rank_and_wait, launch_env
+from conftest import REPO, describe, job_in_own_session, kill_rank_and_wait, launch_env, mpirun_cmd
 
 FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8", "--optimizer", "momentum",
          "--lr", "0.02", "--batch-size", "32", "--max-steps", "800", "--eval-every", "50", "--goal-error", "0",
@@ -21,7 +21,7 @@ FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.8",
 
 def command(np_, out):
     train = [sys.executable, "-m", "hvd_sparse.train", *FLAGS, "--out", str(out)]
-    return train if np_ == 1 else [str(BIN / "horovodrun"), "-np", str(np_), *train]
+    return train if np_ == 1 else [*mpirun_cmd(np_), *train]
 
 
 def run(np_, out, *extra, timeout=300):

@@ -1,5 +1,5 @@
 """Gradient synchronization schemes: the kept-entries allreduce vs the dense one; and the same trial on
-both engines (Horovod under horovodrun, torch.distributed under torchrun)."""
+both engines (Horovod under mpirun, torch.distributed under torchrun)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,13 +103,12 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_runs(tmp_path_factory):
     """... and on torch.distributed, launched by torchrun."""
-    return run_schemes(tmp_path_factory, lambda np, *flags: torchrun(np, ["-m", "hvd_sparse.train", "--no-progress", *flags]),
-                       "torch")
+    return run_schemes(tmp_path_factory, lambda np, *flags: run_train(np, *flags, launcher=torchrun), "torch")
 
 
 @pytest.mark.launches
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_torchrun_and_horovodrun_give_the_same_log(runs, torch_runs, scheme):
+def test_horovod_and_torch_engines_give_the_same_log(runs, torch_runs, scheme):
     """Every measurement and every final weight, bit for bit: at np=2 an average is (a + b) x 0.5 on
     both engines, whether Horovod sends each tensor or torch one flat vector."""
     (log_h, p_h), (log_t, p_t) = runs[scheme], torch_runs[scheme]

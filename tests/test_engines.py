@@ -4,7 +4,7 @@ import os
 import pytest
 
 from hvd_sparse.engines import Torch, choose
-from conftest import REPO, describe, run_train, torchrun
+from conftest import REPO, describe, run_train, torchrun, torchrun_cmd
 
 TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "0"}
 MPIRUN = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}
@@ -72,7 +72,6 @@ LONG = ["--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "
 def test_a_killed_torchrun_rank_ends_the_job_and_the_rerun_resumes_to_horovods_measurements(tmp_path, record_property):
     """SIGKILL to rank 1 under torchrun: the job ends within seconds, the log stays, and the rerun resumes
     from the checkpoint to exactly what an uninterrupted np=2 Horovod run measures."""
-    import sys
     import time
 
     import numpy as np
@@ -84,8 +83,7 @@ def test_a_killed_torchrun_rank_ends_the_job_and_the_rerun_resumes_to_horovods_m
     whole = run_train(2, *LONG, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, describe(whole)
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "hvd_sparse.train", "--no-progress", *LONG, "--out", str(cut)]
+    cmd = [*torchrun_cmd(2), "-m", "hvd_sparse.train", "--no-progress", *LONG, "--out", str(cut)]
     with job_in_own_session(cmd) as victim:
         deadline = time.time() + 120
         while not (list(cut.glob("*.ckpt.pt")) and len(read_log(next(cut.glob("*.h5"))).measurements["step"]) >= 3):
@@ -123,7 +121,7 @@ def test_without_horovod_the_toolkit_runs_on_torch(tmp_path):
                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert check.stdout.strip() == "False", describe(check)
     for name, launch in (("alone", [sys.executable]),
-                         ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
+                         ("torchrun", torchrun_cmd(2))):
         proc = subprocess.run([*launch, "-m", "hvd_sparse.train", "--no-progress", *FLAGS, "--out", str(tmp_path / name)],
                               env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, describe(proc)

@@ -16,7 +16,7 @@ import pytest
 
 from hvd_sparse.checkpoint import checkpoint_path
 from hvd_sparse.log import read_log
-from conftest import BIN, REPO, describe, fill_disk, horovodrun, launch_env, rank_lines
+from conftest import REPO, describe, fill_disk, launch_env, mpirun, mpirun_cmd, rank_lines
 from test_data import write_mnist
 
 TRAIN = ["-m", "hvd_sparse.train", "--no-progress", "--dataset", "synthetic", "--model", "mlp-tiny",
@@ -24,7 +24,7 @@ TRAIN = ["-m", "hvd_sparse.train", "--no-progress", "--dataset", "synthetic", "-
 PER_RANK = str(REPO / "tests" / "rank_programs" / "per_rank_args.py")
 TINY_STUDY = {"name": "s", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.5], "optimizers": ["sgd"],
               "batch_sizes": [16], "trials": 1, "goal_error": 0.0, "max_steps": 10, "eval_every": 5}
-LIMIT = 30  # seconds from launch to the exit of every rank, horovodrun's own start-up included
+LIMIT = 30  # seconds from launch to the exit of every rank, the launcher's own start-up included
 
 
 def assert_every_rank_failed(proc, started, message, record_property, prog="hvd_sparse.train"):
@@ -42,7 +42,7 @@ def assert_every_rank_failed(proc, started, message, record_property, prog="hvd_
 
 def per_rank(module, extra_for_rank_1, args, timeout=LIMIT * 2):
     """``module``'s main on both ranks, rank 1 with ``extra_for_rank_1`` appended to its arguments."""
-    return horovodrun(2, [PER_RANK, module, json.dumps({"1": extra_for_rank_1}), *args], timeout=timeout)
+    return mpirun(2, [PER_RANK, module, json.dumps({"1": extra_for_rank_1}), *args], timeout=timeout)
 
 
 # -- ranks that disagree -----------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_malformed_data_fails_on_every_rank(tmp_path, record_property, damage, m
     else:
         labels.unlink()
     started = time.time()
-    proc = horovodrun(2, [*TRAIN, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+    proc = mpirun(2, [*TRAIN, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
                           "--out", str(tmp_path / "out")], timeout=LIMIT * 2)
     assert_every_rank_failed(proc, started, message, record_property)
 
@@ -129,7 +129,7 @@ def test_a_read_only_output_folder_fails_before_training(tmp_path, mount_tmpfs, 
         spec.write_text(json.dumps(TINY_STUDY))
         args, prog = ["-m", "hvd_sparse.study", str(spec), "--out", str(read_only / "runs")], "hvd_sparse.study"
     started = time.time()
-    proc = horovodrun(2, args, timeout=LIMIT * 2)
+    proc = mpirun(2, args, timeout=LIMIT * 2)
     assert_every_rank_failed(proc, started, "Read-only file system", record_property, prog=prog)
 
 
@@ -138,13 +138,13 @@ def test_an_existing_study_folder_made_read_only_fails_before_training(tmp_path,
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps(TINY_STUDY))
     disk = mount_tmpfs("size=1m")
-    first = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=120)
+    first = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=120)
     assert first.returncode == 0, describe(first)
     (log,) = disk.rglob("trial-*.h5")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     before = log.read_bytes()
     started = time.time()
-    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=LIMIT * 2)
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=LIMIT * 2)
     assert_every_rank_failed(proc, started, "study directory", record_property, prog="hvd_sparse.study")
     assert "cannot write there: Read-only file system" in proc.stdout + proc.stderr
     assert log.read_bytes() == before
@@ -159,7 +159,7 @@ def test_a_full_disk_mid_training_stops_every_rank_and_the_run_resumes_once_ther
     disk = mount_tmpfs("size=8m")
     args = [*TRAIN, "--model", "simple-cnn", "--max-steps", "600", "--eval-every", "20", "--goal-error", "0",
             "--out", str(disk)]
-    cmd = [str(BIN / "horovodrun"), "-np", "2", sys.executable, *args]
+    cmd = [*mpirun_cmd(2), sys.executable, *args]
     job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -203,13 +203,13 @@ def test_a_corrupt_log_in_a_study_stops_it_on_every_rank_and_is_left_alone(tmp_p
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
     args = ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
-    first = horovodrun(2, args, timeout=120)
+    first = mpirun(2, args, timeout=120)
     assert first.returncode == 0, describe(first)
     logs = sorted((tmp_path / "runs").rglob("trial-*.h5"))
     logs[1].write_bytes(logs[1].read_bytes()[:2000])  # e.g. a copy cut short
     before = {p: p.read_bytes() for p in logs}
     started = time.time()
-    proc = horovodrun(2, args, timeout=LIMIT * 2)
+    proc = mpirun(2, args, timeout=LIMIT * 2)
     assert_every_rank_failed(proc, started, "unreadable or corrupt HDF5 log", record_property, prog="hvd_sparse.study")
     assert str(logs[1]) in proc.stdout + proc.stderr
     assert {p: p.read_bytes() for p in logs} == before
@@ -221,11 +221,11 @@ def test_an_input_error_seen_by_rank_0_alone_exits_2_on_every_rank(tmp_path):
     learns it through the agreement and must exit with the same code, 2, not 1."""
     flags = ["-m", "hvd_sparse.train", "--no-progress", "--dataset", "synthetic", "--model", "mlp-tiny",
              "--batch-size", "32", "--max-steps", "10", "--eval-every", "10", "--out", str(tmp_path / "runs")]
-    assert horovodrun(2, flags).returncode == 0
+    assert mpirun(2, flags).returncode == 0
     codes = tmp_path / "codes"
     codes.mkdir()
     script = f'"{sys.executable}" "$@"; code=$?; echo $code > "{codes}/rank$OMPI_COMM_WORLD_RANK"; exit $code'
-    proc = subprocess.run([str(BIN / "horovodrun"), "-np", "2", "bash", "-c", script, "rank", *flags],
+    proc = subprocess.run([*mpirun_cmd(2), "bash", "-c", script, "rank", *flags],
                           env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, describe(proc)
     for rank in (0, 1):
@@ -245,7 +245,7 @@ def test_a_study_never_believes_a_damaged_or_foreign_log(tmp_path, record_proper
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
     args = ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
-    assert horovodrun(2, args, timeout=120).returncode == 0
+    assert mpirun(2, args, timeout=120).returncode == 0
     logs = sorted((tmp_path / "runs").rglob("trial-*.h5"))
     if damage == "log byte":
         data = bytearray(logs[1].read_bytes())
@@ -255,14 +255,14 @@ def test_a_study_never_believes_a_damaged_or_foreign_log(tmp_path, record_proper
     else:
         other = tmp_path / "other.yaml"
         other.write_text(json.dumps({**TINY_STUDY, "trials": 2, "name": "other", "goal_error": 0.5}))
-        assert horovodrun(2, ["-m", "hvd_sparse.study", str(other), "--out", str(tmp_path / "elsewhere")],
+        assert mpirun(2, ["-m", "hvd_sparse.study", str(other), "--out", str(tmp_path / "elsewhere")],
                           timeout=120).returncode == 0
         (foreign,) = [p for p in (tmp_path / "elsewhere").rglob("trial-*.h5") if p.name == logs[1].name]
         logs[1].write_bytes(foreign.read_bytes())
         message = "belongs to another study or trial (its study_hash, run_hash differ)"
     before = {p: p.read_bytes() for p in logs}
     started = time.time()
-    proc = horovodrun(2, args, timeout=LIMIT * 2)
+    proc = mpirun(2, args, timeout=LIMIT * 2)
     assert_every_rank_failed(proc, started, message, record_property, prog="hvd_sparse.study")
     assert str(logs[1]) in proc.stdout + proc.stderr and proc.returncode == 2
     assert {p: p.read_bytes() for p in logs} == before
@@ -271,7 +271,7 @@ def test_a_study_never_believes_a_damaged_or_foreign_log(tmp_path, record_proper
 @pytest.mark.launches
 def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, record_property):
     flags = TRAIN[:-4] + ["--max-steps", "100000", "--eval-every", "10", "--goal-error", "0", "--out", str(tmp_path / "runs")]
-    job = subprocess.Popen([str(BIN / "horovodrun"), "-np", "2", sys.executable, *flags], env=launch_env(), cwd=REPO,
+    job = subprocess.Popen([*mpirun_cmd(2), sys.executable, *flags], env=launch_env(), cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not list((tmp_path / "runs").glob("*.ckpt.pt")) and time.time() < deadline:
@@ -287,7 +287,7 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, record_property):
     data[len(data) // 2] ^= 0x01
     ckpt.write_bytes(bytes(data))
     started = time.time()
-    proc = horovodrun(2, flags, timeout=LIMIT * 2)
+    proc = mpirun(2, flags, timeout=LIMIT * 2)
     assert_every_rank_failed(proc, started, "the checkpoint fails its checksum (damaged bytes), so it is not used",
                              record_property)
     assert proc.returncode == 2

@@ -1,16 +1,12 @@
 """The Fashion-MNIST replication's specs (studies/fashion-mnist-*.yaml): they validate, the side studies
 are what their comments say they are, and a two-cell slice of the grid runs on the real data."""
-import json
-import math
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from hvd_sparse.data import SYSTEM_DATA_DIRS
 from hvd_sparse.log import read_log
 from hvd_sparse.study import StudySpec, grid
-from conftest import REPO, describe, horovodrun
+from conftest import REPO, describe, mpirun
 
 STUDIES = REPO / "studies"
 FIGURES = REPO / "docs" / "fashion-study"
@@ -75,7 +71,7 @@ def test_a_two_cell_slice_runs_on_the_real_data_and_agrees_with_the_committed_ta
     if not (SYSTEM_DATA_DIRS["FashionMNIST"][0] / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed (launch/setup.sh installs it where it has root and apt)")
     out = tmp_path / "runs"
-    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(two_cell_slice(tmp_path)), "--out", str(out), "--pack", "2"],
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(two_cell_slice(tmp_path)), "--out", str(out), "--pack", "2"],
                       timeout=110)
     assert proc.returncode == 0, describe(proc)
     committed = pd.read_csv(FIGURES / "trials.csv")

@@ -20,7 +20,7 @@ from hvd_sparse.engine import check_fusable
 from hvd_sparse.log import read_log
 from hvd_sparse.models import MODELS, build_model
 from hvd_sparse.study import StudySpec
-from conftest import REPO, describe, horovodrun, launch_env, rank_lines, torchrun
+from conftest import REPO, describe, launch_env, mpirun, rank_lines, torchrun
 from test_study import RUN_SPEC, assert_same_study, logs_of, run_study, study_cmd, write_spec
 
 SHAPES = {"resnet8": (3, 32, 32)}  # the others take 28x28 grey images
@@ -109,7 +109,7 @@ def test_fused_trials_refuse_the_lipschitz_probe_of_one_model():
 PROGRAM = str(REPO / "tests" / "rank_programs" / "fused_trials.py")
 
 
-def train_six(out, np_, fuse, compression="none", diverge=None, launcher="horovodrun"):
+def train_six(out, np_, fuse, compression="none", diverge=None, launcher="mpirun"):
     """tests/rank_programs/fused_trials.py: six trials of one cell, ``fuse`` at a time, one thread a rank."""
     out.mkdir()
     args = [PROGRAM, str(out), str(fuse), "simple-cnn", compression, *([str(diverge)] if diverge is not None else [])]
@@ -117,7 +117,7 @@ def train_six(out, np_, fuse, compression="none", diverge=None, launcher="horovo
         proc = subprocess.run([sys.executable, *args], env={**launch_env(), "OMP_NUM_THREADS": "1"}, cwd=REPO,
                               capture_output=True, text=True, timeout=240)
     else:
-        proc = (horovodrun if launcher == "horovodrun" else torchrun)(np_, args)
+        proc = (mpirun if launcher == "mpirun" else torchrun)(np_, args)
     assert proc.returncode == 0, describe(proc)
     results = json.loads((out / "results.json").read_text())
     weights = {r["trial"]: torch.load(out / f"{r['trial']}.final.pt") for r in results}
@@ -151,7 +151,7 @@ def test_a_fused_trial_is_the_trial_trained_alone(fused_np1, tmp_path):
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("launcher, compression", [("horovodrun", "none"), ("horovodrun", "kept"), ("torchrun", "none")])
+@pytest.mark.parametrize("launcher, compression", [("mpirun", "none"), ("mpirun", "kept"), ("torchrun", "none")])
 def test_fused_at_np2_is_fused_at_np1(fused_np1, tmp_path, launcher, compression):
     """Two ranks, each with half of every trial's batch, one allreduce a step for all five trials of
     the array (dense, or the kept entries of all five masks), then the sixth alone: the np=1 weights
@@ -162,7 +162,7 @@ def test_fused_at_np2_is_fused_at_np1(fused_np1, tmp_path, launcher, compression
     for trial in weights:
         assert relative_difference(weights[trial], np1_weights[trial]) <= 1e-5, trial
         assert logs[trial].attrs["world_size"] == 2
-        assert logs[trial].attrs["backend"] == ("horovod" if launcher == "horovodrun" else "torch")
+        assert logs[trial].attrs["backend"] == ("horovod" if launcher == "mpirun" else "torch")
 
 
 @pytest.mark.launches

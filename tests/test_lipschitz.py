@@ -12,7 +12,7 @@ from torch import nn
 from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe, due
 from hvd_sparse.log import read_log
 from hvd_sparse.mask import Mask
-from conftest import BIN, REPO, describe, launch_env
+from conftest import REPO, describe, launch_env, mpirun_cmd
 
 D, N = 6, 50
 
@@ -87,7 +87,7 @@ def train(np_, out, *extra):
     """One thread per rank on both world sizes (the same summation order inside each chunk)."""
     cmd = [sys.executable, "-m", "hvd_sparse.train", *FLAGS, "--out", str(out), *extra]
     if np_ > 1:
-        cmd = [str(BIN / "horovodrun"), "-np", str(np_), *cmd]
+        cmd = [*mpirun_cmd(np_), *cmd]
     proc = subprocess.run(cmd, env={**launch_env(), "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, describe(proc)

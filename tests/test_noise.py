@@ -8,7 +8,7 @@ import pytest
 from hvd_sparse.aggregate import noise_table
 from hvd_sparse.log import read_log
 from hvd_sparse.noise import NoiseScale
-from conftest import REPO, describe, horovodrun, run_train
+from conftest import REPO, describe, mpirun, run_train
 
 
 def test_estimator_recovers_g2_and_trace_from_exact_expectations():
@@ -49,7 +49,7 @@ def linear(tmp_path_factory):
     out = {}
     for np_, scheme, masked in ((2, "none", "dense"), (1, "none", "dense"), (2, "kept", "masked")):
         path = tmp_path_factory.mktemp("noise") / "result.json"
-        proc = horovodrun(np_, [str(REPO / "tests" / "rank_programs" / "noise_linear.py"), str(path), scheme, masked,
+        proc = mpirun(np_, [str(REPO / "tests" / "rank_programs" / "noise_linear.py"), str(path), scheme, masked,
                                 "1000"], timeout=240)
         assert proc.returncode == 0, describe(proc)
         out[(np_, masked)] = json.loads(path.read_text())

@@ -12,7 +12,7 @@ import pytest
 
 from hvd_sparse.log import read_log
 from hvd_sparse.watch import GRACE_SECONDS
-from conftest import BIN, REPO, horovodrun, launch_env, require_launches_marker
+from conftest import BIN, REPO, launch_env, mpirun, require_launches_marker
 
 sys.path.insert(0, str(REPO / "launch"))
 from slurm_hosts import expand_hostlist, expand_tasks, hosts_with_slots  # noqa: E402
@@ -102,7 +102,7 @@ def two_rank_job(slurm, tmp_path, *sbatch_args):
 def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path, sig):
     spec = write_spec(tmp_path)
     reference = tmp_path / "reference"
-    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(reference)], timeout=300)
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(reference)], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     root, output = tmp_path / "runs", tmp_path / "study.out"

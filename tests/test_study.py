@@ -14,7 +14,7 @@ import pytest
 from hvd_sparse.config import ConfigError
 from hvd_sparse.log import read_log
 from hvd_sparse.study import StudySpec, grid, parse_shard, prepare_dir, shard, study_dir
-from conftest import BIN, REPO, describe, horovodrun, launch_env, rank_lines, torchrun
+from conftest import REPO, describe, launch_env, mpirun, mpirun_cmd, rank_lines, torchrun
 
 SPEC = {
     "name": "tiny", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.0, 0.8],
@@ -200,16 +200,20 @@ def write_spec(tmp_path, **changes):
     return path
 
 
+def study_args(spec_path, root, *extra):
+    return ["-m", "hvd_sparse.study", str(spec_path), "--out", str(root), *extra]
+
+
 def study_cmd(np_, spec_path, root, *extra):
-    args = ["-m", "hvd_sparse.study", str(spec_path), "--out", str(root), *extra]
-    return [sys.executable, *args] if np_ == 1 else [str(BIN / "horovodrun"), "-np", str(np_), sys.executable, *args]
+    args = study_args(spec_path, root, *extra)
+    return [sys.executable, *args] if np_ == 1 else [*mpirun_cmd(np_), sys.executable, *args]
 
 
 def run_study(np_, spec_path, root, *extra, timeout=400):
     if np_ == 1:
         return subprocess.run(study_cmd(1, spec_path, root, *extra), env=launch_env(), cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
-    return horovodrun(np_, study_cmd(np_, spec_path, root, *extra)[4:], timeout=timeout)
+    return mpirun(np_, study_args(spec_path, root, *extra), timeout=timeout)
 
 
 def logs_of(root):
@@ -340,7 +344,7 @@ def test_changed_spec_in_an_existing_study_dir_is_refused_on_every_rank(uninterr
     before = {p: p.read_bytes() for p in logs}
     cmd = ["-m", "hvd_sparse.study", str(write_spec(tmp_path, goal_error=0.3)), "--study-dir", str(directory)]
     started = time.time()
-    proc = horovodrun(2, cmd, timeout=60)
+    proc = mpirun(2, cmd, timeout=60)
     record_property("time_to_exit_s", round(time.time() - started, 1))
     assert proc.returncode != 0 and time.time() - started < 30
     for rank in (0, 1):
@@ -398,7 +402,7 @@ def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, me
     path = tmp_path / "spec.yaml"
     path.write_text(content)
     started = time.time()
-    proc = horovodrun(2, ["-m", "hvd_sparse.study", str(path), "--out", str(tmp_path / "runs")], timeout=60)
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(path), "--out", str(tmp_path / "runs")], timeout=60)
     record_property("time_to_exit_s", round(time.time() - started, 1))
     assert proc.returncode != 0 and time.time() - started < 30
     for rank in (0, 1):
@@ -543,9 +547,7 @@ def test_groups_of_two_ranks_measure_exactly_what_a_two_rank_job_measures(tmp_pa
     bitwise the np=2 study's."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec_path = write_spec(tmp_path, **PACK_SPEC)
-    cmd = study_cmd(4, spec_path, tmp_path / "packed", "--pack", "2")
-    packed = subprocess.run(cmd[:3] + ["-H", "localhost:4"] + cmd[3:], env=launch_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=400)
+    packed = run_study(4, spec_path, tmp_path / "packed", "--pack", "2")
     assert packed.returncode == 0, describe(packed)
     assert "world size 4 as 2 groups of 2" in packed.stdout
     pair = run_study(2, spec_path, tmp_path / "pair")

@@ -10,7 +10,7 @@ import pytest
 
 from hvd_sparse.log import read_log
 from hvd_sparse.watch import GRACE_SECONDS, is_launcher
-from conftest import BIN, REPO, describe, launch_env
+from conftest import REPO, horovodrun_cmd, launch_env
 
 LIMIT = GRACE_SECONDS + 10  # seconds from the launcher's death to the exit of every rank and of mpirun
 
@@ -32,7 +32,7 @@ def test_what_counts_as_a_launcher(name, cmdline, launcher):
 
 
 def train_cmd(out):
-    return [str(BIN / "horovodrun"), "-np", "2", sys.executable, "-m", "hvd_sparse.train", "--no-progress",
+    return [*horovodrun_cmd(2), sys.executable, "-m", "hvd_sparse.train", "--no-progress",
             "--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "30000",
             "--eval-every", "50", "--goal-error", "0", "--out", str(out)]  # no goal: it runs until stopped
 
@@ -147,7 +147,7 @@ def test_no_packed_group_outlives_its_launcher(tmp_path, record_property):
         "batch_sizes": [32], "trials": 2, "goal_error": 0.0, "max_steps": 1000000, "eval_every": 50,
         "search": {"lr": {"range": [0.01, 0.1], "scale": "log"}}}))
     out = tmp_path / "runs"
-    cmd = [str(BIN / "horovodrun"), "-np", "2", sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(out),
+    cmd = [*horovodrun_cmd(2), sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(out),
            "--pack", "2"]
     with open(tmp_path / "output.txt", "w") as output:
         job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
