@@ -8,6 +8,9 @@ DEMO_OUT ?= runs/demo
 DEMO_ARGS ?= --dataset mnist5k --model simple-cnn --sparsity 0.9 --optimizer nesterov --lr 0.05 \
 	--momentum 0.9 --batch-size 64 --max-steps 3000 --eval-every 100 --goal-error 0.05 --seed 0
 PYTEST_ARGS ?=
+# make test runs this many test files side by side (pytest-xdist, one file per worker, so a file's
+# module fixtures are made once and the tests that share a SLURM cluster or virtual hosts stay together)
+TEST_WORKERS ?= 2
 STUDY ?= studies/mini-mnist5k.yaml
 STUDY_OUT ?= runs/studies
 FIGURES ?= docs/mini-study
@@ -49,7 +52,7 @@ failure-times: setup
 
 ## make test: set up, then the whole test suite (what CI runs)
 test: setup
-	python -m pytest $(PYTEST_ARGS)
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## make test-fast: set up, then the tests that start no process (no horovodrun, no srun): the loop while working
 test-fast: setup

@@ -191,7 +191,8 @@ ensure_project_venv() {
         sed "1s|.*|#!$venv/bin/python|" "$base/bin/$script" >"$venv/bin/$script"
         chmod +x "$venv/bin/$script"
     done
-    (cd "$ROOT" && pip_quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .)
+    # with the test tools the base lacks (pytest-xdist: `make test` runs two test files at a time)
+    (cd "$ROOT" && pip_quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e ".[test]")
     echo "$stamp" >"$venv/.hvd_sparse_stamp"
 }
 
