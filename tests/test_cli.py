@@ -3,6 +3,7 @@ import pytest
 
 from hvd_sparse.cli import parse_config
 from hvd_sparse.config import ConfigError
+from hvd_sparse.engine import validate
 
 
 def test_cli_is_derived_from_the_dataclasses():
@@ -19,13 +20,18 @@ def test_cli_is_derived_from_the_dataclasses():
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.5"], "--sparsity must be in [0, 1)"),
     (["--batch-size", "3.5"], "invalid int value"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--optimizer", "adam"], "unknown optimizer 'adam'"),
 ])
-def test_cli_errors_are_one_line_config_errors(argv, fragment, capsys):
-    with pytest.raises(ConfigError) as exc:
-        parse_config(argv, "prog", "")
+def test_cli_errors_are_one_line_errors(argv, fragment, capsys):
+    """What train checks before any rank talks to another (``test_train`` runs one of each stage at np=2)."""
+    with pytest.raises(ValueError) as exc:
+        validate(parse_config(["--dataset", "synthetic", *argv], "prog", ""))
     assert fragment in str(exc.value) and "\n" not in str(exc.value)
     assert capsys.readouterr().err == ""  # no usage dump
 
