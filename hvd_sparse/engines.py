@@ -237,9 +237,8 @@ class Torch:
 
     def finish(self) -> None:
         """Every rank of the world meets, then each closes its process groups (``dist.finish``)."""
-        if self.td.is_initialized():
-            self.td.barrier()
-            self.td.destroy_process_group()
+        self.td.barrier()
+        self._leave()
 
     def is_initialized(self) -> bool:
         return self.td.is_initialized()
