@@ -121,7 +121,8 @@ def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(s
     text = output.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
     assert text.count("INTERRUPTED: stopped by SIGUSR1") == 1 and f"checkpointed after {sig}" in text
-    assert text.count("(resumed,") == 1 and text.count("(skipped,") == 1 and text.count("(ran,") == 3, text
+    ended_before = text.split("INTERRUPTED:")[0].count("(ran,")  # trial 1 is short: a busy machine may stop a later one
+    assert text.count("(resumed,") == 1 and text.count("(skipped,") == ended_before and text.count("(ran,") == 3, text
 
     ref_logs, logs = sorted(reference.rglob("trial-*.h5")), sorted(root.rglob("trial-*.h5"))
     assert [p.relative_to(reference) for p in ref_logs] == [p.relative_to(root) for p in logs]

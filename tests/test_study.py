@@ -503,17 +503,23 @@ def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path
     free trial); a stop signal then ends both (the training group checkpoints, the waiting one stops
     waiting), exit 0, and the rerun measures what one rank measures in one go."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3, "max_steps": 300})
+    # a group waits about as long as one trial trains: 1500 steps (2-3 s) leave the polling below time to see it
+    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3, "max_steps": 1500})
     root = tmp_path / "runs"
     proc = subprocess.Popen(study_cmd(2, spec_path, root, "--pack", "2"), env=launch_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
+    known: dict[int, str] = {}
+
     def status(i: int) -> str | None:
+        """Trial i's status as last read (a log being written cannot be read at that moment)."""
         logs = list(root.rglob(f"trial-{i:03d}.h5")) if root.exists() else []
         try:
-            return read_log(logs[0], with_mask=False).status if logs else None
+            if logs:
+                known[i] = read_log(logs[0], with_mask=False).status
         except Exception:  # noqa: BLE001 - a log being written
-            return None
+            pass
+        return known.get(i)
 
     def the_trial_still_training() -> int | None:  # two trials ended, the third checkpointed: one group waits
         statuses = [status(i) for i in range(3)]
