@@ -39,7 +39,7 @@ PROG = "hvd_sparse.aggregate"
 WORKLOAD = ["dataset", "model", "optimizer", "schedule", "goal_error"]
 CURVE = WORKLOAD + ["sparsity"]
 STUDY = CURVE + ["batch_size"]
-ENDED = ("COMPLETE", "INCOMPLETE", "INFEASIBLE")
+ENDED = ("COMPLETE", "INCOMPLETE", "INFEASIBLE", "CAPPED")
 
 
 class AggregateError(ValueError):
@@ -91,6 +91,8 @@ def trial_row(path: Path, root: Path) -> dict:
         **columns,
         "status": log.status,
         "steps_to_result": math.nan if log.steps_to_result is None else log.steps_to_result,
+        "capping_bound": int(log.attrs.get("capping_bound", -1)),  # CAPPED: the bound it met, and from which trial
+        "capped_by": int(log.attrs.get("capped_by", -1)),
         "best_val_error": float(np.min(m["val_error"])) if len(m.get("val_error", [])) else math.nan,
         "evaluations": int(len(m.get("step", []))),
         "steps_done": int(m["step"][-1]) if len(m.get("step", [])) else 0,
@@ -197,18 +199,26 @@ def first_trials(trials: pd.DataFrame, max_trials: int | None) -> pd.DataFrame:
 
 
 def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataFrame:
-    """One row per study: trial counts, steps-to-result (min over COMPLETE) and the best trial."""
+    """One row per study: trial counts, steps-to-result (min over COMPLETE) and the best trial.
+
+    ``capped_elsewhere`` counts the CAPPED trials whose bound came from a trial not counted here (with
+    ``max_trials``): such a trial might have beaten the counted ones, so that study's steps-to-result
+    is only an upper bound of what its first trials alone would give.
+    """
     rows = []
     considered = first_trials(trials, max_trials)
     running = considered[considered.status == "RUNNING"].groupby(STUDY).size()
     for key, group in considered[considered.status.isin(ENDED)].groupby(STUDY, sort=True):
         counts = group.status.value_counts()
+        capped = group[group.status == "CAPPED"]
+        by = capped.capped_by if "capped_by" in capped else pd.Series(dtype=int)
         complete = group[group.status == "COMPLETE"].sort_values(["steps_to_result", "trial_id"])
         best = complete.iloc[0] if len(complete) else None
         rows.append({
             **dict(zip(STUDY, key)),
             "trials": len(group), **{s.lower(): int(counts.get(s, 0)) for s in ENDED},
             "running": int(running.get(key, 0)),
+            "capped_elsewhere": int((~by.isin(group.trial_id)).sum()),
             "steps_to_result": float(best.steps_to_result) if best is not None else math.nan,
             "best_trial": int(best.trial_id) if best is not None else -1,
             "best_lr": float(best.lr) if best is not None else math.nan,
@@ -217,7 +227,7 @@ def study_table(trials: pd.DataFrame, max_trials: int | None = None) -> pd.DataF
             "best_noise_scale": float(best.get("noise_at_result", math.nan)) if best is not None else math.nan,
             "best_lipschitz": float(best.get("lipschitz_at_result", math.nan)) if best is not None else math.nan,
         })
-    studies = pd.DataFrame(rows, columns=STUDY + ["trials", "complete", "incomplete", "infeasible", "running",
+    studies = pd.DataFrame(rows, columns=STUDY + ["trials", *(s.lower() for s in ENDED), "running", "capped_elsewhere",
                                                   "steps_to_result", "best_trial", "best_lr", "best_momentum",
                                                   "best_val_error", "best_noise_scale", "best_lipschitz"])
     return studies.assign(fitted_steps=fitted_steps(studies))
@@ -429,6 +439,7 @@ def curve_of(curves: pd.DataFrame, **key: Any) -> pd.Series | None:
 def format_studies(studies: pd.DataFrame, curves: pd.DataFrame) -> str:
     """The terminal table: steps-to-result per curve (rows) and batch size (columns)."""
     lines = []
+    capped = int(studies.capped.sum()) if "capped" in studies else 0
     for workload, group in studies.groupby(WORKLOAD, sort=True):
         batch_sizes = sorted(group.batch_size.unique())
         dataset, model, optimizer, schedule, goal = workload
@@ -450,6 +461,9 @@ def format_studies(studies: pd.DataFrame, curves: pd.DataFrame) -> str:
             crit, dim = (c.critical_batch_size, c.diminishing_batch_size) if c is not None else (math.nan, math.nan)
             fmt = lambda v: "-" if not math.isfinite(v) else f"{v:.0f}"  # noqa: E731
             lines.append(f"{sparsity:>8g} " + " ".join(cells) + f" {fmt(crit):>9} {fmt(dim):>9}")
+    if capped:
+        lines.append(f"{capped} of {int(studies.trials.sum())} trials CAPPED (stopped where they could no longer beat "
+                     "their study's best; counted among the trials, not as complete)")
     return "\n".join(lines)
 
 
@@ -518,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # AggregateError, ConfigError
         error_line(e, PROG)
         return 2
+    elsewhere = int(studies.capped_elsewhere.sum()) if len(studies) else 0
+    if elsewhere:
+        problems.append(f"--max-trials {args.max_trials}: {elsewhere} counted trial(s) were CAPPED by a trial not "
+                        "counted, so the steps-to-result of their studies are upper bounds (column capped_elsewhere); "
+                        "rerun the study with capping: false for exact subsets")
     for line in problems:
         say(f"{PROG}: {line}", sys.stderr)
     report = format_studies(studies, curves) if not studies.empty else "no ended trials to aggregate"

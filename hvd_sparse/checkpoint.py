@@ -91,16 +91,18 @@ def load_checkpoint_state(path: Path) -> dict[str, Any]:
         raise LogError(f"{path}: unreadable checkpoint ({type(e).__name__}); {START_OVER}") from None
 
 
-def plan_start(log: Path, run_hash: str, overwrite: bool, data_fingerprint: str = "") -> Checkpoint | None:
+def plan_start(log: Path, run_hash: str, overwrite: bool, data_fingerprint: str = "",
+               reopen_capped: bool = False) -> Checkpoint | None:
     """The checkpoint to resume from, or None to start fresh; LogError if the run already ended.
 
     No log, ``overwrite``, or a RUNNING log without a checkpoint (killed before its first one):
-    fresh. A RUNNING log with a checkpoint of the same run: resume. A finished log: refuse.
+    fresh. A RUNNING log with a checkpoint of the same run: resume. A finished log: refuse; but a
+    CAPPED one with ``reopen_capped`` (a study without capping) resumes like a RUNNING one.
     """
     if overwrite or not log.exists():
         return None
     data = read_log(log)
-    if data.status != "RUNNING":
+    if data.status != "RUNNING" and not (reopen_capped and data.status == "CAPPED"):
         raise LogError(f"{log}: this run already ended ({data.status}); pass --overwrite to run it again")
     logged = str(data.attrs.get("data_fingerprint", ""))  # logs before 0.3.0 do not say
     if logged and data_fingerprint and logged != data_fingerprint:

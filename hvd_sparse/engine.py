@@ -29,6 +29,7 @@ from tqdm import tqdm
 import hvd_sparse
 from hvd_sparse import dist
 from hvd_sparse import fused as fused_ops
+from hvd_sparse.capping import Bound, capped_at
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
 from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
@@ -69,7 +70,7 @@ def stop_requested() -> bool:
 
 @dataclass(frozen=True)
 class TrialResult:
-    status: str  # COMPLETE, INCOMPLETE or INFEASIBLE
+    status: str  # COMPLETE, INCOMPLETE, INFEASIBLE or CAPPED
     steps_to_result: int | None
     best_val_error: float
     steps_done: int
@@ -256,7 +257,8 @@ class Recorder:
             params = {n: p.detach().cpu() for n, p in model.named_parameters()}
             write_atomically(final_model_path(self.path), lambda tmp: torch.save(params, tmp), "final model")
         self.log.finish(status, steps_to_result, **extra)
-        checkpoint_path(self.path).unlink(missing_ok=True)  # an ended trial is never resumed
+        if status != "CAPPED":  # a capped trial keeps its checkpoint: a study without capping resumes it
+            checkpoint_path(self.path).unlink(missing_ok=True)  # an ended trial is never resumed
 
 
 class NullRecorder(Recorder):
@@ -342,6 +344,9 @@ class Job:
     cfg: Config
     path: Path
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    # capping (a study's): rank 0's current bound of the trial's cell, asked at every evaluation; None: no capping
+    bound: Callable[[], Bound | None] | None = None
+    reopen_capped: bool = False  # resume a CAPPED log from its checkpoint (a study run without capping)
 
 
 @dataclass
@@ -361,6 +366,7 @@ class Slot:
     noise_masks: list[torch.Tensor | None] = field(init=False)
     lipschitz: LipschitzProbe | None = field(init=False)
     bar: tqdm = field(init=False)
+    capped: Bound | None = None  # the bound that capped the trial (set when it stops as CAPPED)
 
     def __post_init__(self) -> None:
         model, train = self.state.model, self.cfg.train
@@ -402,9 +408,14 @@ class Slot:
         logger.info("step %d: Lipschitz constant %.4g (the largest along the update; gamma 0.1: %.4g, 0.9: %.4g)",
                     step, value, per_gamma[0], per_gamma[-1])
 
-    def record_evaluation(self, totals: list[float], fused: bool) -> tuple[str, int | None] | None:
+    def reaches_goal(self, totals: list[float]) -> bool:
+        errors, count, loss_sum = totals[:3]
+        return math.isfinite(loss_sum / count) and errors / count <= self.cfg.train.goal_error
+
+    def record_evaluation(self, totals: list[float], fused: bool, bound: Bound | None = None) -> tuple[str, int | None] | None:
         """Log the evaluation whose summed [errors, examples, loss sum, train-loss sum, batches] are
-        ``totals``; checkpoint; (status, steps-to-result) if the trial ends here."""
+        ``totals``; checkpoint; (status, steps-to-result) if the trial ends here: COMPLETE, INFEASIBLE,
+        or CAPPED when it missed the goal at or past ``bound`` (its checkpoint is kept, see Recorder)."""
         state, train = self.state, self.cfg.train
         errors, count, loss_sum, tl_sum, tl_n = totals
         state.loss_sums.zero_()
@@ -417,7 +428,7 @@ class Slot:
         }
         state.best_val_error = min(state.best_val_error, row["val_error"])
         diverged, reached = not math.isfinite(row["val_loss"]), row["val_error"] <= train.goal_error
-        goes_on = not (diverged or reached) and state.step < train.max_steps
+        goes_on = not (diverged or reached) and state.step < train.max_steps  # checkpointed; a CAPPED one too
         dist.agree(lambda: self.recorder.evaluation(row, state if goes_on else None), "writing the log")
         self.bar.set_postfix(val_error=f"{row['val_error']:.4f}", refresh=False)
         logger.info("%sstep %d: val_error %.4f val_loss %.4f train_loss %.4f (%.1f s)",
@@ -425,13 +436,22 @@ class Slot:
                     row["train_loss"], row["wall_time"])
         if diverged:
             return "INFEASIBLE", None
-        return ("COMPLETE", state.step) if reached else None
+        if reached:
+            return "COMPLETE", state.step
+        if goes_on and capped_at(state.step, reached, bound):
+            self.capped = bound
+            logger.info("%sstep %d: capped (another trial of its cell reached the goal at step %d)",
+                        f"{self.job.path.name}: " if fused else "", state.step, bound.steps)  # type: ignore[union-attr]
+            return "CAPPED", None
+        return None
 
     def finish(self, status: str, steps_to_result: int | None, fused: bool) -> TrialResult:
         """The test split if asked, then the log's final record (the model file first)."""
         self.bar.close()
         state, train = self.state, self.cfg.train
         extra: dict[str, float | int] = {"best_val_error": state.best_val_error, "steps_done": state.step}
+        if status == "CAPPED" and self.capped is not None:
+            extra.update(capping_bound=self.capped.steps, capped_by=self.capped.trial_id)
         test_error = None
         if train.report_test and self.data.test is not None:
             local = evaluate_slots([self], self.data.test, fused).reshape(-1).cpu()
@@ -459,6 +479,21 @@ def evaluate_slots(slots: Sequence[Slot], split: Split, fused: bool) -> torch.Te
 
 
 Ended = Callable[[Job, TrialResult], None]
+
+
+def encode(bound: Bound | None) -> list[float]:
+    """A bound as two numbers that survive a sum with zeros (0, 0: none)."""
+    return [0.0, 0.0] if bound is None else [bound.steps + 1.0, bound.trial_id + 1.0]
+
+
+def decode(values: Sequence[float]) -> Bound | None:
+    return None if values[0] == 0 else Bound(int(values[0]) - 1, int(values[1]) - 1)
+
+
+def tightest(bounds: Sequence[Bound | None]) -> Bound | None:
+    """The lowest bound (fewest steps, then the lowest trial id), None if there is none."""
+    found = [(b.steps, b.trial_id) for b in bounds if b is not None]
+    return Bound(*min(found)) if found else None
 
 
 class Engine:
@@ -496,7 +531,8 @@ class Engine:
         self.fill()
         while self.slots:
             done = [(slot, outcome) for slot, outcome in self.evaluate() if outcome is not None]
-            done += [(slot, ("INCOMPLETE", None)) for slot in self.slots if slot.state.step == slot.cfg.train.max_steps
+            done += [(slot, ("CAPPED", None) if slot.capped else ("INCOMPLETE", None)) for slot in self.slots
+                     if (slot.capped or slot.state.step == slot.cfg.train.max_steps)
                      and all(slot is not evaluated for evaluated, _ in done)]
             if done:
                 self.end(done)
@@ -533,8 +569,8 @@ class Engine:
         cfg, path, t_init = job.cfg, job.path, time.time()
         if self.fused:
             check_fusable(cfg)
-        ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite, self.data.fingerprint),
-                            "reading the earlier log")
+        ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite, self.data.fingerprint,
+                                               reopen_capped=job.reopen_capped), "reading the earlier log")
         resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
         model, mask, optimizer, sync = build(cfg, self.data, ckpt, own_sync=not self.fused)
         state = TrialState.begin(model, optimizer, NoiseScale(cfg.train.noise_scale_smoothing), resumed, t_init)
@@ -550,7 +586,11 @@ class Engine:
         recorder = Recorder(cfg, path, mask, bytes_per_step, self.data.fingerprint) if dist.is_root() else NullRecorder()
         attrs = {**job.attrs, "placement": json.dumps(placement), "fuse": self.fuse}
         dist.agree(lambda: recorder.open(resumed, attrs), "opening the log")
-        return Slot(job, self.data, mask, recorder, state, sync, bytes_per_step)
+        slot = Slot(job, self.data, mask, recorder, state, sync, bytes_per_step)
+        if resumed is not None and job.bound is not None:  # its last evaluation missed: capped now if past the bound
+            bound = dist.broadcast_object(job.bound() if dist.is_root() else None, name="capping.bound")
+            slot.capped = bound if capped_at(state.step, False, bound) and state.step < cfg.train.max_steps else None
+        return slot
 
     def evaluate(self) -> list[tuple[Slot, tuple[str, int | None] | None]]:
         """The trials whose evaluation is due, evaluated together, their totals in one allreduce."""
@@ -558,9 +598,15 @@ class Engine:
         if not due:
             return []
         val = evaluate_slots(due, self.data.val, self.fused)
-        local = torch.cat([val, torch.stack([slot.state.loss_sums for slot in due])], dim=1).reshape(-1).cpu()
+        bounds = torch.tensor([encode(slot.job.bound() if slot.job.bound and dist.is_root() else None) for slot in due],
+                              dtype=torch.float64, device=val.device)  # rank 0's, to every rank in the same sum
+        local = torch.cat([val, torch.stack([slot.state.loss_sums for slot in due]), bounds], dim=1).reshape(-1).cpu()
         totals = dist.allreduce_sum(local, name="eval.totals").reshape(len(due), -1).tolist()
-        return [(slot, slot.record_evaluation(t, self.fused)) for slot, t in zip(due, totals)]
+        # a trial of the cell that reaches the goal in this very round bounds the others at once
+        reached = [Bound(slot.state.step, int(slot.job.attrs.get("trial_id", -1)))
+                   for slot, t in zip(due, totals) if slot.reaches_goal(t)]
+        return [(slot, slot.record_evaluation(t[:5], self.fused, tightest([decode(t[5:])] + reached) if slot.job.bound else None))
+                for slot, t in zip(due, totals)]
 
     def losses(self, shards: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Each trial's mean loss on its shard: fused, one forward for all (where it pays: on a CPU

@@ -9,7 +9,8 @@ unless that record reached the disk. Schema (documented in README.md):
 
   attrs: config (JSON), run_hash, status, steps_to_result (-1 if not reached), world_size,
          mask_sha256, mask_density, hvd_sparse_version, torch_version, horovod_version,
-         created, finished
+         created, finished; a CAPPED trial: capping_bound, capped_by (hvd_sparse.capping);
+         reopened_from: CAPPED when a study without capping resumed it
   measurements/<column>  1-D datasets, one entry per evaluation (see COLUMNS)
   lipschitz/step, value  one entry per Lipschitz measurement (--lipschitz-every; absent if never
   lipschitz/per_gamma    measured): its step, the largest L_g, and every L_g (attr ``gammas``)
@@ -51,7 +52,8 @@ COLUMNS: dict[str, type] = {
 }
 OPTIONAL_COLUMNS = ("noise_scale", "grad_sq", "grad_trace")  # NaN in a row that does not have them
 LIPSCHITZ = "lipschitz"  # the group of the Lipschitz measurements
-STATUSES = ("RUNNING", "COMPLETE", "INCOMPLETE", "INFEASIBLE")
+STATUSES = ("RUNNING", "COMPLETE", "INCOMPLETE", "INFEASIBLE", "CAPPED")
+CAPPING_ATTRS = ("capping_bound", "capped_by")  # a CAPPED trial's bound (steps) and the trial that set it
 REQUIRED_ATTRS = (
     "config", "run_hash", "status", "steps_to_result", "world_size", "mask_sha256",
     "hvd_sparse_version", "torch_version", "horovod_version",
@@ -293,6 +295,13 @@ class TrialLog:
                 f.attrs["world_size"] = world_size
             for name, value in (latest or {}).items():
                 f.attrs[name] = value
+            if f.attrs["status"] != "RUNNING":  # a CAPPED trial reopened by a study without capping
+                for name in ("finished", *CAPPING_ATTRS):
+                    if name in f.attrs:
+                        del f.attrs[name]
+                f.attrs["steps_to_result"] = -1
+                f.attrs["reopened_from"] = str(f.attrs["status"])
+                f.attrs["status"] = "RUNNING"
 
         self._update(change)
 

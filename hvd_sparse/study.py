@@ -28,6 +28,7 @@ import yaml
 
 import hvd_sparse
 from hvd_sparse import dist
+from hvd_sparse.capping import CellRecord, best_first
 from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
 from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
@@ -39,6 +40,7 @@ from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
 SPEC_FILE = "study.json"
+OPERATIONAL = ("data_dir", "fuse", "capping")  # spec keys that say how or where, never what: out of the hash
 
 # config fields the grid sets itself; a spec's ``config`` section may not override them
 GRID_FIELDS = {
@@ -74,7 +76,7 @@ def _per_batch(value: Any, batch_sizes: Sequence[int], what: str) -> int | dict[
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A study grid. Every field but ``data_dir`` and ``fuse`` enters the study hash."""
+    """A study grid. Every field but ``data_dir``, ``fuse`` and ``capping`` enters the study hash."""
 
     name: str
     dataset: str
@@ -95,12 +97,17 @@ class StudySpec:
     config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # fixed settings of every trial
     data_dir: str | None = None  # where the data is, not what it is: kept out of the hash
     fuse: int = 1  # trials of a cell trained together as one fused model; how, not what: kept out of the hash
+    # stop a trial that can no longer beat its cell's best (hvd_sparse.capping): the cell's answer is the
+    # same either way, so it is kept out of the hash and capped and uncapped logs live in one study
+    capping: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"study spec: name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if not isinstance(self.fuse, int) or isinstance(self.fuse, bool) or self.fuse < 1:
             raise ConfigError(f"study spec: fuse must be a positive number of trials, got {self.fuse!r}")
+        if not isinstance(self.capping, bool):
+            raise ConfigError(f"study spec: capping must be true or false, got {self.capping!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ConfigError(f"study spec: trials must be a positive integer, got {self.trials!r}")
         for key in ("max_steps", "eval_every"):
@@ -205,8 +212,8 @@ class StudySpec:
 
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
-        d.pop("data_dir")
-        d.pop("fuse")
+        for operational in OPERATIONAL:
+            d.pop(operational)
         d["config"] = {section: legacy_identity(section, dict(values)) for section, values in d["config"].items()}
         return d
 
@@ -359,8 +366,8 @@ def prepare_dir(spec: StudySpec, directory: Path) -> None:
             raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
     try:
         saved = json.loads(saved_path.read_text())["spec"]
-        saved.pop("data_dir", None)
-        saved.pop("fuse", None)
+        for operational in OPERATIONAL:
+            saved.pop(operational, None)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{saved_path}: unreadable study spec ({type(e).__name__}); not touching this directory") from None
     diff = _differences(saved, spec.identity())
@@ -393,7 +400,7 @@ def ended_result(path: Path, trial: Trial, spec: StudySpec) -> tuple[str, int | 
     if differ:
         raise LogError(f"{path}: this log belongs to another study or trial (its {', '.join(differ)} differ), so "
                        "this study will not count it; move it away, or give this study another --out")
-    if log.status == "RUNNING":
+    if log.status == "RUNNING" or (log.status == "CAPPED" and not spec.capping):  # without capping: resumed
         return None
     return log.status, log.steps_to_result, float(log.attrs.get("best_val_error", math.nan))
 
@@ -424,7 +431,7 @@ def adoptable(source: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> 
     a = log.attrs
     same = (a.get("study_name") == spec.name and a.get("trial_id") == trial.trial_id
             and a.get("run_hash") == trial.config.run_hash() and a.get("data_fingerprint", fingerprint) == fingerprint)
-    if not same or log.status == "RUNNING":
+    if not same or log.status in ("RUNNING", "CAPPED"):  # a capped trial resumes only from its own checkpoint
         return None
     return log.status, log.steps_to_result, float(a.get("best_val_error", math.nan))
 
@@ -501,7 +508,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:
         check_batch(t.config.train)
-    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack} fuse {spec.fuse}",
+    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack} fuse {spec.fuse} capping {spec.capping}",
                            "study spec, shard, --pack and --fuse")
     dist.on_root(lambda: prepare_dir(spec, directory), "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())
@@ -511,7 +518,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
         say(f"study {directory} ({len(trials)} trials{'' if shard_of == (0, 1) else f', shard {shard_of[0]}/{shard_of[1]}'}"
             f", world size {dist.size() * groups}{packing})")
 
-    outcomes = run_trials(spec, directory, trials, data, group, groups)
+    outcomes = run_trials(spec, directory, trials, data, group, groups, cell_records(directory, everything))
     try:
         everyone = dist.world_gather(outcomes if dist.is_root() else [], give_up=stop_requested)
     except dist.GaveUp:
@@ -522,7 +529,32 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     return outcomes
 
 
-def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: Any, group: int, groups: int) -> list[Outcome]:
+CellKey = tuple[str, float, int]  # optimizer, sparsity, batch size
+
+
+def cell_records(directory: Path, everything: Sequence[Trial]) -> dict[CellKey, CellRecord]:
+    """Every cell's record of its ended trials (hvd_sparse.capping), over the whole grid (all shards)."""
+    hashes: dict[CellKey, dict[int, str]] = {}
+    folders: dict[CellKey, Path] = {}
+    for t in everything:
+        key = (t.optimizer, t.sparsity, t.batch_size)
+        hashes.setdefault(key, {})[t.trial_id] = t.config.run_hash()
+        folders[key] = directory / t.relpath().parent
+    return {key: CellRecord(folders[key], hashes[key]) for key in hashes}
+
+
+def cell_order(cell: Sequence[Trial], records: Mapping[CellKey, CellRecord]) -> list[Trial]:
+    """The cell's trials best first: the best trial of the nearest batch size already measured (same
+    optimizer and sparsity), then the others in trial order (hvd_sparse.capping.best_first)."""
+    first = cell[0]
+    neighbours = {b: record.bound() for (o, s, b), record in records.items()
+                  if (o, s) == (first.optimizer, first.sparsity) and b != first.batch_size}
+    by_id = {t.trial_id: t for t in cell}
+    return [by_id[i] for i in best_first([t.trial_id for t in cell], first.batch_size, neighbours)]
+
+
+def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: Any, group: int, groups: int,
+               records: Mapping[CellKey, CellRecord]) -> list[Outcome]:
     """This group's trials, cell by cell (``spec.fuse`` of a cell at a time), with rank 0 printing
     each as it ends. One group runs them all in order. Packed groups take the next trial that no
     group has taken (its lock says so), so a group that drew cheap trials goes on to others rather
@@ -545,14 +577,21 @@ def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: 
             say(prefix + format_outcome(outcome, len(outcomes), len(trials)))
 
     mine = [t for t in trials if t.index not in ended_before or t.index % groups == group]
-    for _, cell in itertools.groupby(mine, key=lambda t: (t.optimizer, t.sparsity, t.batch_size)):
-        run_cell(spec, directory, list(cell), data, report)
+    for key, cell in itertools.groupby(mine, key=lambda t: (t.optimizer, t.sparsity, t.batch_size)):
+        cell = list(cell)
+        if spec.capping:
+            ids = dist.root_decides(lambda: [t.trial_id for t in cell_order(cell, records)], "ordering a cell")
+            cell = sorted(cell, key=lambda t: ids.index(t.trial_id))
+        run_cell(spec, directory, cell, data, report, records[key])
     return outcomes
 
 
-def run_cell(spec: StudySpec, directory: Path, cell: Sequence[Trial], data: Any, report: Callable[[Outcome], None]) -> None:
+def run_cell(spec: StudySpec, directory: Path, cell: Sequence[Trial], data: Any, report: Callable[[Outcome], None],
+             record: CellRecord) -> None:
     """The trials of one cell on every rank of this group, ``spec.fuse`` at a time (``Engine``): each
-    is skipped if it ended, left alone if another job runs it, else run (or resumed) under its lock."""
+    is skipped if it ended, left alone if another job runs it, else run (or resumed) under its lock.
+    Rank 0 records each ended trial in the cell's record (before its lock is released), which bounds
+    the others under capping."""
     pending = iter(cell)
     running: dict[Path, tuple[Trial, RunLock, str, float]] = {}
 
@@ -562,16 +601,21 @@ def run_cell(spec: StudySpec, directory: Path, cell: Sequence[Trial], data: Any,
             lock = RunLock(path)
             decision = dist.root_decides(lambda: decide(directory, lock, trial, spec, data.fingerprint), "deciding a trial")
             if decision[0] in ("skipped", "adopted"):
+                if dist.is_root():
+                    record.record(trial.trial_id, decision[1], decision[2])
                 report(Outcome(trial, *decision, 0.0))
             elif decision[0] == "busy":
                 report(Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0))
             else:
                 running[path] = (trial, lock, "resumed" if decision[0] == "resume" else "ran", time.time())
-                return Job(trial.config, path, trial.attrs(spec))
+                return Job(trial.config, path, trial.attrs(spec), bound=record.bound if spec.capping else None,
+                           reopen_capped=not spec.capping)
         return None
 
     def ended(job: Job, result: TrialResult) -> None:
         trial, lock, action, t0 = running.pop(job.path)
+        if dist.is_root():
+            record.record(trial.trial_id, result.status, result.steps_to_result)
         lock.release()
         report(Outcome(trial, action, result.status, result.steps_to_result, result.best_val_error, time.time() - t0))
 
@@ -608,6 +652,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="train T trials of a cell (same optimizer, sparsity, batch size) at a time as one fused model, "
                              "one allreduce for all (overrides the spec's fuse; default 1); for GPUs, where small trials "
                              "leave the device idle")
+    parser.add_argument("--capping", action=argparse.BooleanOptionalAction, default=None,
+                        help="stop a trial once it can no longer beat the fewest steps-to-result its cell has found "
+                             "(status CAPPED; the study's answer is the same); --no-capping runs every trial to its "
+                             "budget, resuming capped ones, for the full metaparameter landscape (overrides the spec's "
+                             "capping; default true)")
     parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch"),
                         help="distributed engine (default: from the launch: torchrun -> torch, horovodrun/mpirun/srun -> horovod)")
     parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
@@ -625,6 +674,8 @@ def study_main(argv: Sequence[str] | None) -> int:
         spec = dataclasses.replace(spec, data_dir=args.data_dir)
     if args.fuse is not None:
         spec = dataclasses.replace(spec, fuse=args.fuse)
+    if args.capping is not None:
+        spec = dataclasses.replace(spec, capping=args.capping)
     directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
     shard_of = parse_shard(args.shard)
     if args.print_dir:
