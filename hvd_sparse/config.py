@@ -33,9 +33,16 @@ def seed_for(seed: int, stream: str, *extra: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _field(default: Any, help: str, *, identity: bool = True, choices: Sequence[str] | None = None) -> Any:
-    """A dataclass field with its help text; ``identity=False`` keeps it out of the run hash."""
+def _field(default: Any, help: str, *, identity: bool | str = True, choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field with its help text; ``identity=False`` keeps it out of the run hash, and
+    ``identity=ADDED`` (every field that changes results added from 0.4.0 on) puts it in only when it is
+    not at its default, so that every hash made before the field existed stays what it was."""
     return field(default=default, metadata={"help": help, "identity": identity, "choices": choices})
+
+
+ADDED = "unless-default"
+PRECISIONS = ("fp32", "bf16")
+MEMORY_FORMATS = ("contiguous", "channels-last")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -168,6 +175,16 @@ class TrainConfig:
         0, "measure the gradient's Lipschitz constant along the update every this many steps (0: never): ten "
         "full-gradient passes over the training split, data-parallel; logged when measured", identity=False,
     )
+    precision: str = _field(
+        "fp32", "arithmetic of the training and evaluation passes: fp32, or bf16 (autocast to bfloat16: fast on "
+        "CPUs with AVX-512 BF16 or AMX and on GPUs; weights, gradients, optimizer state, SNIP and the Lipschitz "
+        "probe stay float32)", identity=ADDED, choices=PRECISIONS,
+    )
+    memory_format: str = _field(
+        "contiguous", "layout of the convolution weights and image batches in training: contiguous (NCHW), or "
+        "channels-last (NHWC: faster convolutions on the CPUs measured; float sums in another order, so other "
+        "numbers)", identity=ADDED, choices=MEMORY_FORMATS,
+    )
 
     def __post_init__(self) -> None:
         _require(_is_int(self.batch_size) and self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
@@ -182,6 +199,9 @@ class TrainConfig:
                  f"--lipschitz-every must be a non-negative integer, got {self.lipschitz_every}")
         _require(0.0 <= self.noise_scale_smoothing < 1.0,
                  f"--noise-scale-smoothing must be in [0, 1), got {self.noise_scale_smoothing}")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(self.memory_format in MEMORY_FORMATS,
+                 f"--memory-format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
 
 
 @dataclass(frozen=True)
@@ -235,7 +255,8 @@ class Config:
         out: dict[str, dict[str, Any]] = {}
         for section in dataclasses.fields(self):
             obj = getattr(self, section.name)
-            kept = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("identity", True)}
+            kept = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("identity", True)
+                    and not (f.metadata.get("identity") == ADDED and getattr(obj, f.name) == f.default)}
             if kept:
                 out[section.name] = legacy_identity(section.name, kept)
         return out

@@ -547,7 +547,9 @@ class LocalSync(GradientSync):
 def _dense(parts: Sequence[Part], fp16: bool, fused: bool) -> GradientSync:
     if size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
         return LocalSync(parts, [payload_bytes("fp16" if fp16 else "none", model, mask) for _, model, mask in parts])
-    if backend() == "torch" or fused:  # fused: never Horovod's optimizer, whose wrapper starts with no state
+    # fused: never Horovod's optimizer, whose wrapper starts with no state; channels-last parameters: their
+    # gradients too, which Horovod's optimizer refuses ("Tensor is required to be contiguous")
+    if backend() == "torch" or fused or any(not p.is_contiguous() for _, model, _ in parts for p in model.parameters()):
         return KeptEntriesSync(parts, fp16, everything=True)
     return DenseSync(*parts[0], fp16)
 

@@ -9,6 +9,7 @@ other ranks hold a ``NullRecorder``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -103,9 +104,26 @@ def check_batch(train: TrainConfig) -> None:
 
 
 def check_fusable(cfg: Config) -> None:
-    """Fused trials do not measure the Lipschitz constant (its probe runs one model's own passes)."""
+    """Fused trials do not measure the Lipschitz constant (its probe runs one model's own passes), and
+    train in the contiguous layout (their stacked parameters are one tensor per layer)."""
     if cfg.train.lipschitz_every:
         raise ConfigError("fused trials do not measure the Lipschitz constant: fuse 1, or lipschitz_every 0")
+    if cfg.train.memory_format != "contiguous":
+        raise ConfigError("fused trials train in the contiguous layout: fuse 1, or memory_format contiguous")
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The arithmetic of a trial's forward passes (``--precision``): bf16 autocast, or as it is."""
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def in_layout(x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """A batch of images in the trial's ``--memory-format``."""
+    if cfg.train.memory_format == "channels-last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def select_device() -> torch.device:
@@ -177,8 +195,8 @@ class Evaluator:
     are untouched. Its logits differ from the plain model's only by float summation order (~1e-6).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.model = model
+    def __init__(self, model: nn.Module, device: torch.device, cfg: Config):
+        self.model, self.cfg = model, cfg
         self.twin: nn.Module | None = None
         if device.type == "cpu" and any(p.dim() == 4 for p in model.parameters()):
             self.twin = copy.deepcopy(model).requires_grad_(False).to(memory_format=torch.channels_last).eval()
@@ -196,7 +214,8 @@ class Evaluator:
         errors = torch.zeros((), dtype=torch.float64, device=x.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
         for start in range(0, len(y), batch_size):
-            logits = model(x[start : start + batch_size])
+            with autocast(self.cfg, x.device):
+                logits = model(x[start : start + batch_size]).float()
             target = y[start : start + batch_size]
             errors += (logits.argmax(dim=1) != target).sum()
             loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
@@ -370,7 +389,7 @@ class Slot:
 
     def __post_init__(self) -> None:
         model, train = self.state.model, self.cfg.train
-        self.evaluator = Evaluator(model, self.data.train.x.device)
+        self.evaluator = Evaluator(model, self.data.train.x.device, self.cfg)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
         self.noise_masks = self.mask.by_parameter(model)
         self.lipschitz = None
@@ -393,7 +412,7 @@ class Slot:
     def shard(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's examples of the trial's global batch at its current step."""
         idx = self.batches.shard(self.state.step, dist.rank(), dist.size()).to(self.data.train.x.device)
-        return self.data.train.x[idx], self.data.train.y[idx]
+        return in_layout(self.data.train.x[idx], self.cfg), self.data.train.y[idx]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.state.model(x), y)
@@ -475,7 +494,8 @@ def evaluate_slots(slots: Sequence[Slot], split: Split, fused: bool) -> torch.Te
     if not fused or split.x.device.type == "cpu":
         return torch.stack([slot.evaluator(split, batch_size) for slot in slots])
     part = eval_slice(len(split), dist.rank(), dist.size())
-    return fused_ops.evaluate([slot.state.model for slot in slots], split.x[part], split.y[part], batch_size)
+    with autocast(slots[0].cfg, split.x.device):
+        return fused_ops.evaluate([slot.state.model for slot in slots], split.x[part], split.y[part], batch_size)
 
 
 Ended = Callable[[Job, TrialResult], None]
@@ -612,10 +632,11 @@ class Engine:
         """Each trial's mean loss on its shard: fused, one forward for all (where it pays: on a CPU
         only at small batches, ``fused.pays``)."""
         x = shards[0][0]
-        if not self.fused or not fused_ops.pays(x.device, len(x)):
-            return [slot.loss(*shard) for slot, shard in zip(self.slots, shards)]
-        xs, ys = zip(*shards)
-        return list(fused_ops.losses([slot.state.model for slot in self.slots], torch.stack(xs), torch.stack(ys)))
+        with autocast(self.slots[0].cfg, x.device):  # the trials of an engine share their precision (one cell)
+            if not self.fused or not fused_ops.pays(x.device, len(x)):
+                return [slot.loss(*shard) for slot, shard in zip(self.slots, shards)]
+            xs, ys = zip(*shards)
+            return list(fused_ops.losses([slot.state.model for slot in self.slots], torch.stack(xs), torch.stack(ys)))
 
     def step(self) -> list[bool]:
         """One optimizer step of every trial on this rank's shard of its global batch, with the
@@ -711,16 +732,29 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     dist.broadcast_parameters(model)
-    mask = prepare_mask(cfg, model, data, ckpt.mask if ckpt else None)
+    mask = prepare_mask(cfg, model, data, ckpt.mask if ckpt else None)  # SNIP in fp32 and NCHW: the same mask
+    if cfg.train.memory_format == "channels-last":  # the same Parameter objects, their values unchanged
+        model.to(memory_format=torch.channels_last)
     mask.apply_to_params(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     sync = dist.gradient_sync(cfg.dist.grad_compression, [(optimizer, model, mask)]) if own_sync else None
     optimizer = sync.optimizer if sync is not None else optimizer
     if ckpt is not None:
         optimizer.load_state_dict(ckpt.optimizer)
+        contiguous_state(optimizer)
     dist.broadcast_optimizer_state(optimizer)
     mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
     return model, mask, optimizer, sync
+
+
+def contiguous_state(optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer state (momentum buffers) in the default layout, as the other ranks create theirs:
+    Horovod's broadcast copies bytes, so a channels-last buffer on rank 0 would arrive permuted. The
+    update is elementwise, so a buffer's layout changes no value."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                state[key] = value.contiguous()
 
 
 def run_trial(cfg: Config, path: Path, data: Datasets, attrs: Mapping[str, Any] | None = None) -> TrialResult:

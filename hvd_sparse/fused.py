@@ -69,7 +69,7 @@ def evaluate(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, batc
     loss_of = vmap(lambda logits, target: F.cross_entropy(logits, target, reduction="sum"), in_dims=(0, None))
     totals = torch.zeros(len(models), 3, dtype=torch.float64, device=x.device)
     for start in range(0, len(y), batch_size):
-        logits = logits_of(params, x[start : start + batch_size])[: len(models)]
+        logits = logits_of(params, x[start : start + batch_size])[: len(models)].float()
         target = y[start : start + batch_size]
         totals[:, 0] += (logits.argmax(dim=2) != target).sum(dim=1)
         totals[:, 2] += loss_of(logits, target).double()
