@@ -71,6 +71,7 @@ def config_columns(cfg: Mapping[str, Mapping[str, Any]], trial_id: int) -> dict:
         "decay_steps": int(optim["decay_steps"]) if optim["schedule"] == "linear" else math.nan,
         "end_factor": float(optim["end_factor"]) if optim["schedule"] == "linear" else math.nan,
         "max_steps": int(train["max_steps"]), "eval_every": int(train["eval_every"]),
+        "precision": train.get("precision", "fp32"), "memory_format": train.get("memory_format", "contiguous"),
     }
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from hvd_sparse.config import Config
 from hvd_sparse.log import COLUMNS, REQUIRED_ATTRS, TrialLog, read_log
 from hvd_sparse.mask import Mask
 from conftest import REPO, describe, horovodrun, launch_env, mpirun, rank_lines, run_train
@@ -242,7 +243,7 @@ def test_evaluation_through_the_channels_last_twin_matches_the_model(model_name,
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randn(300, *shape, generator=g), torch.randint(0, 10, (300,), generator=g))
     model = build_model(model_name, shape, 10, seed=0)
-    evaluate = Evaluator(model, torch.device("cpu"))
+    evaluate = Evaluator(model, torch.device("cpu"), Config())
     assert (evaluate.twin is not None) == (model_name != "mlp-tiny")
     for _ in range(2):  # train a little between evaluations: the twin must follow
         model.train()
