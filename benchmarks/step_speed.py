@@ -11,7 +11,8 @@ the mask applied to the weights (sparsity 0.9, a random mask). Variants:
                              forward (the parameters, their gradients and optimizer state stay as they are)
   bf16                       autocast to bfloat16 (weights and gradients stay float32)
   bf16 + channels-last weights, bf16 + channels-last
-and the evaluation pass (6,000 images, batch 1,000, no gradient) in fp32, channels-last and bf16. Each
+and the evaluation pass (6,000 images, batch 1,000, no gradient) in fp32, channels-last and bf16, and at
+other evaluation batch sizes. Each
 variant is timed in turn inside every repeat (so a busy machine slows them all alike), after warm-up;
 the medians are printed with their ratio to fp32 (above 1: faster). The CPU's name and flags are printed
 first: the ratios depend on them (bf16 is fast only with AVX-512 BF16 or AMX).
@@ -82,7 +83,7 @@ def step_fn(batch: int, weights_cl: str | None, input_cl: bool, bf16: bool) -> C
     return step
 
 
-def eval_fn(model_cl: bool, bf16: bool) -> Callable[[], None]:
+def eval_fn(model_cl: bool, bf16: bool, batch: int = 1000) -> Callable[[], None]:
     model = build_model("simple-cnn", (1, 28, 28), 10, seed=0).eval()
     x = torch.rand(6000, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     if model_cl:
@@ -91,8 +92,8 @@ def eval_fn(model_cl: bool, bf16: bool) -> Callable[[], None]:
     @torch.inference_mode()
     def evaluate() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            for start in range(0, len(x), 1000):
-                model(x[start:start + 1000]).float().argmax(1)
+            for start in range(0, len(x), batch):
+                model(x[start:start + batch]).float().argmax(1)
     return evaluate
 
 
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window of one sample")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-batch-sizes", type=int, nargs="+", default=[250, 1000, 3000],
+                        help="evaluation batch sizes compared (channels-last, fp32) against the default 1,000")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}; torch {torch.__version__}; {args.threads} thread(s); median of {args.repeats}")
@@ -132,6 +135,10 @@ def main() -> None:
     t = compare({name: eval_fn(*v) for name, v in EVAL_VARIANTS.items()}, args.repeats, args.seconds)
     print("evaluation of 6,000 images: " + ", ".join(
         [f"fp32 {t['fp32'] * 1e3:.0f} ms"] + [f"{name} {t['fp32'] / t[name]:.2f}x" for name in list(EVAL_VARIANTS)[1:]]))
+    t = compare({b: eval_fn(True, False, b) for b in args.eval_batch_sizes}, args.repeats, args.seconds)
+    base = t.get(1000, next(iter(t.values())))
+    print("evaluation batch size (channels-last, fp32), against 1,000: " + ", ".join(
+        f"{b}: {t[b] * 1e3:.0f} ms ({base / t[b]:.2f}x)" for b in t))
 
 
 if __name__ == "__main__":
