@@ -2,6 +2,7 @@
 
     python benchmarks/capping_replay.py docs/fashion-study/trials.csv [docs/fashion-study/stability-8/trials.csv ...]
     python benchmarks/capping_replay.py runs/fashion/fashion-mnist-nesterov-8196da22701d   # a folder of logs
+    python benchmarks/capping_replay.py docs/fashion-study/trials.csv --query "optimizer == 'nesterov' and sparsity == 0.9"
 
 Each study cell (optimizer, sparsity, batch size) is replayed as one runner would run it, one trial
 after another, batch sizes in ascending order: a trial stops at its first evaluation at or past the
@@ -113,6 +114,7 @@ def replay(table: pd.DataFrame, trials_of: Callable[[pd.DataFrame], list[Trial]]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="+", help="trials tables (trials.csv) or folders of study logs")
+    parser.add_argument("--query", help="only the trials this pandas query selects, e.g. \"sparsity == 0.9\"")
     args = parser.parse_args(argv)
     print(f"{'source':<58} {'study':<28} {'uncapped':>9} {'trial order':>12} {'best first':>11} {'perfect':>9}")
     for source in map(Path, args.sources):
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             trials_of = lambda rows: log_trials(rows, source)  # noqa: E731
         else:
             table, trials_of = pd.read_csv(source), table_trials
+        if args.query:
+            table = table.query(args.query)
         for study, part in table.groupby("study", sort=True):
             h = replay(part, trials_of)
             ratio = lambda k: f"{h[k]:.2f} {h['uncapped'] / h[k]:.2f}x"  # noqa: E731

@@ -49,10 +49,16 @@ class Bound:
     trial_id: int
 
 
+def tightest(bounds: Iterable[Bound | None]) -> Bound | None:
+    """The lowest bound: fewest steps, then the lowest trial id (the aggregator's tie rule); None if none."""
+    found = [(b.steps, b.trial_id) for b in bounds if b is not None]
+    return Bound(*min(found)) if found else None
+
+
 def best(ended: Mapping[int, Ended]) -> Bound | None:
-    """The best COMPLETE trial: fewest steps, then the lowest trial id (the aggregator's tie rule)."""
-    reached = [(e.steps_to_result, t) for t, e in ended.items() if e.status == "COMPLETE" and e.steps_to_result is not None]
-    return Bound(*min(reached)) if reached else None
+    """The best COMPLETE trial."""
+    return tightest(Bound(e.steps_to_result, t) for t, e in ended.items()
+                    if e.status == "COMPLETE" and e.steps_to_result is not None)
 
 
 def log_name(trial_id: int) -> str:
@@ -145,8 +151,3 @@ def best_first(trial_ids: Sequence[int], batch_size: int, neighbours: Mapping[in
 def capped_at(step: int, goal_reached: bool, bound: Bound | None) -> bool:
     """Whether a trial that has just been evaluated at ``step`` stops as CAPPED under ``bound``."""
     return bound is not None and not goal_reached and step >= bound.steps
-
-
-def cells_best(folders: Iterable[tuple[int, CellRecord]]) -> dict[int, Bound | None]:
-    """Batch size -> the best trial recorded in that cell's record."""
-    return {batch_size: record.bound() for batch_size, record in folders}

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import hvd_sparse
 from hvd_sparse import dist
 from hvd_sparse import fused as fused_ops
-from hvd_sparse.capping import Bound, capped_at
+from hvd_sparse.capping import Bound, capped_at, tightest
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
 from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
@@ -508,12 +508,6 @@ def encode(bound: Bound | None) -> list[float]:
 
 def decode(values: Sequence[float]) -> Bound | None:
     return None if values[0] == 0 else Bound(int(values[0]) - 1, int(values[1]) - 1)
-
-
-def tightest(bounds: Sequence[Bound | None]) -> Bound | None:
-    """The lowest bound (fewest steps, then the lowest trial id), None if there is none."""
-    found = [(b.steps, b.trial_id) for b in bounds if b is not None]
-    return Bound(*min(found)) if found else None
 
 
 class Engine:
