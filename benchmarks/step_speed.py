@@ -1,6 +1,6 @@
 """One training step of Simple-CNN in each memory layout and precision, side by side, one thread.
 
-    python benchmarks/step_speed.py [--batch-sizes 8 64 512] [--repeats 5] [--threads 1]
+    python benchmarks/step_speed.py [--batch-sizes 8 64 512] [--repeats 5] [--threads 1] [--compile]
 
 A step is what the engine does on one rank: forward, cross-entropy, backward, the Nesterov update and
 the mask applied to the weights (sparsity 0.9, a random mask). Variants:
@@ -41,6 +41,7 @@ VARIANTS = {  # name: (weights channels-last: "model" (the parameters) or "call"
     "bf16 + channels-last weights": ("model", True, True),
     "bf16 + channels-last": ("call", True, True),
 }
+COMPILED = "torch.compile"  # with --compile: the fp32 step through torch.compile(model) (compiled during warm-up)
 EVAL_VARIANTS = {"fp32": (False, False), "channels-last": (True, False), "bf16 + channels-last": (True, True)}
 
 
@@ -56,10 +57,10 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def step_fn(batch: int, weights_cl: str | None, input_cl: bool, bf16: bool) -> Callable[[], None]:
+def step_fn(batch: int, weights_cl: str | None, input_cl: bool, bf16: bool, compiled: bool = False) -> Callable[[], None]:
     model = build_model("simple-cnn", (1, 28, 28), 10, seed=0)
     masks = [torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) > 0.9 for i, p in enumerate(model.parameters())]
-    forward = model
+    forward = torch.compile(model) if compiled else model
     if weights_cl == "call":
         forward = lambda x: torch.func.functional_call(model, {  # noqa: E731
             n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in model.named_parameters()}, (x,))
@@ -122,15 +123,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window of one sample")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time the fp32 step through torch.compile")
     parser.add_argument("--eval-batch-sizes", type=int, nargs="+", default=[250, 1000, 3000],
                         help="evaluation batch sizes compared (channels-last, fp32) against the default 1,000")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}; torch {torch.__version__}; {args.threads} thread(s); median of {args.repeats}")
-    print(f"{'batch':>6} " + " ".join(f"{name:>26}" for name in VARIANTS))
+    names = list(VARIANTS) + ([COMPILED] if args.compile else [])
+    print(f"{'batch':>6} " + " ".join(f"{name:>26}" for name in names))
     for batch in args.batch_sizes:
-        t = compare({name: step_fn(batch, *v) for name, v in VARIANTS.items()}, args.repeats, args.seconds)
-        cells = [f"{t['fp32'] * 1e3:.2f} ms"] + [f"{t['fp32'] / t[name]:.2f}x" for name in list(VARIANTS)[1:]]
+        fns = {name: step_fn(batch, *v) for name, v in VARIANTS.items()}
+        if args.compile:
+            fns[COMPILED] = step_fn(batch, None, False, False, compiled=True)
+        t = compare(fns, args.repeats, args.seconds)
+        cells = [f"{t['fp32'] * 1e3:.2f} ms"] + [f"{t['fp32'] / t[name]:.2f}x" for name in names[1:]]
         print(f"{batch:>6} " + " ".join(f"{c:>26}" for c in cells))
     t = compare({name: eval_fn(*v) for name, v in EVAL_VARIANTS.items()}, args.repeats, args.seconds)
     print("evaluation of 6,000 images: " + ", ".join(

@@ -1,2 +1,16 @@
 """hvd_sparse: data parallelism in training sparse neural networks, measured on real ranks."""
 __version__ = "0.4.0"
+
+
+def register_model(name: str):  # noqa: ANN201 - the decorator of hvd_sparse.registry.Registry.register
+    """Decorator: ``@register_model("my-net")`` on a factory ``(input_shape, num_classes) -> nn.Module``."""
+    from hvd_sparse.models import MODELS  # here, not at import: ``import hvd_sparse`` stays free of torch
+
+    return MODELS.register(name)
+
+
+def register_dataset(name: str):  # noqa: ANN201
+    """Decorator: ``@register_dataset("my-data")`` on a loader ``(data_dir) -> hvd_sparse.data.RawData``."""
+    from hvd_sparse.data import DATASETS
+
+    return DATASETS.register(name)

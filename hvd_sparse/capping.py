@@ -75,6 +75,7 @@ class CellRecord:
     def __init__(self, folder: Path, run_hashes: Mapping[int, str]):
         self.folder, self.run_hashes = folder, dict(run_hashes)
         self.known: dict[int, Ended] = {}
+        self.warned = False  # a damaged file is said once, not at every evaluation
 
     @property
     def path(self) -> Path:
@@ -92,8 +93,10 @@ class CellRecord:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            logger.warning("%s: not used for capping (%s); the bound comes from this process's trials only",
-                           self.path, type(e).__name__ if not isinstance(e, ValueError) else e)
+            if not self.warned:
+                logger.warning("%s: not used for capping (%s); the bound comes from this process's trials only",
+                               self.path, type(e).__name__ if not isinstance(e, ValueError) else e)
+            self.warned = True
             return {}
         return {t: e for t, e in entries.items()
                 if self.run_hashes.get(t) == e.run_hash and (self.folder / log_name(t)).is_file()}

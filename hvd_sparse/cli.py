@@ -27,13 +27,32 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+PLUGIN_HELP = ("a module name or a .py file that registers models or datasets (hvd_sparse.register_model, "
+               "register_dataset); imported on every rank before any name is looked up; repeatable")
+
+
+def take_plugins(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(the ``--plugin`` values, the other arguments): plug-ins are imported before the parser is built,
+    so that its help lists the names they register."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, rest = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return known.plugin, rest
+
+
 def parse_config(argv: Sequence[str] | None, prog: str, description: str,
-                 names: Mapping[str, Sequence[str]] | None = None) -> Config:
-    """Parse argv into a validated Config (one ``--field-name`` per config field); any problem
+                 names: Callable[[], Mapping[str, Sequence[str]]] | None = None) -> Config:
+    """Parse argv into a validated Config (one ``--field-name`` per config field), after importing the
+    ``--plugin`` modules (``names``: the registries' names, asked once they are loaded); any problem
     raises ConfigError with a one-line message."""
+    from hvd_sparse.registry import load_plugins
+
+    plugins, rest = take_plugins(argv)
+    load_plugins(plugins)
     parser = ArgumentParser(prog=prog, description=description)
-    add_config_arguments(parser, names=names)
-    return config_from_namespace(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    parser.add_argument("--plugin", metavar="MODULE_OR_FILE", help=PLUGIN_HELP)
+    add_config_arguments(parser, names=names() if names else None)
+    return config_from_namespace(parser.parse_args(rest))
 
 
 def say(text: str, stream: TextIO | None = None) -> None:

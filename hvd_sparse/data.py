@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hvd_sparse.config import DataConfig, seed_for
+from hvd_sparse.registry import Registry
 
 
 class DataError(ValueError):
@@ -244,19 +245,19 @@ def load_cifar10(data_dir: str | None) -> RawData:
     )
 
 
-DATASETS: dict[str, Callable[[str | None], RawData]] = {
+DATASETS: Registry[Callable[[str | None], RawData]] = Registry("dataset")  # plug-ins: hvd_sparse.register_dataset
+for _name, _loader in {
     "mnist5k": load_mnist5k,
     "mnist": _idx_loader("MNIST"),
     "fashion-mnist": _idx_loader("FashionMNIST"),
     "cifar10": load_cifar10,
     "synthetic": lambda data_dir: make_synthetic((1, 16, 16)),
     "synthetic-cifar": lambda data_dir: make_synthetic((3, 32, 32)),
-}
+}.items():
+    DATASETS.register(_name)(_loader)
 
 
 def get_loader(name: str) -> Callable[[str | None], RawData]:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
     return DATASETS[name]
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 import hvd_sparse
-from hvd_sparse import dist
+from hvd_sparse import dist, registry
 from hvd_sparse import fused as fused_ops
 from hvd_sparse.capping import Bound, capped_at, tightest
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
@@ -36,7 +36,7 @@ from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
 from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
 from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe
 from hvd_sparse.lipschitz import due as lipschitz_due
-from hvd_sparse.log import TrialLog, write_atomically
+from hvd_sparse.log import TrialLog, read_log, write_atomically
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model, get_factory, prunable_names
 from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm
@@ -236,8 +236,17 @@ class Recorder:
 
     def open(self, resumed: Progress | None, attrs: Mapping[str, Any]) -> None:
         """A new log, or the resumed one without the evaluations made after its checkpoint (redone)."""
+        plugins = json.dumps([p.to_dict() for p in registry.loaded()])
         if resumed is not None:
-            self.log.truncate(resumed.step, world_size=dist.size(), latest={k: attrs[k] for k in ("placement", "fuse")})
+            before = json.loads(read_log(self.path, with_mask=False).attrs.get("plugins", "[]"))
+            changed = {p["name"] for p in before} ^ {p.name for p in registry.loaded()} or {
+                p["name"] for p in before for q in registry.loaded() if p["name"] == q.name and p["sha256"] != q.sha256}
+            if changed:  # warned, not refused: the configuration (run hash) is the same; the log keeps the newest
+                logger.warning("%s: resuming with plug-ins that changed since the trial began (%s): its measurements "
+                               "before and after step %d may come from different code", self.path.name,
+                               ", ".join(sorted(changed)), resumed.step)
+            self.log.truncate(resumed.step, world_size=dist.size(),
+                              latest={**{k: attrs[k] for k in ("placement", "fuse")}, "plugins": plugins})
             return
         import h5py  # noqa: F401 - fail here, not mid-run, if it is missing
 
@@ -249,6 +258,7 @@ class Recorder:
             "mask_layer_density": json.dumps(self.mask.layer_density()),
             "allreduce_bytes_per_step": self.bytes_per_step, "hvd_sparse_version": hvd_sparse.__version__,
             "torch_version": torch.__version__, "horovod_version": dist.horovod_version(), "backend": dist.backend(),
+            "plugins": plugins,
         }
         # plan_start has ruled out a finished log unless --overwrite; a RUNNING one without checkpoint restarts
         self.log = TrialLog.create(self.path, attrs, self.mask, overwrite=True)

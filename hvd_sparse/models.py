@@ -8,6 +8,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from hvd_sparse.registry import Registry
+
 
 class _TwoConvTrunk(nn.Module):
     """Two blocks of 5x5 VALID conv + ReLU + 2x2 max-pool: the trunk of Simple-CNN and LeNet-5."""
@@ -124,18 +126,18 @@ class ResNet8(nn.Module):
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 
-MODELS: dict[str, ModelFactory] = {
+MODELS: Registry[ModelFactory] = Registry("model")  # plug-ins add theirs with hvd_sparse.register_model
+for _name, _factory in {
     "simple-cnn": SimpleCNN,
     "resnet8": ResNet8,
     "lenet5": LeNet5,
     "lenet-300-100": lambda shape, k: MLP(shape, k, hidden=(300, 100)),
     "mlp-tiny": lambda shape, k: MLP(shape, k, hidden=(32,)),
-}
+}.items():
+    MODELS.register(_name)(_factory)
 
 
 def get_factory(name: str) -> ModelFactory:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     return MODELS[name]
 
 

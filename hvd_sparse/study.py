@@ -31,16 +31,17 @@ from hvd_sparse import dist
 from hvd_sparse.capping import CellRecord, best_first
 from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
 from hvd_sparse.checkpoint import RunLock
-from hvd_sparse.cli import ArgumentParser, configure_logging, guarded, say
+from hvd_sparse.cli import PLUGIN_HELP, ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, load_data_everywhere,
                                select_device, stop_requested, validate)
 from hvd_sparse.log import LogError, check_writable, copy_log, read_log
+from hvd_sparse.registry import load_plugins
 from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
 SPEC_FILE = "study.json"
-OPERATIONAL = ("data_dir", "fuse", "capping")  # spec keys that say how or where, never what: out of the hash
+OPERATIONAL = ("data_dir", "fuse", "capping", "plugins")  # spec keys that say how or where, never what: out of the hash
 
 # config fields the grid sets itself; a spec's ``config`` section may not override them
 GRID_FIELDS = {
@@ -100,6 +101,9 @@ class StudySpec:
     # stop a trial that can no longer beat its cell's best (hvd_sparse.capping): the cell's answer is the
     # same either way, so it is kept out of the hash and capped and uncapped logs live in one study
     capping: bool = True
+    # plug-ins imported before the grid's names are looked up (paths relative to the spec's folder): where the
+    # code is, not what it does (each log records each plug-in's source and its SHA-256); out of the hash
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -108,6 +112,8 @@ class StudySpec:
             raise ConfigError(f"study spec: fuse must be a positive number of trials, got {self.fuse!r}")
         if not isinstance(self.capping, bool):
             raise ConfigError(f"study spec: capping must be true or false, got {self.capping!r}")
+        if not isinstance(self.plugins, tuple) or not all(isinstance(p, str) and p for p in self.plugins):
+            raise ConfigError(f"study spec: plugins must be a list of module names or .py files, got {self.plugins!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ConfigError(f"study spec: trials must be a positive integer, got {self.trials!r}")
         for key in ("max_steps", "eval_every"):
@@ -176,6 +182,7 @@ class StudySpec:
                 **{**d, "sparsities": tuple(float(s) for s in sparsities), "optimizers": tuple(optimizers),
                    "batch_sizes": _ints(d["batch_sizes"], "batch_sizes"),
                    "search": {k: dict(v) for k, v in d.get("search", {}).items()},
+                   **({"plugins": tuple(d["plugins"])} if isinstance(d.get("plugins"), list) else {}),
                    **({"lr_scaling": dict(d["lr_scaling"])} if isinstance(d.get("lr_scaling"), Mapping) else {}),
                    "config": {k: dict(v) for k, v in d.get("config", {}).items()}},
                 sobol_skip=sobol.get("skip", 1), sobol_seed=sobol.get("seed"),
@@ -196,13 +203,16 @@ class StudySpec:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix == '.json' else 'YAML'} study spec: {first}") from None
         try:
-            return cls.from_dict(d)
+            spec = cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        here = lambda p: str(path.parent / p) if p.endswith(".py") and not Path(p).is_absolute() else p  # noqa: E731
+        return dataclasses.replace(spec, plugins=tuple(here(p) for p in spec.plugins))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["sobol"] = {"skip": d.pop("sobol_skip"), "seed": d.pop("sobol_seed")}
+        d["plugins"] = list(d["plugins"])
         if d["lr_scaling"] is None:
             del d["lr_scaling"]  # specs from before it existed keep their hash
         for key in ("max_steps", "eval_every"):  # string keys, as JSON (study.json) writes and reads them
@@ -659,6 +669,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "capping; default true)")
     parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch"),
                         help="distributed engine (default: from the launch: torchrun -> torch, horovodrun/mpirun/srun -> horovod)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help=PLUGIN_HELP + " (after the spec's plugins)")
     parser.add_argument("--verbose", action="store_true", help="log every evaluation of every trial (rank 0)")
     return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -670,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def study_main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     spec = StudySpec.load(args.spec)
+    load_plugins([*spec.plugins, *args.plugin])
     if args.data_dir:
         spec = dataclasses.replace(spec, data_dir=args.data_dir)
     if args.fuse is not None:

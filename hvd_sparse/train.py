@@ -67,7 +67,7 @@ def report(result: TrialResult) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    names = {"dataset": sorted(DATASETS), "model": sorted(MODELS), "optimizer": list(OPTIMIZERS)}
+    names = lambda: {"dataset": list(DATASETS), "model": list(MODELS), "optimizer": list(OPTIMIZERS)}  # noqa: E731
     return guarded(lambda: report(run(parse_config(argv, PROG, __doc__.splitlines()[0], names))), PROG)
 
 

@@ -1,0 +1,169 @@
+"""Registries and plug-ins: a user's model and dataset registered from a file, a module or an installed
+entry point, trained at np=2 exactly as at np=1; bad plug-ins one line and exit 2 on every rank."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from hvd_sparse.config import ConfigError
+from hvd_sparse.log import read_log
+from hvd_sparse.models import MODELS
+from hvd_sparse.registry import Registry, load, load_plugins
+from conftest import REPO, describe, launch_env, rank_lines, run_train
+
+# A plug-in as a user writes it: a model factory and a dataset loader, nothing of the package but its API.
+PLUGIN = '''
+import numpy as np
+from torch import nn
+
+import hvd_sparse
+from hvd_sparse.data import RawData
+
+
+@hvd_sparse.register_model("{model}")
+def two_layer(input_shape, num_classes):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 24), nn.ReLU(), nn.Linear(24, num_classes))
+
+
+@hvd_sparse.register_dataset("{dataset}")
+def stripes(data_dir):
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 4, size=800)
+    x = (rng.random((800, 1, 12, 12)) * 60).astype(np.uint8)
+    for k in range(4):
+        x[y == k, :, 3 * k : 3 * k + 3, :] += 150  # class k: a bright horizontal band
+    return RawData(x, y.astype(np.int64), None, None, num_classes=4)
+'''
+
+
+def write_plugin(folder, name="user_plugin", model="user-net", dataset="stripes", extra=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(PLUGIN.format(model=model, dataset=dataset) + textwrap.dedent(extra))
+    return path
+
+
+# -- in this process ------------------------------------------------------------------------------
+
+
+def test_a_registry_names_both_places_of_a_name_registered_twice():
+    reg = Registry("widget")
+
+    @reg.register("a")
+    def first():
+        pass
+
+    with pytest.raises(ConfigError, match=r"widget 'a' is registered twice: by .*first \(.*test_registry.py:\d+\) "
+                                          r"and by .*second"):
+        @reg.register("a")
+        def second():
+            pass
+    assert list(reg) == ["a"] and reg["a"] is first
+    with pytest.raises(ValueError, match="unknown widget 'b'; valid: a"):
+        reg["b"]
+
+
+def test_a_plugin_file_registers_its_model_and_dataset(tmp_path):
+    plugin = load(str(write_plugin(tmp_path, "p_file", model="file-net", dataset="file-data")))
+    assert "file-net" in MODELS and MODELS["file-net"]((1, 12, 12), 4)(torch.zeros(2, 1, 12, 12)).shape == (2, 4)
+    assert plugin.source.endswith("p_file.py") and len(plugin.sha256) == 64
+    assert load(str(tmp_path / "p_file.py")) is plugin  # named again (CLI and spec): imported once
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("no_such_plugin_module", None, r"plug-in no_such_plugin_module: no module named 'no_such_plugin_module'"),
+    ("missing.py", None, r"plug-in .*missing.py: no such file"),
+    ("raises.py", "raise RuntimeError('no GPU here')", r"plug-in .*raises.py: importing it raised RuntimeError: no GPU here"),
+    ("twice.py", "import hvd_sparse\nhvd_sparse.register_model('simple-cnn')(lambda s, k: None)",
+     r"model 'simple-cnn' is registered twice: by hvd_sparse.models.SimpleCNN \(.*models.py:\d+\) and by .*twice"),
+])
+def test_a_bad_plugin_is_one_config_error(tmp_path, name, body, message):
+    target = name
+    if name.endswith(".py"):
+        target = str(tmp_path / name)
+        if body is not None:
+            (tmp_path / name).write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load(target)
+
+
+# -- real ranks -----------------------------------------------------------------------------------
+
+FLAGS = ["--dataset", "stripes", "--model", "user-net", "--sparsity", "0.5", "--optimizer", "nesterov", "--lr", "0.05",
+         "--batch-size", "32", "--max-steps", "30", "--eval-every", "10", "--goal-error", "0", "--save-model"]
+
+
+@pytest.mark.launches
+def test_a_plugin_trains_at_np2_exactly_as_at_np1(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plugin = write_plugin(tmp_path)
+    runs = {}
+    for np_ in (1, 2):
+        proc = run_train(np_, "--plugin", str(plugin), *FLAGS, "--out", str(tmp_path / f"np{np_}"))
+        assert proc.returncode == 0, describe(proc)
+        (log,) = (tmp_path / f"np{np_}").glob("*.h5")
+        runs[np_] = (read_log(log), torch.load(log.with_suffix(".final.pt")))
+    (l1, p1), (l2, p2) = runs[1], runs[2]
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.count_nonzero(p2[name][~l2.mask[name]]) == 0
+    assert l1.measurements["val_error"].tolist() == l2.measurements["val_error"].tolist()
+    assert l1.measurements["val_error"][-1] < 0.5  # it learned the bands
+    (recorded,) = json.loads(l2.attrs["plugins"])
+    assert recorded["source"] == str(plugin) and recorded["sha256"] == __import__("hashlib").sha256(plugin.read_bytes()).hexdigest()
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("plugin, message", [
+    ("no_such_plugin_module", "no module named 'no_such_plugin_module'"),
+    ("raises.py", "importing it raised ZeroDivisionError: division by zero"),
+])
+def test_a_bad_plugin_fails_on_every_rank_with_one_line(tmp_path, plugin, message):
+    if plugin.endswith(".py"):
+        (tmp_path / plugin).write_text("1 / 0\n")
+        plugin = str(tmp_path / plugin)
+    proc = run_train(2, "--plugin", plugin, *FLAGS, "--out", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == 2, describe(proc)
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(proc.stdout + proc.stderr, rank) if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], describe(proc)
+
+
+@pytest.mark.launches
+def test_an_installed_package_registers_through_its_entry_point(tmp_path):
+    site = tmp_path / "site"
+    write_plugin(site, "ep_plugin", model="ep-net", dataset="ep-data")
+    info = site / "ep_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[hvd_sparse.plugins]\nep = ep_plugin\n")
+    flags = [f.replace("user-net", "ep-net").replace("stripes", "ep-data") for f in FLAGS]
+    proc = subprocess.run([sys.executable, "-m", "hvd_sparse.train", "--no-progress", *flags, "--out", str(tmp_path / "o")],
+                          env={**launch_env(), "PYTHONPATH": str(site)}, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    (log,) = (tmp_path / "o").glob("*.h5")
+    assert json.loads(read_log(log).attrs["plugins"])[0]["module"] == "ep_plugin"
+
+
+@pytest.mark.launches
+def test_a_study_names_its_plugins_and_a_resume_says_when_they_changed(tmp_path):
+    folder = tmp_path / "specs"
+    write_plugin(folder)
+    spec = folder / "study.json"
+    spec.write_text(json.dumps({
+        "name": "plugged", "dataset": "stripes", "model": "user-net", "sparsities": [0.5], "optimizers": ["sgd"],
+        "batch_sizes": [32], "trials": 4, "goal_error": 0.05, "max_steps": 200, "eval_every": 10,
+        "search": {"lr": {"range": [0.001, 0.1], "scale": "log"}}, "plugins": ["user_plugin.py"]}))  # beside the spec
+    args = [sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
+    first = subprocess.run(args, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "CAPPED" in first.stdout, describe(first)
+    with open(folder / "user_plugin.py", "a") as f:
+        f.write("\n# a comment: the source changed\n")
+    again = subprocess.run([*args, "--no-capping"], env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "(resumed," in again.stdout, describe(again)
+    assert "resuming with plug-ins that changed since the trial began (" in again.stderr + again.stdout
