@@ -13,10 +13,12 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 STUDY ?= studies/mini-mnist5k.yaml
 STUDY_OUT ?= runs/studies
+STUDY_ARGS ?=
 FIGURES ?= docs/mini-study
 FASHION_SPECS ?= studies/fashion-mnist-nesterov.yaml studies/fashion-mnist-sgd.yaml
 FASHION_OUT ?= runs/fashion
 FASHION_FIGURES ?= docs/fashion-study
+FASHION_ARGS ?=
 
 .PHONY: setup demo replicate replicate-fashion failure-times test test-fast clean
 
@@ -30,14 +32,14 @@ demo: setup
 ## make replicate: set up, run the mini study (every trial in one horovodrun job; rerun to resume),
 ## then aggregate its logs into tables and the scaling-curve plots in $(FIGURES)
 replicate: setup
-	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT)
+	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) $(STUDY_ARGS)
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) --print-dir)" --out $(FIGURES)
 
 ## make replicate-fashion: set up (which installs Debian's Fashion-MNIST), run the Fashion-MNIST studies
 ## (trials two at a time, one core each; rerun to resume), then aggregate them into $(FASHION_FIGURES):
 ## the grid (both optimizers), the Lipschitz study, and the stability check (its first 4 trials, and all 8)
 replicate-fashion: setup
-	for spec in $(FASHION_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --pack $(NP) || exit 1; done
+	for spec in $(FASHION_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS) || exit 1; done
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --pack $(NP)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --pack $(NP)
 	python -m hvd_sparse.aggregate $$(for spec in $(FASHION_SPECS); do python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --print-dir; done) --out $(FASHION_FIGURES)
