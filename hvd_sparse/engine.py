@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence, TextIO
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -38,7 +37,7 @@ from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe
 from hvd_sparse.lipschitz import due as lipschitz_due
 from hvd_sparse.log import TrialLog, read_log, write_atomically
 from hvd_sparse.mask import Mask
-from hvd_sparse.models import build_model, get_factory, prunable_names
+from hvd_sparse.models import Loss, build_model, get_factory, loss_for, prunable_names, summed
 from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm
 from hvd_sparse.watch import watch_launcher
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
@@ -197,6 +196,7 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, device: torch.device, cfg: Config):
         self.model, self.cfg = model, cfg
+        self.loss_sum = summed(loss_for(cfg.model.model))
         self.twin: nn.Module | None = None
         if device.type == "cpu" and any(p.dim() == 4 for p in model.parameters()):
             self.twin = copy.deepcopy(model).requires_grad_(False).to(memory_format=torch.channels_last).eval()
@@ -218,7 +218,7 @@ class Evaluator:
                 logits = model(x[start : start + batch_size]).float()
             target = y[start : start + batch_size]
             errors += (logits.argmax(dim=1) != target).sum()
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            loss_sum += self.loss_sum(logits, target).double()
         self.model.train()
         return torch.stack([errors, torch.tensor(float(len(y)), dtype=torch.float64, device=x.device), loss_sum])
 
@@ -396,9 +396,11 @@ class Slot:
     lipschitz: LipschitzProbe | None = field(init=False)
     bar: tqdm = field(init=False)
     capped: Bound | None = None  # the bound that capped the trial (set when it stops as CAPPED)
+    loss_fn: Loss = field(init=False)  # the model's mean loss (models.loss_for)
 
     def __post_init__(self) -> None:
         model, train = self.state.model, self.cfg.train
+        self.loss_fn = loss_for(self.cfg.model.model)
         self.evaluator = Evaluator(model, self.data.train.x.device, self.cfg)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
         self.noise_masks = self.mask.by_parameter(model)
@@ -406,7 +408,8 @@ class Slot:
         if train.lipschitz_every:
             self.lipschitz = LipschitzProbe(
                 model, self.mask, self.data.train.x, self.data.train.y, train.eval_batch_size, dist.rank(), dist.size(),
-                reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device))
+                reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device),
+                loss_sum=summed(self.loss_fn))
         model.train()
         self.bar = progress_bar(train.max_steps, enabled=dist.is_root() and self.cfg.run.progress)
         self.bar.update(self.state.step)
@@ -425,7 +428,7 @@ class Slot:
         return in_layout(self.data.train.x[idx], self.cfg), self.data.train.y[idx]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.state.model(x), y)
+        return self.loss_fn(self.state.model(x), y)
 
     def noise_due(self) -> bool:
         every = self.cfg.train.noise_scale_every
@@ -505,7 +508,8 @@ def evaluate_slots(slots: Sequence[Slot], split: Split, fused: bool) -> torch.Te
         return torch.stack([slot.evaluator(split, batch_size) for slot in slots])
     part = eval_slice(len(split), dist.rank(), dist.size())
     with autocast(slots[0].cfg, split.x.device):
-        return fused_ops.evaluate([slot.state.model for slot in slots], split.x[part], split.y[part], batch_size)
+        return fused_ops.evaluate([slot.state.model for slot in slots], split.x[part], split.y[part], batch_size,
+                                  slots[0].evaluator.loss_sum)
 
 
 Ended = Callable[[Job, TrialResult], None]
@@ -640,7 +644,8 @@ class Engine:
             if not self.fused or not fused_ops.pays(x.device, len(x)):
                 return [slot.loss(*shard) for slot, shard in zip(self.slots, shards)]
             xs, ys = zip(*shards)
-            return list(fused_ops.losses([slot.state.model for slot in self.slots], torch.stack(xs), torch.stack(ys)))
+            return list(fused_ops.losses([slot.state.model for slot in self.slots], torch.stack(xs), torch.stack(ys),
+                                         self.slots[0].loss_fn))
 
     def step(self) -> list[bool]:
         """One optimizer step of every trial on this rank's shard of its global batch, with the
@@ -720,7 +725,7 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | No
         return snip(
             model, names, data.train, cfg.prune.sparsity,
             batch_size=cfg.prune.snip_batch_size, num_batches=cfg.prune.snip_batches,
-            seed=cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed,
+            seed=cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed, loss_fn=loss_for(cfg.model.model),
         )
 
     return dist.broadcast_mask(dist.on_root(compute, "SNIP"), ones)
@@ -733,6 +738,7 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
     through alone (Horovod's optimizer wraps it first: the state is loaded into the wrapper)."""
     device = data.train.x.device
     model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")).to(device)
+    check_batch_statistics(model, cfg, fused=not own_sync)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     dist.broadcast_parameters(model)
@@ -749,6 +755,27 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
     dist.broadcast_optimizer_state(optimizer)
     mask.apply_to_params(model)  # the state broadcast may have stepped with zero gradients
     return model, mask, optimizer, sync
+
+
+def check_batch_statistics(model: nn.Module, cfg: Config, fused: bool) -> None:
+    """A model whose forward uses batch statistics (BatchNorm in training mode) is refused where the
+    toolkit cannot keep it exact: at np > 1 each rank would normalize by its own shard's statistics (not
+    the same optimization as np=1, and synchronized statistics are not implemented), fused trials stack
+    parameters and not buffers, and the Lipschitz probe runs its passes in evaluation mode. The same
+    answer on every rank (same model, same world size), before any collective."""
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    if not norms:
+        return
+    where = f"{cfg.model.model} normalizes by batch statistics ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''})"
+    if dist.size() > 1:
+        raise ConfigError(f"{where}: at {dist.size()} ranks each would use its own shard's, not the same optimization "
+                          "as one rank (synchronized statistics are not implemented): train it at np=1 (with "
+                          "--pack for studies)")
+    if fused:
+        raise ConfigError(f"{where}: fused trials stack parameters, not buffers: fuse 1")
+    if cfg.train.lipschitz_every:
+        raise ConfigError(f"{where}: the Lipschitz probe runs in evaluation mode, where they are not used: "
+                          "lipschitz_every 0")
 
 
 def contiguous_state(optimizer: torch.optim.Optimizer) -> None:

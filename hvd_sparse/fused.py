@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
+
+from hvd_sparse.models import Loss, cross_entropy, cross_entropy_sum
 
 # On a CPU the fused forward and backward pass pays only at the smallest batches: from 16 examples a
 # model on, the grouped convolutions over T models' activations (which no longer fit the caches)
@@ -48,12 +49,12 @@ def stacked(models: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([params[name] for params in named]) for name in named[0]}
 
 
-def losses(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[T] mean cross-entropy losses: model t on its own batch ``x[t]``, ``y[t]``."""
+def losses(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, loss_fn: Loss = cross_entropy) -> torch.Tensor:
+    """[T] mean losses: model t on its own batch ``x[t]``, ``y[t]``."""
     template, t = models[0], len(models)
 
     def loss(params: dict[str, torch.Tensor], xt: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(template, params, (xt,)), yt)
+        return loss_fn(functional_call(template, params, (xt,)), yt)
 
     if t == 1:  # beside its copy (``stacked``)
         x, y = x.expand(2, *x.shape[1:]), y.expand(2, *y.shape[1:])
@@ -61,12 +62,13 @@ def losses(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def evaluate(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+def evaluate(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             loss_sum: Loss = cross_entropy_sum) -> torch.Tensor:
     """[T, 3]: each model's [errors, examples, loss sum] on the same examples ``x``, ``y``."""
     template = models[0]
     params = stacked(models)
     logits_of = vmap(lambda p, xb: functional_call(template, p, (xb,)), in_dims=(0, None))
-    loss_of = vmap(lambda logits, target: F.cross_entropy(logits, target, reduction="sum"), in_dims=(0, None))
+    loss_of = vmap(loss_sum, in_dims=(0, None))
     totals = torch.zeros(len(models), 3, dtype=torch.float64, device=x.device)
     for start in range(0, len(y), batch_size):
         logits = logits_of(params, x[start : start + batch_size])[: len(models)].float()

@@ -19,10 +19,10 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hvd_sparse.mask import Mask
+from hvd_sparse.models import cross_entropy_sum
 
 GAMMAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -30,10 +30,6 @@ GAMMAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 def due(step: int, every: int) -> bool:
     """Whether the optimizer step taken at ``step`` (to step + 1) is measured."""
     return every > 0 and (step + 1) % every == 0
-
-
-def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target, reduction="sum")
 
 
 class LipschitzProbe:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -152,17 +153,55 @@ def variance_scaling_(weight: torch.Tensor, generator: torch.Generator, scale: f
     nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std, generator=generator)
 
 
+REFERENCE_INIT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers the reference initializes
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """The named model with the reference initialization, identical for the same seed on any rank."""
+    """The named model with the reference initialization, identical for the same seed on any rank: the
+    weights of convolutions and linear layers variance-scaled (in parameter order, from ``seed``), their
+    biases zero; every other parameter (a BatchNorm scale, an embedding) as the model made it. A model
+    with ``reference_init = False`` keeps its own initialization entirely."""
     model = get_factory(name)(input_shape, num_classes)
+    if not getattr(model, "reference_init", True):
+        return model
+    owner = {id(p): type(m) for m in model.modules() for p in m.parameters(recurse=False)}
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
+            if not issubclass(owner[id(p)], REFERENCE_INIT):
+                continue
             if pname.endswith("bias"):
                 p.zero_()
             else:
                 variance_scaling_(p, generator)
     return model
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def cross_entropy_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="sum")
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loss_for(name: str) -> Loss:
+    """The mean loss over a batch that model ``name`` is trained and measured with: ``loss(outputs,
+    targets)`` where the module that registered its factory defines one, else cross-entropy. The sums
+    the toolkit needs (evaluation, the Lipschitz probe) are this mean times the batch's size."""
+    module = sys.modules.get(getattr(get_factory(name), "__module__", ""))
+    declared = getattr(module, "loss", None) if module is not sys.modules[__name__] else None
+    return declared if callable(declared) else cross_entropy
+
+
+def summed(loss: Loss) -> Loss:
+    """The sum over a batch of a mean loss (cross-entropy's own sum for cross-entropy: the same bits as ever)."""
+    if loss is cross_entropy:
+        return cross_entropy_sum
+    return lambda outputs, targets: loss(outputs, targets) * len(targets)
 
 
 def prunable_names(model: nn.Module, prune_biases: bool) -> list[str]:

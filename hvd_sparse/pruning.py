@@ -12,11 +12,11 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from hvd_sparse.config import ConfigError, seed_for
 from hvd_sparse.data import Split
 from hvd_sparse.mask import Mask, split_flat
+from hvd_sparse.models import Loss, cross_entropy
 
 
 def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -31,15 +31,17 @@ def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> 
         yield train.x[idx], train.y[idx]
 
 
-def snip_scores(model: nn.Module, names: list[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Normalized |sum over batches of dL/dc| for each named parameter (sums to 1 overall)."""
+def snip_scores(model: nn.Module, names: list[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                loss_fn: Loss = cross_entropy) -> dict[str, torch.Tensor]:
+    """Normalized |sum over batches of dL/dc| for each named parameter (sums to 1 overall); L: the model's
+    mean loss."""
     params = dict(model.named_parameters())
     chosen = [params[n] for n in names]
     signed = [torch.zeros_like(p) for p in chosen]
     was_training = model.training
     model.eval()  # no dropout/batch-norm here, but the score must not depend on the mode
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         grads = torch.autograd.grad(loss, chosen)
         for acc, p, g in zip(signed, chosen, grads):
             acc.add_(g * p.detach())
@@ -81,9 +83,10 @@ def snip(
     batch_size: int = 100,
     num_batches: int = 0,
     seed: int = 0,
+    loss_fn: Loss = cross_entropy,
 ) -> Mask:
     """The SNIP mask of ``model`` at its current (initial) weights."""
     if sparsity == 0.0:
         return Mask.ones(model, names)
     batches = snip_batches(train, batch_size, num_batches, seed)
-    return top_k_mask(snip_scores(model, names, batches), sparsity)
+    return top_k_mask(snip_scores(model, names, batches, loss_fn), sparsity)

@@ -231,6 +231,27 @@ def test_cifar10_reads_the_python_batches(tmp_path):
     assert (data.train.x.mean(dim=(0, 2, 3)).abs() < 1e-5).all()  # per-channel normalization
 
 
+class _Exploit:
+    def __reduce__(self):
+        return (__import__("os").system, ("touch pwned",))
+
+
+def test_a_pickle_that_names_code_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """A data file is read with an unpickler that admits numpy arrays only (a pickle can name any callable)."""
+    import pickle
+
+    from hvd_sparse.data import DataError, load_cifar10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Exploit(), b"labels": [1]}, f)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data_batch_3: not a CIFAR-10 python batch .*global posix.system refused"):
+        load_cifar10(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("damage, fragment", [
     ("missing", "file not found"), ("garbage", "not a CIFAR-10 python batch"), ("shape", "must be uint8 N x 3072"),
 ])

@@ -51,6 +51,17 @@ def write_plugin(folder, name="user_plugin", model="user-net", dataset="stripes"
 # -- in this process ------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def registries_as_they_were(monkeypatch):
+    """What a test's plug-ins register is gone after it (other tests list the registries' names)."""
+    from hvd_sparse import registry
+    from hvd_sparse.data import DATASETS
+
+    for reg in (MODELS, DATASETS):
+        monkeypatch.setattr(reg, "_entries", dict(reg._entries))
+    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
+
+
 def test_a_registry_names_both_places_of_a_name_registered_twice():
     reg = Registry("widget")
 
@@ -167,3 +178,65 @@ def test_a_study_names_its_plugins_and_a_resume_says_when_they_changed(tmp_path)
     again = subprocess.run([*args, "--no-capping"], env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "(resumed," in again.stdout, describe(again)
     assert "resuming with plug-ins that changed since the trial began (" in again.stderr + again.stdout
+
+
+LOSS_AND_NORM = """
+import torch.nn.functional as F
+from torch import nn
+import hvd_sparse
+
+
+def loss(outputs, targets):  # the module's loss: used for training, evaluation and SNIP
+    return 2 * F.cross_entropy(outputs, targets)
+
+
+@hvd_sparse.register_model("normed-net")
+def normed(input_shape, num_classes):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * (h - 2) * (w - 2), num_classes))
+"""
+
+
+def test_a_models_module_loss_is_its_loss_and_its_own_layers_keep_their_init(tmp_path):
+    from hvd_sparse.models import build_model, cross_entropy, loss_for, summed
+
+    write_plugin(tmp_path, "lossy", model="lossy-net", dataset="lossy-data", extra=LOSS_AND_NORM)
+    load(str(tmp_path / "lossy.py"))
+    out, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    assert loss_for("normed-net")(out, y) == 2 * torch.nn.functional.cross_entropy(out, y)
+    assert summed(loss_for("normed-net"))(out, y) == pytest.approx(5 * 2 * torch.nn.functional.cross_entropy(out, y).item())
+    assert loss_for("simple-cnn") is cross_entropy
+    model = build_model("normed-net", (1, 12, 12), 4, seed=0)
+    assert torch.equal(model[1].weight, torch.ones(4)) and torch.equal(model[1].bias, torch.zeros(4))  # BatchNorm's own
+    assert torch.equal(model[0].bias, torch.zeros(4)) and model[0].weight.std() > 0  # the reference init
+
+
+@pytest.mark.launches
+def test_the_plugins_loss_is_what_is_trained_and_measured(tmp_path):
+    logs = {}
+    for name in ("plain", "doubled"):
+        plugin = write_plugin(tmp_path / name, "p",
+                              extra="" if name == "plain" else "\nimport torch.nn.functional as F\n"
+                              "def loss(outputs, targets):\n    return 2 * F.cross_entropy(outputs, targets)\n")
+        flags = [f for f in FLAGS if f != "--save-model"]
+        proc = run_train(1, "--plugin", str(plugin), *flags, "--max-steps", "1", "--out", str(tmp_path / name / "o"))
+        assert proc.returncode == 0, describe(proc)
+        (log,) = (tmp_path / name / "o").glob("*.h5")
+        logs[name] = read_log(log).measurements
+    assert logs["doubled"]["val_loss"][0] == pytest.approx(2 * logs["plain"]["val_loss"][0], rel=1e-6)  # same init
+    assert logs["doubled"]["train_loss"][-1] == pytest.approx(2 * logs["plain"]["train_loss"][-1], rel=1e-6)
+
+
+@pytest.mark.launches
+def test_batch_statistics_train_at_np1_and_are_refused_at_np2_on_every_rank(tmp_path):
+    plugin = write_plugin(tmp_path, "normed", model="unused-net", dataset="normed-data", extra=LOSS_AND_NORM)
+    flags = ["--plugin", str(plugin), "--model", "normed-net", "--dataset", "normed-data", "--batch-size", "32",
+             "--max-steps", "20", "--eval-every", "10", "--goal-error", "0", "--lr", "0.05"]
+    alone = run_train(1, *flags, "--out", str(tmp_path / "np1"))
+    assert alone.returncode == 0, describe(alone)
+    two = run_train(2, *flags, "--out", str(tmp_path / "np2"), timeout=60)
+    assert two.returncode == 2, describe(two)
+    for rank in (0, 1):
+        errors = [line for line in rank_lines(two.stdout + two.stderr, rank) if "error:" in line]
+        assert len(errors) == 1 and "normed-net normalizes by batch statistics (1): at 2 ranks" in errors[0], describe(two)
