@@ -175,6 +175,11 @@ class TrainConfig:
         0, "measure the gradient's Lipschitz constant along the update every this many steps (0: never): ten "
         "full-gradient passes over the training split, data-parallel; logged when measured", identity=False,
     )
+    micro_batch_size: int = _field(
+        0, "a rank passes its shard of the global batch through the model this many examples at a time, "
+        "accumulating the gradient (0: all at once): the same optimization up to float summation order, for "
+        "shards that do not fit in memory", identity=False,
+    )
     precision: str = _field(
         "fp32", "arithmetic of the training and evaluation passes: fp32, or bf16 (autocast to bfloat16: fast on "
         "CPUs with AVX-512 BF16 or AMX and on GPUs; weights, gradients, optimizer state, SNIP and the Lipschitz "
@@ -199,6 +204,8 @@ class TrainConfig:
                  f"--lipschitz-every must be a non-negative integer, got {self.lipschitz_every}")
         _require(0.0 <= self.noise_scale_smoothing < 1.0,
                  f"--noise-scale-smoothing must be in [0, 1), got {self.noise_scale_smoothing}")
+        _require(_is_int(self.micro_batch_size) and self.micro_batch_size >= 0,
+                 f"--micro-batch-size must be a non-negative integer, got {self.micro_batch_size}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.memory_format in MEMORY_FORMATS,
                  f"--memory-format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")

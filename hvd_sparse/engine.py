@@ -661,11 +661,12 @@ class Engine:
         shards = [slot.shard() for slot in slots]
         measure = [slot.noise_due() for slot in slots]
         sync.zero_grad()
-        if any(measure):  # every trial's own gradient, before the allreduce, and its norm
+        micro = slots[0].cfg.train.micro_batch_size  # the trials of an engine share it (one cell)
+        if any(measure) or 0 < micro < len(shards[0][1]):  # every trial's own gradient, before the allreduce
             losses, local_sq = local_gradients(
                 [slot.state.model for slot in slots], lambda part: self.losses([(x[part], y[part]) for x, y in shards]),
                 len(shards[0][1]), [slot.noise_masks for slot in slots],
-                halves=world == 1)
+                halves=world == 1 and any(measure), micro_batch=micro)
         else:
             losses = self.losses(shards)
             (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()

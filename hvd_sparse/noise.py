@@ -78,8 +78,30 @@ def masked_sq_norm(grads: list[torch.Tensor], masks: list[torch.Tensor | None]) 
     return total
 
 
+def _part_gradients(losses_of: Callable[[slice], list[torch.Tensor]], part: slice, flat: list[torch.Tensor],
+                    micro_batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(each model's mean loss on ``part``, detached; the gradient of their sum), ``micro_batch`` examples
+    at a time when it is smaller than the part."""
+    size = part.stop - part.start
+    step = micro_batch if 0 < micro_batch < size else size
+    pieces = [slice(start, min(start + step, part.stop)) for start in range(part.start, part.stop, step)]
+    grads: list[torch.Tensor] | None = None
+    total: list[torch.Tensor] | None = None
+    for piece in pieces:
+        weight = (piece.stop - piece.start) / size
+        piece_losses = losses_of(piece)
+        summed = piece_losses[0] if len(piece_losses) == 1 else torch.stack(piece_losses).sum()
+        piece_grads = torch.autograd.grad(summed * weight if len(pieces) > 1 else summed, flat)
+        detached = [loss.detach() * weight for loss in piece_losses] if len(pieces) > 1 else [l.detach() for l in piece_losses]
+        grads = list(piece_grads) if grads is None else [g.add_(h) for g, h in zip(grads, piece_grads)]
+        total = detached if total is None else [a + b for a, b in zip(total, detached)]
+    assert grads is not None and total is not None
+    return total, grads
+
+
 def local_gradients(models: Sequence[nn.Module], losses_of: Callable[[slice], list[torch.Tensor]], n: int,
-                    masks: Sequence[list[torch.Tensor | None]], halves: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    masks: Sequence[list[torch.Tensor | None]], halves: bool,
+                    micro_batch: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Put each model's gradient of its loss on this rank's ``n`` examples into every ``p.grad`` without
     starting an allreduce (``autograd.grad`` does not run the gradient-accumulator hooks Horovod
     listens to; the synchronize that follows reduces every gradient), and return (each model's loss,
@@ -88,7 +110,9 @@ def local_gradients(models: Sequence[nn.Module], losses_of: Callable[[slice], li
 
     With ``halves`` (np=1) the batch is taken as two halves: the gradient is the mean of the two
     half-batch gradients (the full-batch gradient, summed in another order) and the squared norm is
-    the mean of theirs, a gradient of B/2 examples.
+    the mean of theirs, a gradient of B/2 examples. ``micro_batch`` > 0: each part is passed through
+    in pieces of at most that many examples, each piece's gradient weighted by its share of the part
+    (the part's mean gradient, summed in another order; the memory of one piece at a time).
     """
     params = [[p for p in model.parameters() if p.requires_grad] for model in models]
     flat = [p for per_model in params for p in per_model]
@@ -97,15 +121,14 @@ def local_gradients(models: Sequence[nn.Module], losses_of: Callable[[slice], li
     sq = torch.zeros(len(models), dtype=torch.float64, device=flat[0].device)
     losses = []
     for part in parts:
-        part_losses = losses_of(part)
-        grads = torch.autograd.grad(part_losses[0] if len(part_losses) == 1 else torch.stack(part_losses).sum(), flat)
+        part_losses, grads = _part_gradients(losses_of, part, flat, micro_batch)
         start = 0
         for i, per_model in enumerate(params):
             sq[i] += masked_sq_norm(list(grads[start : start + len(per_model)]), masks[i])
             start += len(per_model)
         for t, g in zip(totals, grads):
             t.add_(g)
-        losses.append(torch.stack([loss.detach() for loss in part_losses]))
+        losses.append(torch.stack(part_losses))
     for p, t in zip(flat, totals):
         if len(parts) > 1:
             t.div_(len(parts))

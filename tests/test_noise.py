@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from hvd_sparse.aggregate import noise_table
 from hvd_sparse.log import read_log
@@ -100,3 +101,28 @@ def test_aggregator_sets_the_noise_scale_at_the_goal_beside_the_critical_batch_s
     assert (row.batch_sizes, row.noise_scale_at_goal, row.noise_scale_min, row.noise_scale_max) == (3, 40.0, 30.0, 50.0)
     assert row.critical_batch_size == 32.0 and row.predicted_over_measured == pytest.approx(1.25)
     assert row.predicted_over_diminishing == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("halves", [False, True])
+@pytest.mark.parametrize("micro", [1, 3, 7])
+def test_micro_batches_give_the_gradient_of_the_whole_part(halves, micro):
+    """Pieces of ``micro`` examples, each weighted by its share: the gradient, the loss and (with halves)
+    the squared norms of the parts are those of one pass, up to float summation order."""
+    from torch import nn
+
+    from hvd_sparse.noise import local_gradients
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+    losses_of = lambda part: [torch.nn.functional.cross_entropy(model(x[part]), y[part])]  # noqa: E731
+    results = []
+    for m in (0, micro):
+        model.zero_grad(set_to_none=True)
+        loss, sq = local_gradients([model], losses_of, 12, [[None] * 4], halves=halves, micro_batch=m)
+        results.append((loss[0].item(), sq.tolist(), [p.grad.clone() for p in model.parameters()]))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-6) and s1 == pytest.approx(s0, rel=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(g0, g1)) or micro >= (6 if halves else 12)  # really in pieces

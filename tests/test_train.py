@@ -259,3 +259,21 @@ def test_evaluation_through_the_channels_last_twin_matches_the_model(model_name,
         assert count == 300 and errors == (logits.argmax(1) != split.y).sum().item()
         assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, split.y, reduction="sum").item(), rel=1e-5)
         assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.launches
+def test_micro_batches_at_np2_are_the_same_optimization_as_np1(tmp_path, monkeypatch):
+    """Each rank passes its shard of 16 in pieces of 5 (5, 5, 5, 1), with the noise scale measured too."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    finals = {}
+    for np_, extra in ((1, []), (2, ["--micro-batch-size", "5"])):
+        out = tmp_path / f"np{np_}"
+        proc = run_train(np_, *COMMON, "--noise-scale-every", "3", *extra, "--out", str(out))
+        assert proc.returncode == 0, describe(proc)
+        log = only_log(out)
+        finals[np_] = (read_log(log), torch.load(log.with_suffix(".final.pt")))
+    (l1, p1), (l2, p2) = finals[1], finals[2]
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert l1.measurements["val_error"].tolist() == l2.measurements["val_error"].tolist()
+    assert l1.attrs["run_hash"] == l2.attrs["run_hash"]  # how a rank passes its shard is not what is trained
