@@ -9,6 +9,14 @@ def register_model(name: str):  # noqa: ANN201 - the decorator of hvd_sparse.reg
     return MODELS.register(name)
 
 
+def register_pruning(name: str):  # noqa: ANN201
+    """Decorator: ``@register_pruning("my-score")`` on ``score(given: hvd_sparse.pruning.ScoreInput) ->
+    {parameter name: scores of its shape}``; the highest-scored entries are kept."""
+    from hvd_sparse.pruning import PRUNING
+
+    return PRUNING.register(name)
+
+
 def register_dataset(name: str):  # noqa: ANN201
     """Decorator: ``@register_dataset("my-data")`` on a loader ``(data_dir) -> hvd_sparse.data.RawData``."""
     from hvd_sparse.data import DATASETS

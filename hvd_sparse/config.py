@@ -79,11 +79,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    sparsity: float = _field(0.0, "fraction of prunable parameters removed at initialization by SNIP, in [0, 1)")
+    sparsity: float = _field(0.0, "fraction of prunable parameters removed at initialization (--prune-method), in [0, 1)")
     snip_batches: int = _field(0, "number of batches SNIP sums its scores over (0: one full pass of the training split)")
     snip_batch_size: int = _field(100, "batch size of the SNIP score computation")
     snip_seed: int | None = _field(None, "seed of the SNIP batch order (default: --seed)")
     prune_biases: bool = _field(True, "whether biases are prunable (the reference prunes them)")
+    prune_method: str = _field("snip", "how the weights to keep are scored at initialization (the highest are "
+                               "kept): snip, or a plug-in's (hvd_sparse.register_pruning)", identity=ADDED)
 
     def __post_init__(self) -> None:
         _require(

@@ -41,7 +41,7 @@ from hvd_sparse.models import Loss, build_model, get_factory, loss_for, prunable
 from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm
 from hvd_sparse.watch import watch_launcher
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
-from hvd_sparse.pruning import kept_count, snip
+from hvd_sparse.pruning import PRUNING, ScoreInput, kept_count, prune
 
 logger = logging.getLogger("hvd_sparse")
 
@@ -89,6 +89,7 @@ def validate(cfg: Config) -> None:
     """Checks that need no data and no ranks, so every rank fails fast and identically."""
     check_data_dir(cfg.data)
     get_factory(cfg.model.model)
+    PRUNING[cfg.prune.prune_method]
     if cfg.optim.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {cfg.optim.optimizer!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
 
@@ -723,13 +724,10 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | No
     def compute() -> Mask:
         if known is not None:
             return known.to(next(model.parameters()).device)
-        return snip(
-            model, names, data.train, cfg.prune.sparsity,
-            batch_size=cfg.prune.snip_batch_size, num_batches=cfg.prune.snip_batches,
-            seed=cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed, loss_fn=loss_for(cfg.model.model),
-        )
+        seed = cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed
+        return prune(ScoreInput(model, names, data.train, loss_for(cfg.model.model), cfg.prune, seed))
 
-    return dist.broadcast_mask(dist.on_root(compute, "SNIP"), ones)
+    return dist.broadcast_mask(dist.on_root(compute, "pruning at initialization"), ones)
 
 
 def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool

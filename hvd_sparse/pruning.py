@@ -1,4 +1,11 @@
-"""SNIP (Lee et al. 2019): prune at initialization by connection sensitivity |dL/dc| = |w * dL/dw|.
+"""Pruning at initialization: a registry of score functions (SNIP its first entry; plug-ins add theirs
+with ``hvd_sparse.register_pruning``) and the shared thresholding that turns scores into a ``Mask``.
+
+A score function takes a ``ScoreInput`` (the model at its initial weights, the names of its prunable
+parameters, the training split, the model's loss, the pruning config and a seed) and returns a score
+tensor per name, of that parameter's shape: the entries with the highest scores are kept.
+
+SNIP (Lee et al. 2019): prune at initialization by connection sensitivity |dL/dc| = |w * dL/dw|.
 
 As the reference does: the *signed* dL/dc is summed over the batches (mean loss per batch), then the
 absolute value is taken, normalized by its total, and the global top-k entries across all prunable
@@ -8,15 +15,17 @@ flat index), so the same scores always give the same mask.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from hvd_sparse.config import ConfigError, seed_for
+from hvd_sparse.config import ConfigError, PruneConfig, seed_for
 from hvd_sparse.data import Split
 from hvd_sparse.mask import Mask, split_flat
 from hvd_sparse.models import Loss, cross_entropy
+from hvd_sparse.registry import Registry
 
 
 def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,6 +81,41 @@ def top_k_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
     keep[order[:k]] = True
     parts = split_flat(keep, [s.shape for s in scores.values()])
     return Mask({name: part.to(s.device) for (name, s), part in zip(scores.items(), parts)})
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """What a pruning score may use."""
+
+    model: nn.Module  # at its initial weights (rank 0's, the same everywhere)
+    names: list[str]  # its prunable parameters, in model order
+    train: Split  # the training split, on the device
+    loss_fn: Loss  # the model's mean loss (models.loss_for)
+    cfg: PruneConfig
+    seed: int  # the trial's SNIP seed (--snip-seed, else --seed)
+
+
+Score = Callable[[ScoreInput], dict[str, torch.Tensor]]
+PRUNING: Registry[Score] = Registry("pruning method")  # plug-ins add theirs with hvd_sparse.register_pruning
+
+
+@PRUNING.register("snip")
+def snip_score(given: ScoreInput) -> dict[str, torch.Tensor]:
+    """SNIP's connection sensitivity over ``snip_batches`` batches of ``snip_batch_size``."""
+    batches = snip_batches(given.train, given.cfg.snip_batch_size, given.cfg.snip_batches, given.seed)
+    return snip_scores(given.model, given.names, batches, given.loss_fn)
+
+
+def prune(given: ScoreInput) -> Mask:
+    """The mask of ``given.cfg.prune_method`` at ``given.cfg.sparsity``: its scores, then the global top-k."""
+    if given.cfg.sparsity == 0.0:
+        return Mask.ones(given.model, given.names)
+    scores = PRUNING[given.cfg.prune_method](given)
+    params = dict(given.model.named_parameters())
+    if list(scores) != given.names or any(scores[n].shape != params[n].shape for n in given.names):
+        raise ConfigError(f"pruning method {given.cfg.prune_method!r} must score exactly the prunable parameters "
+                          f"{given.names} with their shapes, got {[(n, tuple(s.shape)) for n, s in scores.items()]}")
+    return top_k_mask(scores, given.cfg.sparsity)
 
 
 def snip(

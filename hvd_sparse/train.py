@@ -17,6 +17,7 @@ from hvd_sparse.engine import TrialResult, check_batch, load_data_everywhere, ru
 from hvd_sparse.log import check_writable
 from hvd_sparse.models import MODELS
 from hvd_sparse.optim import OPTIMIZERS
+from hvd_sparse.pruning import PRUNING
 
 PROG = "hvd_sparse.train"
 
@@ -67,7 +68,8 @@ def report(result: TrialResult) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    names = lambda: {"dataset": list(DATASETS), "model": list(MODELS), "optimizer": list(OPTIMIZERS)}  # noqa: E731
+    names = lambda: {"dataset": list(DATASETS), "model": list(MODELS), "optimizer": list(OPTIMIZERS),  # noqa: E731
+                     "prune_method": list(PRUNING)}
     return guarded(lambda: report(run(parse_config(argv, PROG, __doc__.splitlines()[0], names))), PROG)
 
 

@@ -25,7 +25,9 @@ def demo_config(**train):
 
 def test_fields_at_their_default_leave_every_hash_as_it_was():
     assert demo_config().run_hash() == "975ae24bc78fa1b9"  # make demo's log, since 0.1.0
-    assert "precision" not in demo_config().identity()["train"]
+    assert "precision" not in demo_config().identity()["train"] and "prune_method" not in demo_config().identity()["prune"]
+    assert demo_config().run_hash() == Config.from_dict({**demo_config().to_dict(), "prune": {
+        **demo_config().to_dict()["prune"], "prune_method": "snip"}}).run_hash()
     assert demo_config(precision="fp32", memory_format="contiguous").run_hash() == "975ae24bc78fa1b9"
     bf16, cl = demo_config(precision="bf16"), demo_config(memory_format="channels-last")
     assert bf16.identity()["train"]["precision"] == "bf16" and cl.identity()["train"]["memory_format"] == "channels-last"

@@ -57,7 +57,9 @@ def registries_as_they_were(monkeypatch):
     from hvd_sparse import registry
     from hvd_sparse.data import DATASETS
 
-    for reg in (MODELS, DATASETS):
+    from hvd_sparse.pruning import PRUNING
+
+    for reg in (MODELS, DATASETS, PRUNING):
         monkeypatch.setattr(reg, "_entries", dict(reg._entries))
     monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
 
@@ -240,3 +242,37 @@ def test_batch_statistics_train_at_np1_and_are_refused_at_np2_on_every_rank(tmp_
     for rank in (0, 1):
         errors = [line for line in rank_lines(two.stdout + two.stderr, rank) if "error:" in line]
         assert len(errors) == 1 and "normed-net normalizes by batch statistics (1): at 2 ranks" in errors[0], describe(two)
+
+
+MAGNITUDE = """
+
+@hvd_sparse.register_pruning("largest-weights")
+def largest(given):
+    return {name: p.detach().abs() for name, p in given.model.named_parameters() if name in given.names}
+"""
+
+
+@pytest.mark.launches
+def test_a_plugin_pruning_method_makes_the_mask_on_every_rank(tmp_path):
+    """A score function from a plug-in: rank 0 scores, every rank holds its mask; the mask is the top-k of
+    |w| at the initial weights, recomputed here independently."""
+    from hvd_sparse.config import seed_for
+    from hvd_sparse.models import build_model
+    from hvd_sparse.pruning import kept_count
+
+    plugin = write_plugin(tmp_path, "pruner", extra=MAGNITUDE)
+    proc = run_train(2, "--plugin", str(plugin), *FLAGS, "--prune-method", "largest-weights", "--seed", "4",
+                     "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, describe(proc)
+    (log,) = (tmp_path / "o").glob("*.h5")
+    mask = read_log(log).mask
+    load(str(plugin))
+    model = build_model("user-net", (1, 12, 12), 4, seed_for(4, "init"))
+    weights = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()])
+    k = kept_count(weights.numel(), 0.5)
+    keep = torch.zeros(weights.numel(), dtype=torch.bool)
+    keep[torch.argsort(weights, descending=True, stable=True)[:k]] = True
+    assert torch.equal(torch.cat([keep_of.reshape(-1) for _, keep_of in mask.items()]), keep)
+    assert json.loads(read_log(log).attrs["config"])["prune"]["prune_method"] == "largest-weights"
+    wrong = run_train(2, "--plugin", str(plugin), *FLAGS, "--prune-method", "nope", "--out", str(tmp_path / "x"), timeout=60)
+    assert wrong.returncode == 2 and "unknown pruning method 'nope'; valid: largest-weights, snip" in wrong.stdout + wrong.stderr
