@@ -7,8 +7,9 @@ aggregator's ``trials.csv`` of the original run. For every cell of the rerun (op
 batch size) it prints the steps-to-result and best trial of both, and what the cells cost: the sum of
 the trials' wall times (core-hours, one core per trial as ``--pack`` runs them) and of the steps they
 trained (which no other load on the machine changes). Cells are matched by their workload and grid
-coordinates; the trials' configurations (run hashes) are compared too, so a rerun of *other* trials
-(another precision or layout) says so in the last column.
+coordinates; the trials too, by their log paths and learning rates (the reference table has no run
+hashes), so a rerun with another precision or layout, whose trials differ only in those, still counts
+as "the same trials": that is what it compares.
 """
 from __future__ import annotations
 

@@ -84,11 +84,12 @@ def main() -> None:
               f"{ms['loop'] / ms['vmap']:10.2f}", flush=True)
 
     from hvd_sparse.data import Split
+    from hvd_sparse.config import Config
     from hvd_sparse.engine import Evaluator
 
     x = torch.randn(1000, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (1000,), generator=g).to(device)
-    evaluators = [Evaluator(m, device) for m in models]
+    evaluators = [Evaluator(m, device, Config()) for m in models]
     alone = median_ms(lambda: [e(Split(x, y), 1000) for e in evaluators], args.repeats, device)
     together = median_ms(lambda: fused.evaluate(models, x, y, 1000), args.repeats, device)
     print(f"evaluation of {args.trials} models on 1,000 examples: one by one (on the CPU, channels-last twins) {alone:.0f} ms, "

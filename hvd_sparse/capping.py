@@ -119,13 +119,26 @@ class CellRecord:
         except OSError as e:
             logger.warning("%s: cannot record trial %d for capping (%s)", self.path, trial_id, e.strerror or e)
 
-    def _write(self, trial_id: int, entry: Ended) -> None:
+    def forget(self, trial_id: int) -> None:
+        """A trial that (re)starts has no result: an entry left from a log that was removed and is being
+        made again must not bound the others."""
+        self.known.pop(trial_id, None)
+        if trial_id in self.read():
+            try:
+                self._write(trial_id, None)
+            except OSError as e:
+                logger.warning("%s: cannot update the record of trial %d (%s)", self.path, trial_id, e.strerror or e)
+
+    def _write(self, trial_id: int, entry: Ended | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / (CELL_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # read, add, replace: one process at a time
+            fcntl.flock(fd, fcntl.LOCK_EX)  # read, change, replace: one process at a time
             entries = {t: e for t, e in self.read().items()}
-            entries[trial_id] = entry
+            if entry is None:
+                entries.pop(trial_id, None)
+            else:
+                entries[trial_id] = entry
             body = {str(t): {"status": e.status, "steps_to_result": e.steps_to_result, "run_hash": e.run_hash}
                     for t, e in sorted(entries.items())}
             tmp = self.path.with_name(f"{CELL_FILE}.{os.getpid()}.tmp")

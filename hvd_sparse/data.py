@@ -219,8 +219,10 @@ class ArraysOnly(pickle.Unpickler):
     code, so a pickle naming any other global (``os.system``, a class of someone's) is refused before it
     runs (the unrestricted ``pickle.load`` would call whatever the file names)."""
 
-    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = ({(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for name in ("_reconstruct", "scalar")}
+               | {(module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")}  # protocol 5
+               | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})  # protocol 2's bytes
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self.ALLOWED:

@@ -762,7 +762,7 @@ def check_batch_statistics(model: nn.Module, cfg: Config, fused: bool) -> None:
     the same optimization as np=1, and synchronized statistics are not implemented), fused trials stack
     parameters and not buffers, and the Lipschitz probe runs its passes in evaluation mode. The same
     answer on every rank (same model, same world size), before any collective."""
-    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
     where = f"{cfg.model.model} normalizes by batch statistics ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''})"
@@ -775,6 +775,9 @@ def check_batch_statistics(model: nn.Module, cfg: Config, fused: bool) -> None:
     if cfg.train.lipschitz_every:
         raise ConfigError(f"{where}: the Lipschitz probe runs in evaluation mode, where they are not used: "
                           "lipschitz_every 0")
+    if cfg.train.noise_scale_every or cfg.train.micro_batch_size:
+        raise ConfigError(f"{where}: the noise scale's half batches and micro-batches would each be normalized by "
+                          "their own statistics: noise_scale_every 0 and micro_batch_size 0")
 
 
 def contiguous_state(optimizer: torch.optim.Optimizer) -> None:

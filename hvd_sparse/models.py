@@ -192,7 +192,7 @@ def loss_for(name: str) -> Loss:
     """The mean loss over a batch that model ``name`` is trained and measured with: ``loss(outputs,
     targets)`` where the module that registered its factory defines one, else cross-entropy. The sums
     the toolkit needs (evaluation, the Lipschitz probe) are this mean times the batch's size."""
-    module = sys.modules.get(getattr(get_factory(name), "__module__", ""))
+    module = sys.modules.get(MODELS.origin(name))
     declared = getattr(module, "loss", None) if module is not sys.modules[__name__] else None
     return declared if callable(declared) else cross_entropy
 

@@ -110,12 +110,17 @@ def prune(given: ScoreInput) -> Mask:
     """The mask of ``given.cfg.prune_method`` at ``given.cfg.sparsity``: its scores, then the global top-k."""
     if given.cfg.sparsity == 0.0:
         return Mask.ones(given.model, given.names)
-    scores = PRUNING[given.cfg.prune_method](given)
+    method = given.cfg.prune_method
+    scores = PRUNING[method](given)
     params = dict(given.model.named_parameters())
-    if list(scores) != given.names or any(scores[n].shape != params[n].shape for n in given.names):
-        raise ConfigError(f"pruning method {given.cfg.prune_method!r} must score exactly the prunable parameters "
-                          f"{given.names} with their shapes, got {[(n, tuple(s.shape)) for n, s in scores.items()]}")
-    return top_k_mask(scores, given.cfg.sparsity)
+    if not isinstance(scores, dict) or set(scores) != set(given.names) or any(
+            not isinstance(scores[n], torch.Tensor) or scores[n].shape != params[n].shape for n in given.names):
+        raise ConfigError(f"pruning method {method!r} must return a score tensor of each prunable parameter's shape, "
+                          f"for exactly {given.names}")
+    ordered = {n: scores[n].detach().to(params[n].device, torch.float32) for n in given.names}
+    if not all(torch.isfinite(s).all() for s in ordered.values()):
+        raise ConfigError(f"pruning method {method!r} gave scores that are not finite (NaN or infinite)")
+    return top_k_mask(ordered, given.cfg.sparsity)
 
 
 def snip(

@@ -40,6 +40,7 @@ class Registry(Generic[F]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, F] = {}
+        self._origins: dict[str, str] = {}  # name -> the module that registered it (the plug-in being imported)
 
     def register(self, name: str) -> Callable[[F], F]:
         """A decorator adding the decorated factory under ``name``; a name taken already is a ConfigError
@@ -52,8 +53,14 @@ class Registry(Generic[F]):
                 raise ConfigError(f"{self.kind} {name!r} is registered twice: by {_where(self._entries[name])} "
                                   f"and by {_where(factory)}")
             self._entries[name] = factory
+            self._origins[name] = _importing[-1] if _importing else getattr(factory, "__module__", "")
             return factory
         return add
+
+    def origin(self, name: str) -> str:
+        """The name of the module that registered ``name`` (a plug-in's, not that of a class it imported)."""
+        self[name]  # unknown: the usual error
+        return self._origins[name]
 
     def __getitem__(self, name: str) -> F:
         if name not in self._entries:
@@ -84,22 +91,39 @@ class Plugin:
         return {"name": self.name, "module": self.module, "source": self.source, "sha256": self.sha256}
 
 
-_loaded: dict[str, Plugin] = {}  # by the name given: a plug-in named twice (CLI and spec) is imported once
+_loaded: dict[str, Plugin] = {}  # by module name or resolved path: a plug-in named twice is imported once
+_importing: list[str] = []  # the module names of the plug-ins being imported (what registers is theirs)
+
+
+def _key(name: str) -> str:
+    return str(Path(name).resolve()) if _is_file(name) else name
+
+
+def _is_file(name: str) -> bool:
+    return name.endswith(".py") or "/" in name
 
 
 def _import(name: str) -> object:
-    if name.endswith(".py") or "/" in name:
+    if _is_file(name):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"plug-in {name}: no such file")
-        module_name = f"hvd_sparse_plugin_{path.stem.replace('-', '_')}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+        module_name = f"hvd_sparse_plugin_{path.stem.replace('-', '_')}_{hashlib.sha256(_key(name).encode()).hexdigest()[:8]}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise ConfigError(f"plug-in {name}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        _importing.append(module_name)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(module_name, None)
+            raise
+        finally:
+            _importing.pop()
         return module
+    _importing.append(name)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -107,12 +131,15 @@ def _import(name: str) -> object:
             raise ConfigError(f"plug-in {name}: no module named {e.name!r} (not installed, or not on PYTHONPATH; a "
                               "file is named by its path, e.g. ./my_plugin.py)") from None
         raise
+    finally:
+        _importing.pop()
 
 
 def load(name: str) -> Plugin:
     """Import one plug-in (a module name or a .py file) once; what it registers is then in the registries."""
-    if name in _loaded:
-        return _loaded[name]
+    key = _key(name)
+    if key in _loaded:
+        return _loaded[key]
     try:
         module = _import(name)
     except ConfigError:
@@ -122,8 +149,8 @@ def load(name: str) -> Plugin:
         raise ConfigError(f"plug-in {name}: importing it raised {type(e).__name__}: {e}") from None
     source = getattr(module, "__file__", None) or ""
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source and Path(source).is_file() else ""
-    _loaded[name] = Plugin(name, getattr(module, "__name__", name), source, digest)
-    return _loaded[name]
+    _loaded[key] = Plugin(name, getattr(module, "__name__", name), source, digest)
+    return _loaded[key]
 
 
 def load_plugins(names: Sequence[str]) -> list[Plugin]:
@@ -136,3 +163,8 @@ def load_plugins(names: Sequence[str]) -> list[Plugin]:
 def loaded() -> list[Plugin]:
     """Every plug-in this process imported, in order."""
     return list(_loaded.values())
+
+
+def plugin_digest() -> str:
+    """One hash of the plug-ins' sources, to check that every rank (every host) imported the same code."""
+    return hashlib.sha256(" ".join(p.sha256 for p in _loaded.values()).encode()).hexdigest()[:16]

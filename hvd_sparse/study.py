@@ -28,15 +28,15 @@ import yaml
 
 import hvd_sparse
 from hvd_sparse import dist
-from hvd_sparse.capping import CellRecord, best_first
 from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
+from hvd_sparse.capping import CellRecord, best_first
 from hvd_sparse.checkpoint import RunLock
 from hvd_sparse.cli import PLUGIN_HELP, ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, load_data_everywhere,
                                select_device, stop_requested, validate)
 from hvd_sparse.log import LogError, check_writable, copy_log, read_log
-from hvd_sparse.registry import load_plugins
+from hvd_sparse.registry import load_plugins, plugin_digest
 from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
@@ -77,7 +77,7 @@ def _per_batch(value: Any, batch_sizes: Sequence[int], what: str) -> int | dict[
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A study grid. Every field but ``data_dir``, ``fuse`` and ``capping`` enters the study hash."""
+    """A study grid. Every field but the OPERATIONAL ones (where and how, never what) enters the study hash."""
 
     name: str
     dataset: str
@@ -518,8 +518,8 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:
         check_batch(t.config.train)
-    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack} fuse {spec.fuse} capping {spec.capping}",
-                           "study spec, shard, --pack and --fuse")
+    dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack} fuse {spec.fuse} capping {spec.capping} "
+                           f"plug-ins {plugin_digest()}", "study spec, shard, --pack, --fuse, --capping and plug-ins")
     dist.on_root(lambda: prepare_dir(spec, directory), "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())
     if dist.world_is_root():
@@ -617,6 +617,8 @@ def run_cell(spec: StudySpec, directory: Path, cell: Sequence[Trial], data: Any,
             elif decision[0] == "busy":
                 report(Outcome(trial, "busy", "RUNNING", None, math.nan, 0.0))
             else:
+                if dist.is_root():
+                    record.forget(trial.trial_id)
                 running[path] = (trial, lock, "resumed" if decision[0] == "resume" else "ran", time.time())
                 return Job(trial.config, path, trial.attrs(spec), bound=record.bound if spec.capping else None,
                            reopen_capped=not spec.capping)

@@ -18,6 +18,7 @@ from hvd_sparse.log import check_writable
 from hvd_sparse.models import MODELS
 from hvd_sparse.optim import OPTIMIZERS
 from hvd_sparse.pruning import PRUNING
+from hvd_sparse.registry import plugin_digest
 
 PROG = "hvd_sparse.train"
 
@@ -38,6 +39,7 @@ def start_job(cfg: Config) -> None:
     configure_logging(cfg.run.log_level, dist.is_root())
     check_batch(cfg.train)
     dist.verify_same_everywhere(cfg.run_hash(), "configuration (every rank must be given the same arguments)")
+    dist.verify_same_everywhere(plugin_digest(), "plug-ins (every rank must import the same code)")
     dist.on_root(lambda: check_writable(Path(cfg.run.out), "--out"), "checking the output folder")
 
 

@@ -261,3 +261,13 @@ def test_shards_and_resumes_share_the_bound_through_the_cell_record(uncapped, tm
     assert after.status == "CAPPED" and after.attrs["resumes"] == 1
     assert list(after.measurements["step"]) == list(before.measurements["step"])
     assert after.attrs["capping_bound"] == before.attrs["capping_bound"]
+
+
+def test_a_trial_that_starts_again_is_forgotten_until_it_ends(tmp_path):
+    """A log removed and made again (a damaged one, run anew) must not bound the others with its old result."""
+    touch_logs(tmp_path, 0, 1)
+    record = CellRecord(tmp_path, {0: "h0", 1: "h1"})
+    record.record(0, "COMPLETE", 300)
+    CellRecord(tmp_path, {0: "h0", 1: "h1"}).forget(0)  # another process starts trial 0 again
+    assert CellRecord(tmp_path, {0: "h0", 1: "h1"}).bound() is None
+    assert "0" not in json.loads((tmp_path / "cell.json").read_text())["trials"]

@@ -203,7 +203,7 @@ def test_a_broken_deflate_stream_in_a_gz_is_a_data_error_naming_the_file(tmp_pat
     assert str(images) in str(exc.value) and "\n" not in str(exc.value)
 
 
-def write_cifar(folder, per_batch=6, seed=0):
+def write_cifar(folder, per_batch=6, seed=0, protocol=2):
     import pickle
 
     rng = np.random.default_rng(seed)
@@ -213,15 +213,16 @@ def write_cifar(folder, per_batch=6, seed=0):
         data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f, protocol=protocol)
         written[name] = (data, labels)
     return written
 
 
-def test_cifar10_reads_the_python_batches(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_reads_the_python_batches(tmp_path, protocol):
     from hvd_sparse.data import load_cifar10
 
-    written = write_cifar(tmp_path / "cifar-10-batches-py")
+    written = write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
     raw = load_cifar10(str(tmp_path))
     assert raw.train_x.shape == (30, 3, 32, 32) and raw.test_x.shape == (6, 3, 32, 32)
     assert np.array_equal(raw.train_x[6].reshape(-1), written["data_batch_2"][0][0])  # CHW order kept

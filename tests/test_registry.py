@@ -276,3 +276,63 @@ def test_a_plugin_pruning_method_makes_the_mask_on_every_rank(tmp_path):
     assert json.loads(read_log(log).attrs["config"])["prune"]["prune_method"] == "largest-weights"
     wrong = run_train(2, "--plugin", str(plugin), *FLAGS, "--prune-method", "nope", "--out", str(tmp_path / "x"), timeout=60)
     assert wrong.returncode == 2 and "unknown pruning method 'nope'; valid: largest-weights, snip" in wrong.stdout + wrong.stderr
+
+
+def test_the_loss_is_the_registering_modules_even_for_a_factory_made_elsewhere(tmp_path, monkeypatch):
+    from hvd_sparse.models import loss_for
+
+    extra = """
+import functools
+import torch.nn.functional as F
+
+def loss(outputs, targets):
+    return 3 * F.cross_entropy(outputs, targets)
+
+hvd_sparse.register_model("partial-net")(functools.partial(two_layer))
+"""
+    write_plugin(tmp_path, "partial", model="p-net", dataset="p-data", extra=extra)
+    monkeypatch.chdir(tmp_path)
+    load("./partial.py")
+    assert load("partial.py") is load(str(tmp_path / "partial.py"))  # one file, however it is named
+    out, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    assert loss_for("partial-net")(out, y) == 3 * torch.nn.functional.cross_entropy(out, y)
+
+
+def test_batch_statistics_are_refused_where_they_cannot_be_exact_at_one_rank():
+    from hvd_sparse import dist
+    from hvd_sparse.config import Config
+    from hvd_sparse.engine import check_batch_statistics
+
+    dist.init()
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    cfg = lambda **train: Config.from_dict({"model": {"model": "bn"}, "train": train})  # noqa: E731
+    check_batch_statistics(model, cfg(), fused=False)  # np=1, nothing else: allowed
+    for train, message in (({"noise_scale_every": 5}, "half batches"), ({"micro_batch_size": 8}, "micro-batches"),
+                           ({"lipschitz_every": 10}, "Lipschitz probe")):
+        with pytest.raises(ConfigError, match=message):
+            check_batch_statistics(model, cfg(**train), fused=False)
+    with pytest.raises(ConfigError, match="fused trials stack parameters"):
+        check_batch_statistics(model, cfg(), fused=True)
+    check_batch_statistics(torch.nn.Sequential(torch.nn.InstanceNorm2d(2)), cfg(noise_scale_every=5), fused=False)
+
+
+def test_a_pruning_score_is_checked_reordered_and_refused_when_not_finite():
+    from hvd_sparse.config import PruneConfig
+    from hvd_sparse.pruning import PRUNING, ScoreInput, prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    names = [n for n, _ in model.named_parameters()]
+    PRUNING.register("backwards")(lambda given: {n: p.detach().abs().double() for n, p in reversed(list(
+        given.model.named_parameters()))})
+    PRUNING.register("nan")(lambda given: {n: torch.full_like(p, float("nan")) for n, p in given.model.named_parameters()})
+    PRUNING.register("short")(lambda given: {names[0]: torch.ones(2, 3)})
+    given = lambda method: ScoreInput(model, names, None, None, PruneConfig(sparsity=0.5, prune_method=method), 0)  # noqa: E731
+    mask = prune(given("backwards"))  # in another key order and dtype: used in model order
+    weights = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()])
+    keep = torch.zeros(len(weights), dtype=torch.bool)
+    keep[torch.argsort(weights, descending=True, stable=True)[:7]] = True  # 7 of 14
+    assert torch.equal(torch.cat([m.reshape(-1) for _, m in mask.items()]), keep)
+    with pytest.raises(ConfigError, match="not finite"):
+        prune(given("nan"))
+    with pytest.raises(ConfigError, match="for exactly"):
+        prune(given("short"))
