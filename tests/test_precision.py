@@ -95,11 +95,11 @@ def test_bf16_trains_in_bf16_on_every_rank_and_stays_near_np1(tmp_path, monkeypa
 
 @pytest.mark.launches
 def test_a_channels_last_study_resumed_at_np2_measures_what_it_would_have(tmp_path, monkeypatch):
-    """Capped trials keep their checkpoint; resumed without capping at np=2 (Horovod's optimizer-state
-    broadcast copies bytes, so a layout mismatch between ranks would scramble the momentum) they give the
-    uncapped study's logs exactly."""
+    """Capped trials keep their checkpoint; resumed without capping at np=2 they give the uncapped
+    study's logs exactly (channels-last weights, their gradients averaged through the flat buffer)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    extra = {"batch_sizes": [32], "model": "simple-cnn", "config": {"train": {"memory_format": "channels-last"}}}
+    extra = {"batch_sizes": [32], "model": "simple-cnn", "trials": 4, "max_steps": 150,  # trial 3 is capped
+             "config": {"train": {"memory_format": "channels-last"}}}
     spec = write_cap_spec(tmp_path, **extra)
     full = run_study(2, spec, tmp_path / "full", "--no-capping")
     assert full.returncode == 0, describe(full)
@@ -113,3 +113,21 @@ def test_a_channels_last_study_resumed_at_np2_measures_what_it_would_have(tmp_pa
         for column, values in log.measurements.items():
             if column != "wall_time":
                 np.testing.assert_array_equal(b[path].measurements[column], values, err_msg=f"{path}: {column}")
+
+
+def test_a_resumed_optimizer_state_is_laid_out_as_every_rank_makes_it():
+    """A checkpoint written at np=1 holds channels-last momentum (the gradients' layout there); Horovod's
+    optimizer-state broadcast copies bytes into the other ranks' buffers, which they make contiguous, so
+    rank 0's must be contiguous too, with the same values."""
+    from hvd_sparse.engine import contiguous_state
+
+    conv = torch.nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    conv(torch.randn(4, 2, 5, 5).contiguous(memory_format=torch.channels_last)).sum().backward()
+    optimizer.step()
+    buffer = optimizer.state[conv.weight]["momentum_buffer"]
+    assert not buffer.is_contiguous()  # what a one-rank channels-last run checkpoints
+    values = buffer.clone()
+    contiguous_state(optimizer)
+    after = optimizer.state[conv.weight]["momentum_buffer"]
+    assert after.is_contiguous() and torch.equal(after, values)
