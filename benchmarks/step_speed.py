@@ -6,11 +6,12 @@ A step is what the engine does on one rank: forward, cross-entropy, backward, th
 the mask applied to the weights (sparsity 0.9, a random mask). Variants:
   fp32                       today's training: NCHW (contiguous) tensors, float32
   input channels-last        the batch handed to the model in channels-last; weights as they are
-  channels-last weights      the model's parameters and the batch in channels-last
-  channels-last              the batch, and a channels-last copy of each convolution weight made in every
+  channels-last              the model's parameters and the batch in channels-last (``--memory-format
+                             channels-last``)
+  channels-last per call     the batch, and a channels-last copy of each convolution weight made in every
                              forward (the parameters, their gradients and optimizer state stay as they are)
-  bf16                       autocast to bfloat16 (weights and gradients stay float32)
-  bf16 + channels-last weights, bf16 + channels-last
+  bf16                       autocast to bfloat16 (weights and gradients stay float32; ``--precision bf16``)
+  bf16 + channels-last, bf16 + channels-last per call
 and the evaluation pass (6,000 images, batch 1,000, no gradient) in fp32, channels-last and bf16, and at
 other evaluation batch sizes. Each
 variant is timed in turn inside every repeat (so a busy machine slows them all alike), after warm-up;
@@ -35,11 +36,11 @@ VARIANTS = {  # name: (weights channels-last: "model" (the parameters) or "call"
     # engine does); input channels-last; autocast bf16)
     "fp32": (None, False, False),
     "input channels-last": (None, True, False),
-    "channels-last weights": ("model", True, False),
-    "channels-last": ("call", True, False),
+    "channels-last": ("model", True, False),
+    "channels-last per call": ("call", True, False),
     "bf16": (None, False, True),
-    "bf16 + channels-last weights": ("model", True, True),
-    "bf16 + channels-last": ("call", True, True),
+    "bf16 + channels-last": ("model", True, True),
+    "bf16 + channels-last per call": ("call", True, True),
 }
 COMPILED = "torch.compile"  # with --compile: the fp32 step through torch.compile(model) (compiled during warm-up)
 EVAL_VARIANTS = {"fp32": (False, False), "channels-last": (True, False), "bf16 + channels-last": (True, True)}
@@ -130,14 +131,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}; torch {torch.__version__}; {args.threads} thread(s); median of {args.repeats}")
     names = list(VARIANTS) + ([COMPILED] if args.compile else [])
-    print(f"{'batch':>6} " + " ".join(f"{name:>26}" for name in names))
+    print(f"{'batch':>6} " + " ".join(f"{name:>30}" for name in names))
     for batch in args.batch_sizes:
         fns = {name: step_fn(batch, *v) for name, v in VARIANTS.items()}
         if args.compile:
             fns[COMPILED] = step_fn(batch, None, False, False, compiled=True)
         t = compare(fns, args.repeats, args.seconds)
         cells = [f"{t['fp32'] * 1e3:.2f} ms"] + [f"{t['fp32'] / t[name]:.2f}x" for name in names[1:]]
-        print(f"{batch:>6} " + " ".join(f"{c:>26}" for c in cells))
+        print(f"{batch:>6} " + " ".join(f"{c:>30}" for c in cells))
     t = compare({name: eval_fn(*v) for name, v in EVAL_VARIANTS.items()}, args.repeats, args.seconds)
     print("evaluation of 6,000 images: " + ", ".join(
         [f"fp32 {t['fp32'] * 1e3:.0f} ms"] + [f"{name} {t['fp32'] / t[name]:.2f}x" for name in list(EVAL_VARIANTS)[1:]]))
