@@ -1,8 +1,9 @@
 """A rerun of some study cells against the committed results of the same cells: answers and cost.
 
     python benchmarks/compare_studies.py RUN_DIR [--reference docs/fashion-study]
+    python benchmarks/compare_studies.py docs/fashion-study/capped/trials.csv     # the committed rerun's table
 
-RUN_DIR is a folder of trial logs (a study directory); the reference is a folder holding the
+RUN_DIR is a folder of trial logs (a study directory), or the aggregator's trials.csv of one; the reference is a folder holding the
 aggregator's ``trials.csv`` of the original run. For every cell of the rerun (optimizer, sparsity,
 batch size) it prints the steps-to-result and best trial of both, and what the cells cost: the sum of
 the trials' wall times (core-hours, one core per trial as ``--pack`` runs them) and of the steps they
@@ -28,7 +29,7 @@ def main() -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--reference", default="docs/fashion-study", help="folder of the original trials.csv")
     args = parser.parse_args()
-    rerun, _ = read_trials(args.run_dir)
+    rerun = pd.read_csv(args.run_dir) if args.run_dir.endswith(".csv") else read_trials(args.run_dir)[0]
     reference = pd.read_csv(Path(args.reference) / "trials.csv")
     keys = rerun[STUDY].drop_duplicates()
     reference = reference.merge(keys, on=STUDY)
