@@ -79,7 +79,7 @@ def test_a_study_whose_ranks_run_different_shards_stops_together(tmp_path, recor
     spec.write_text(json.dumps(TINY_STUDY))
     started = time.time()
     proc = per_rank("hvd_sparse.study", ["--shard", "1/2"], [str(spec), "--out", str(tmp_path / "runs")])
-    assert_every_rank_failed(proc, started, "ranks disagree on the study spec, shard, --pack and --fuse", record_property,
+    assert_every_rank_failed(proc, started, "ranks disagree on the study spec, shard, --pack, --fuse, --capping and plug-ins", record_property,
                              prog="hvd_sparse.study")
     assert not list(tmp_path.rglob("*.h5"))
 
