@@ -239,9 +239,9 @@ class Recorder:
         """A new log, or the resumed one without the evaluations made after its checkpoint (redone)."""
         plugins = json.dumps([p.to_dict() for p in registry.loaded()])
         if resumed is not None:
-            before = json.loads(read_log(self.path, with_mask=False).attrs.get("plugins", "[]"))
-            changed = {p["name"] for p in before} ^ {p.name for p in registry.loaded()} or {
-                p["name"] for p in before for q in registry.loaded() if p["name"] == q.name and p["sha256"] != q.sha256}
+            before = {p["name"]: p["sha256"] for p in json.loads(read_log(self.path, with_mask=False).attrs.get("plugins", "[]"))}
+            now = {p.name: p.sha256 for p in registry.loaded()}
+            changed = {name for name in before.keys() | now.keys() if before.get(name) != now.get(name)}
             if changed:  # warned, not refused: the configuration (run hash) is the same; the log keeps the newest
                 logger.warning("%s: resuming with plug-ins that changed since the trial began (%s): its measurements "
                                "before and after step %d may come from different code", self.path.name,
@@ -460,7 +460,7 @@ class Slot:
             "noise_scale": state.noise.b_simple, "grad_sq": state.noise.grad_sq, "grad_trace": state.noise.grad_trace,
         }
         state.best_val_error = min(state.best_val_error, row["val_error"])
-        diverged, reached = not math.isfinite(row["val_loss"]), row["val_error"] <= train.goal_error
+        diverged, reached = not math.isfinite(row["val_loss"]), self.reaches_goal(totals)
         goes_on = not (diverged or reached) and state.step < train.max_steps  # checkpointed; a CAPPED one too
         dist.agree(lambda: self.recorder.evaluation(row, state if goes_on else None), "writing the log")
         self.bar.set_postfix(val_error=f"{row['val_error']:.4f}", refresh=False)

@@ -87,13 +87,12 @@ def _part_gradients(losses_of: Callable[[slice], list[torch.Tensor]], part: slic
     pieces = [slice(start, min(start + step, part.stop)) for start in range(part.start, part.stop, step)]
     grads: list[torch.Tensor] | None = None
     total: list[torch.Tensor] | None = None
-    for piece in pieces:
+    for piece in pieces:  # one piece: weight 1.0, an exact product, so the bits of one pass
         weight = (piece.stop - piece.start) / size
-        piece_losses = losses_of(piece)
-        summed = piece_losses[0] if len(piece_losses) == 1 else torch.stack(piece_losses).sum()
-        piece_grads = torch.autograd.grad(summed * weight if len(pieces) > 1 else summed, flat)
-        detached = [loss.detach() * weight for loss in piece_losses] if len(pieces) > 1 else [l.detach() for l in piece_losses]
+        piece_losses = [loss * weight for loss in losses_of(piece)]
+        piece_grads = torch.autograd.grad(piece_losses[0] if len(piece_losses) == 1 else torch.stack(piece_losses).sum(), flat)
         grads = list(piece_grads) if grads is None else [g.add_(h) for g, h in zip(grads, piece_grads)]
+        detached = [loss.detach() for loss in piece_losses]
         total = detached if total is None else [a + b for a, b in zip(total, detached)]
     assert grads is not None and total is not None
     return total, grads

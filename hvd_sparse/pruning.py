@@ -134,8 +134,6 @@ def snip(
     seed: int = 0,
     loss_fn: Loss = cross_entropy,
 ) -> Mask:
-    """The SNIP mask of ``model`` at its current (initial) weights."""
-    if sparsity == 0.0:
-        return Mask.ones(model, names)
-    batches = snip_batches(train, batch_size, num_batches, seed)
-    return top_k_mask(snip_scores(model, names, batches, loss_fn), sparsity)
+    """The SNIP mask of ``model`` at its current (initial) weights: ``prune`` with the method snip."""
+    cfg = PruneConfig(sparsity=sparsity, snip_batches=num_batches, snip_batch_size=batch_size)
+    return prune(ScoreInput(model, names, train, loss_fn, cfg, seed))
