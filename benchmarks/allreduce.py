@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from common import medians
 
-from hvd_sparse import dist
+from hvd_sparse import dist, gradsync
 from hvd_sparse.cli import say
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import MLP
@@ -47,7 +47,7 @@ class Case:
         g = torch.Generator().manual_seed(0)
         self.mask = Mask({n: torch.rand(p.shape, generator=g) >= sparsity for n, p in self.model.named_parameters()})
         self.mask.apply_to_params(self.model)
-        self.sync = dist.gradient_sync(scheme, [(torch.optim.SGD(self.model.parameters(), lr=1e-4), self.model, self.mask)])
+        self.sync = gradsync.gradient_sync(scheme, [(torch.optim.SGD(self.model.parameters(), lr=1e-4), self.model, self.mask)])
         self.times: dict[str, list[float]] = {"wire": [], "sync": [], "step": []}
 
     def backward(self) -> None:

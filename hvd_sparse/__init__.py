@@ -18,7 +18,16 @@ def register_pruning(name: str):  # noqa: ANN201
 
 
 def register_dataset(name: str):  # noqa: ANN201
-    """Decorator: ``@register_dataset("my-data")`` on a loader ``(data_dir) -> hvd_sparse.data.RawData``."""
+    """Decorator: ``@register_dataset("my-data")`` on a loader ``(data_dir) -> hvd_sparse.ArrayData`` (arrays in
+    memory) or ``hvd_sparse.LazyData`` (map-style datasets read lazily)."""
     from hvd_sparse.data import DATASETS
 
     return DATASETS.register(name)
+
+
+def __getattr__(name: str):  # noqa: ANN202 - ArrayData and LazyData, imported on first use (torch is heavy)
+    if name in ("ArrayData", "LazyData"):
+        from hvd_sparse import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'hvd_sparse' has no attribute {name!r}")

@@ -12,14 +12,14 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
 from hvd_sparse import engines
 from hvd_sparse.beacon import Beacon
-from hvd_sparse.mask import Mask, split_flat
+from hvd_sparse.mask import Mask
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class PeerFailure(RuntimeError):
 PEER_FAILURE_MESSAGE = "another rank failed or left the job, so the collectives shut down (that rank's own error is above)"
 
 
-_e: engines.Horovod | engines.Torch | None = None  # the engine, once ``init`` chose it
+_e: engines.Collectives | None = None  # the engine, once ``init`` chose it
 # Trial packing (study --pack): the world split into groups, each its own job (see ``init``).
 _node: tuple[int, int] = (0, 1)  # this process's rank among the job's ranks on its node, and their number
 _group: tuple[int, int] = (0, 1)  # this rank's group, and the number of groups
@@ -90,7 +90,7 @@ def init(groups: int = 1, backend: str = "auto") -> None:
         torch.set_num_threads(max(1, cores // _node[1]))
 
 
-def _engine() -> engines.Horovod | engines.Torch:
+def _engine() -> engines.Collectives:
     """The engine; before ``init``, the one the launch calls for (an error on the way in still says
     goodbye through it, in ``exit_barrier``)."""
     global _e
@@ -406,167 +406,7 @@ def verify_same_everywhere(value: str, what: str) -> None:
     _require_same(allgather_object(value, name=f"verify.{what}"), what)
 
 
+def distributed_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool) -> Any:
+    """Horovod's DistributedOptimizer around ``optimizer`` (``gradsync.TensorwiseAverage``)."""
+    return _engine().distributed_optimizer(optimizer, model, fp16)
 
-
-# ---------------------------------------------------------------------------------------------
-# gradient synchronization: average across ranks, then mask
-
-
-class GradientSync:
-    """How the training loop averages and masks the gradients of its trials (one, or several fused:
-    ``parts``, one (optimizer, model, mask) each); ``bytes_per_trial[i]`` is trial i's share of the
-    payload of one step's gradient allreduce(s), the same on every rank."""
-
-    optimizers: list[torch.optim.Optimizer]
-    bytes_per_trial: list[int]
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The first trial's optimizer (the only one, unless trials are fused)."""
-        return self.optimizers[0]
-
-    @property
-    def bytes_per_step(self) -> int:
-        return sum(self.bytes_per_trial)
-
-    def zero_grad(self) -> None:
-        raise NotImplementedError
-
-    def synchronize(self) -> None:
-        """After backward: every p.grad holds the masked average over ranks."""
-        raise NotImplementedError
-
-    def step(self, i: int = 0) -> None:
-        """Trial i's optimizer step."""
-        self.optimizers[i].step()
-
-
-Part = tuple[torch.optim.Optimizer, nn.Module, Mask]  # one trial's optimizer, model and mask
-
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def payload_bytes(kind: str, model: nn.Module, mask: Mask) -> int:
-    """A trial's bytes in one step's gradient allreduce under gradient compression ``kind``: every
-    entry (none, fp16), or the kept ones (kept, kept-fp16); 2 bytes an entry with fp16, else 4."""
-    params = _trainable(model)
-    entries = (sum(p.numel() if m is None else int(m.sum()) for m, p in zip(mask.by_parameter(model), params))
-               if kind.startswith("kept") else sum(p.numel() for p in params))
-    return entries * (2 if kind.endswith("fp16") else 4)
-
-
-class DenseSync(GradientSync):
-    """Horovod's DistributedOptimizer (one trial): one allreduce per tensor, fused by Horovod,
-    overlapped with backward; the averaged gradients are masked before the step."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask, fp16: bool):
-        self.model, self.mask = model, mask
-        self.optimizers = [_engine().distributed_optimizer(optimizer, model, fp16)]
-        self.bytes_per_trial = [payload_bytes("fp16" if fp16 else "none", model, mask)]
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
-
-    def synchronize(self) -> None:
-        with waiting("grad.dense"):
-            self.optimizer.synchronize()
-        self.mask.apply_to_grads(self.model)
-
-    def step(self, i: int = 0) -> None:
-        with self.optimizer.skip_synchronize():
-            self.optimizer.step()
-
-
-class KeptEntriesSync(GradientSync):
-    """Send only the kept (unpruned) entries: every rank holds the same masks, so the kept gradient
-    values of all parameters of all trials are gathered into one vector, in the same order
-    everywhere, and averaged in a single allreduce with no indices at all.
-
-    The gradients live as views into one flat buffer, so gathering is one index_select, scattering
-    back one index_copy into the zeroed buffer (which leaves pruned entries exactly 0). One large
-    message per step, rather than a Compressor's one per tensor, also saves Horovod's per-tensor
-    negotiation. A trial's entries are its own slice of the vector: a non-finite value of one trial
-    stays in its slice (the allreduce adds entry by entry).
-
-    ``everything``: send every entry, pruned ones too, and mask after the average: the dense
-    allreduce of the torch.distributed engine and of fused trials (the same values at every kept entry
-    as Horovod's per-tensor one, and the same bytes on the wire).
-    """
-
-    def __init__(self, parts: Sequence[Part], fp16: bool, everything: bool = False):
-        self.optimizers, self.fp16 = [optimizer for optimizer, _, _ in parts], fp16
-        self.params = [p for _, model, _ in parts for p in _trainable(model)]
-        device = self.params[0].device
-        self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
-        self.views = split_flat(self.flat, [p.shape for p in self.params])
-        keeps = [torch.cat([torch.ones(p.numel(), dtype=torch.bool, device=device) if m is None or everything
-                            else m.reshape(-1).to(device) for m, p in zip(mask.by_parameter(model), _trainable(model))])
-                 for _, model, mask in parts]
-        self.index = torch.cat(keeps).nonzero().squeeze(1)
-        self.masked_after = [(mask, model) for _, model, mask in parts] if everything else []
-        self.name = "grad.dense" if everything else "grad.kept"
-        kind = ("fp16" if fp16 else "none") if everything else ("kept-fp16" if fp16 else "kept")
-        self.bytes_per_trial = [payload_bytes(kind, model, mask) for _, model, mask in parts]
-
-    def zero_grad(self) -> None:
-        for p, view in zip(self.params, self.views):
-            if p.grad is not view:  # someone replaced it (e.g. Horovod's optimizer-state broadcast)
-                p.grad = view
-        self.flat.zero_()
-
-    def synchronize(self) -> None:
-        kept = self.flat.index_select(0, self.index)
-        if size() > 1:
-            wire = kept.half() if self.fp16 else kept
-            kept = allreduce_mean(wire, self.name).to(self.flat.dtype)
-        self.flat.zero_()
-        self.flat.index_copy_(0, self.index, kept)
-        for mask, model in self.masked_after:
-            mask.apply_to_grads(model)
-
-
-class LocalSync(GradientSync):
-    """One rank: nothing to average, so the gradients are only masked. (Horovod's optimizer at size 1
-    registers no hooks and, in synchronize, sends every tensor through its background thread one
-    after the other: 12 allreduces of one rank per Simple-CNN step for nothing.)"""
-
-    def __init__(self, parts: Sequence[Part], bytes_per_trial: list[int]):
-        self.parts, self.optimizers, self.bytes_per_trial = parts, [o for o, _, _ in parts], bytes_per_trial
-
-    def zero_grad(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad()
-
-    def synchronize(self) -> None:
-        for _, model, mask in self.parts:
-            mask.apply_to_grads(model)
-
-
-def _dense(parts: Sequence[Part], fp16: bool, fused: bool) -> GradientSync:
-    if size() == 1:  # no wire, so no fp16 rounding either (as KeptEntriesSync at size 1)
-        return LocalSync(parts, [payload_bytes("fp16" if fp16 else "none", model, mask) for _, model, mask in parts])
-    # fused: never Horovod's optimizer, whose wrapper starts with no state; channels-last parameters: their
-    # gradients too, which Horovod's optimizer refuses ("Tensor is required to be contiguous")
-    if backend() == "torch" or fused or any(not p.is_contiguous() for _, model, _ in parts for p in model.parameters()):
-        return KeptEntriesSync(parts, fp16, everything=True)
-    return DenseSync(*parts[0], fp16)
-
-
-def gradient_sync(kind: str, parts: Sequence[Part], fused: bool = False) -> GradientSync:
-    """The gradient averaging of one trial, or of the trials fused in an engine (``fused``, one or
-    more: one allreduce for all of them; their optimizers stay as built). ``kind``: none, fp16 (dense:
-    Horovod per tensor for one trial alone, else one allreduce), kept, kept-fp16 (the kept entries,
-    one allreduce)."""
-    if len(parts) > 1 and not fused:
-        raise ValueError("several trials' gradients are averaged together only when they are fused")
-    builders: dict[str, Callable[[], GradientSync]] = {
-        "none": lambda: _dense(parts, fp16=False, fused=fused),
-        "fp16": lambda: _dense(parts, fp16=True, fused=fused),
-        "kept": lambda: KeptEntriesSync(parts, fp16=False),
-        "kept-fp16": lambda: KeptEntriesSync(parts, fp16=True),
-    }
-    if kind not in builders:
-        raise ValueError(f"unknown gradient compression {kind!r}; valid: {', '.join(builders)}")
-    return builders[kind]()

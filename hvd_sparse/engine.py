@@ -27,12 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 import hvd_sparse
-from hvd_sparse import dist, registry
+from hvd_sparse import dist, gradsync, registry
 from hvd_sparse import fused as fused_ops
+from hvd_sparse.batchnorm import batch_statistics, synced
 from hvd_sparse.capping import Bound, capped_at, tightest
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
-from hvd_sparse.data import DataError, Datasets, GlobalBatches, Split, check_data_dir, eval_slice, load_datasets
+from hvd_sparse.data import DataError, Datasets, Examples, GlobalBatches, check_data_dir, eval_slice, load_datasets
 from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe
 from hvd_sparse.lipschitz import due as lipschitz_due
 from hvd_sparse.log import TrialLog, read_log, write_atomically
@@ -203,25 +204,28 @@ class Evaluator:
             self.twin = copy.deepcopy(model).requires_grad_(False).to(memory_format=torch.channels_last).eval()
 
     @torch.inference_mode()
-    def __call__(self, split: Split, batch_size: int) -> torch.Tensor:
+    def __call__(self, split: Examples, batch_size: int) -> torch.Tensor:
         """[errors, examples, loss sum] over this rank's disjoint slice of ``split``."""
         part = eval_slice(len(split), dist.rank(), dist.size())
-        x, y = split.x[part], split.y[part]
         if self.twin is not None:
             self.twin.load_state_dict(self.model.state_dict())
-            model, x = self.twin, x.contiguous(memory_format=torch.channels_last)
+            model = self.twin
         else:
             model = self.model.eval()
-        errors = torch.zeros((), dtype=torch.float64, device=x.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        for start in range(0, len(y), batch_size):
-            with autocast(self.cfg, x.device):
-                logits = model(x[start : start + batch_size]).float()
-            target = y[start : start + batch_size]
+        device = split.device
+        errors = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(part.start, part.stop, batch_size):
+            x, target = split.rows(start, min(start + batch_size, part.stop))
+            if self.twin is not None:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.cfg, device):
+                logits = model(x).float()
             errors += (logits.argmax(dim=1) != target).sum()
             loss_sum += self.loss_sum(logits, target).double()
         self.model.train()
-        return torch.stack([errors, torch.tensor(float(len(y)), dtype=torch.float64, device=x.device), loss_sum])
+        count = torch.tensor(float(part.stop - part.start), dtype=torch.float64, device=device)
+        return torch.stack([errors, count, loss_sum])
 
 
 class Recorder:
@@ -389,7 +393,7 @@ class Slot:
     mask: Mask
     recorder: Recorder
     state: TrialState
-    sync: dist.GradientSync | None
+    sync: gradsync.GradientSync | None
     bytes_per_step: int  # the trial's share of a step's gradient allreduce
     evaluator: Evaluator = field(init=False)
     batches: GlobalBatches = field(init=False)
@@ -402,13 +406,13 @@ class Slot:
     def __post_init__(self) -> None:
         model, train = self.state.model, self.cfg.train
         self.loss_fn = loss_for(self.cfg.model.model)
-        self.evaluator = Evaluator(model, self.data.train.x.device, self.cfg)
+        self.evaluator = Evaluator(model, self.data.device, self.cfg)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
         self.noise_masks = self.mask.by_parameter(model)
         self.lipschitz = None
         if train.lipschitz_every:
             self.lipschitz = LipschitzProbe(
-                model, self.mask, self.data.train.x, self.data.train.y, train.eval_batch_size, dist.rank(), dist.size(),
+                model, self.mask, self.data.train, train.eval_batch_size, dist.rank(), dist.size(),
                 reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device),
                 loss_sum=summed(self.loss_fn))
         model.train()
@@ -425,8 +429,8 @@ class Slot:
 
     def shard(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's examples of the trial's global batch at its current step."""
-        idx = self.batches.shard(self.state.step, dist.rank(), dist.size()).to(self.data.train.x.device)
-        return in_layout(self.data.train.x[idx], self.cfg), self.data.train.y[idx]
+        x, y = self.data.train.batch(self.batches.shard(self.state.step, dist.rank(), dist.size()))
+        return in_layout(x, self.cfg), y
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.state.model(x), y)
@@ -499,18 +503,24 @@ class Slot:
         )
 
 
-def evaluate_slots(slots: Sequence[Slot], split: Split, fused: bool) -> torch.Tensor:
+def evaluate_slots(slots: Sequence[Slot], split: Examples, fused: bool) -> torch.Tensor:
     """[len(slots), 3]: each trial's [errors, examples, loss sum] over this rank's slice of ``split``;
     fused trials on a GPU in one pass over the data (``fused.evaluate``). On the CPU fused trials are
     evaluated one by one, each through its channels-last twin: the grouped convolutions of a fused
     evaluation cost several times more there (BENCHMARKS.md, benchmarks/fuse_ops.py)."""
     batch_size = slots[0].cfg.train.eval_batch_size
-    if not fused or split.x.device.type == "cpu":
+    if not fused or split.device.type == "cpu":
         return torch.stack([slot.evaluator(split, batch_size) for slot in slots])
     part = eval_slice(len(split), dist.rank(), dist.size())
-    with autocast(slots[0].cfg, split.x.device):
-        return fused_ops.evaluate([slot.state.model for slot in slots], split.x[part], split.y[part], batch_size,
-                                  slots[0].evaluator.loss_sum)
+    totals = torch.zeros(len(slots), 3, dtype=torch.float64, device=split.device)
+    for start in range(part.start, part.stop, EVAL_ROWS):  # a lazy split is never read whole
+        x, y = split.rows(start, min(start + EVAL_ROWS, part.stop))
+        with autocast(slots[0].cfg, split.device):
+            totals += fused_ops.evaluate([slot.state.model for slot in slots], x, y, batch_size, slots[0].evaluator.loss_sum)
+    return totals
+
+
+EVAL_ROWS = 65536  # the examples a fused evaluation holds at once
 
 
 Ended = Callable[[Job, TrialResult], None]
@@ -541,10 +551,10 @@ class Engine:
         self.data, self.fuse, self.next_job, self.ended = data, fuse, next_job, ended
         self.fused = fuse > 1
         self.slots: list[Slot] = []
-        self.shared: dist.GradientSync | None = None  # the fused trials' gradient averaging
+        self.shared: gradsync.GradientSync | None = None  # the fused trials' gradient averaging
 
     @property
-    def sync(self) -> dist.GradientSync:
+    def sync(self) -> gradsync.GradientSync:
         return self.shared if self.fused else self.slots[0].sync  # type: ignore[return-value]
 
     def run(self) -> None:
@@ -584,7 +594,7 @@ class Engine:
             if len(kinds) > 1:
                 raise ConfigError(f"fused trials must share their gradient compression, got {sorted(kinds)}")
             parts = [(s.state.optimizer, s.state.model, s.mask) for s in self.slots]
-            self.shared = dist.gradient_sync(kinds.pop(), parts, fused=True)
+            self.shared = gradsync.gradient_sync(kinds.pop(), parts, fused=True)
 
     def end(self, outcomes: list[tuple[Slot, tuple[str, int | None]]]) -> None:
         for slot, (status, steps_to_result) in outcomes:
@@ -611,7 +621,7 @@ class Engine:
         placement = dist.placement()
         hosts = Counter(p["host"] for p in placement)  # in the order of each host's first rank
         logger.info("placement: %s", ", ".join(f"{host} x{n}" for host, n in hosts.items()))
-        bytes_per_step = dist.payload_bytes(cfg.dist.grad_compression, model, mask)
+        bytes_per_step = gradsync.payload_bytes(cfg.dist.grad_compression, model, mask)
         recorder = Recorder(cfg, path, mask, bytes_per_step, self.data.fingerprint) if dist.is_root() else NullRecorder()
         attrs = {**job.attrs, "placement": json.dumps(placement), "fuse": self.fuse}
         dist.agree(lambda: recorder.open(resumed, attrs), "opening the log")
@@ -731,13 +741,14 @@ def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | No
 
 
 def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
-          ) -> tuple[nn.Module, Mask, torch.optim.Optimizer, dist.GradientSync | None]:
+          ) -> tuple[nn.Module, Mask, torch.optim.Optimizer, gradsync.GradientSync | None]:
     """The model (rank 0's initial or checkpointed weights on every rank), its mask, its optimizer
     (rank 0's state on every rank) and, with ``own_sync``, the gradient synchronization it is trained
     through alone (Horovod's optimizer wraps it first: the state is loaded into the wrapper)."""
-    device = data.train.x.device
-    model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")).to(device)
+    device = data.device
+    model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init"))
     check_batch_statistics(model, cfg, fused=not own_sync)
+    model = synced(model).to(device)  # BatchNorm over the global batch (the same arithmetic at np=1)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     dist.broadcast_parameters(model)
@@ -746,7 +757,7 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
         model.to(memory_format=torch.channels_last)
     mask.apply_to_params(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
-    sync = dist.gradient_sync(cfg.dist.grad_compression, [(optimizer, model, mask)]) if own_sync else None
+    sync = gradsync.gradient_sync(cfg.dist.grad_compression, [(optimizer, model, mask)]) if own_sync else None
     optimizer = sync.optimizer if sync is not None else optimizer
     if ckpt is not None:
         optimizer.load_state_dict(ckpt.optimizer)
@@ -757,27 +768,25 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
 
 
 def check_batch_statistics(model: nn.Module, cfg: Config, fused: bool) -> None:
-    """A model whose forward uses batch statistics (BatchNorm in training mode) is refused where the
-    toolkit cannot keep it exact: at np > 1 each rank would normalize by its own shard's statistics (not
-    the same optimization as np=1, and synchronized statistics are not implemented), fused trials stack
-    parameters and not buffers, and the Lipschitz probe runs its passes in evaluation mode. The same
-    answer on every rank (same model, same world size), before any collective."""
-    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """A model whose forward uses batch statistics (BatchNorm in training mode) trains at any world size
+    with the global batch's statistics (``batchnorm.synced``), but is refused where the toolkit cannot
+    keep it exact: fused trials stack parameters and not buffers, the Lipschitz probe runs its passes in
+    evaluation mode, and the noise scale's local gradients, its half batches and micro-batches would
+    each be normalized by the statistics of a part of the batch. The same answer on every rank (same
+    model), before any collective."""
+    norms = batch_statistics(model)
     if not norms:
         return
     where = f"{cfg.model.model} normalizes by batch statistics ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''})"
-    if dist.size() > 1:
-        raise ConfigError(f"{where}: at {dist.size()} ranks each would use its own shard's, not the same optimization "
-                          "as one rank (synchronized statistics are not implemented): train it at np=1 (with "
-                          "--pack for studies)")
     if fused:
         raise ConfigError(f"{where}: fused trials stack parameters, not buffers: fuse 1")
     if cfg.train.lipschitz_every:
         raise ConfigError(f"{where}: the Lipschitz probe runs in evaluation mode, where they are not used: "
                           "lipschitz_every 0")
     if cfg.train.noise_scale_every or cfg.train.micro_batch_size:
-        raise ConfigError(f"{where}: the noise scale's half batches and micro-batches would each be normalized by "
-                          "their own statistics: noise_scale_every 0 and micro_batch_size 0")
+        raise ConfigError(f"{where}: the noise scale's local gradients and half batches, and micro-batches, would "
+                          "each be normalized by the statistics of a part of the batch: noise_scale_every 0 and "
+                          "micro_batch_size 0")
 
 
 def contiguous_state(optimizer: torch.optim.Optimizer) -> None:

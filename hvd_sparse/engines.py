@@ -15,7 +15,7 @@ import datetime
 import os
 import socket
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -64,6 +64,52 @@ def choose(requested: str, environ: Mapping[str, str] = os.environ) -> str:
         raise ValueError("--backend horovod: Horovod is not installed here (launch/setup.sh builds it); "
                          "launch with torchrun and --backend torch")
     return requested
+
+
+class Collectives(Protocol):
+    """What ``dist`` needs of an engine; ``Horovod`` and ``Torch`` are its two implementations. Every
+    method but the first four is a collective: all ranks of the group call it, in the same order."""
+
+    name: str
+    version: str  # the engine's version for the log ('' where it is torch.distributed itself)
+
+    def init(self, groups: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Start; ((rank, size) among the job's ranks on this node, (group, groups))."""
+
+    def is_initialized(self) -> bool: ...
+
+    def ensure_initialized(self) -> None: ...
+
+    def peer_failed(self, e: BaseException) -> bool:
+        """Whether ``e`` is this engine's word for a rank that left."""
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
+
+    def allreduce(self, t: torch.Tensor, average: bool, name: str) -> torch.Tensor: ...
+
+    def allgather_object(self, obj: Any, name: str) -> list[Any]: ...
+
+    def broadcast_object(self, obj: Any, root: int, name: str) -> Any: ...
+
+    def broadcast(self, t: torch.Tensor, name: str) -> torch.Tensor: ...
+
+    def broadcast_parameters(self, model: nn.Module) -> None: ...
+
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def barrier(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def distributed_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool) -> Any: ...
+
+    def world_rank(self) -> int: ...
+
+    def world_allgather(self, value: Any) -> list[Any]: ...
+
+    def world_gather_when_all_arrive(self, obj: Any, give_up: Callable[[], bool], poll_s: float) -> list[Any] | None: ...
 
 
 class Horovod:
@@ -310,6 +356,10 @@ class Torch:
         if self.size() > 1:
             self.td.barrier(group=self.group)
 
+    def distributed_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, fp16: bool) -> Any:
+        """None here: on torch.distributed every dense average is ``gradsync.FlatAverage``."""
+        raise NotImplementedError("torch.distributed averages gradients through gradsync.FlatAverage")
+
     def world_rank(self) -> int:
         return self.td.get_rank()
 
@@ -330,5 +380,5 @@ class Torch:
         return out
 
 
-def make(name: str) -> Horovod | Torch:
+def make(name: str) -> Collectives:
     return Horovod() if name == "horovod" else Torch()

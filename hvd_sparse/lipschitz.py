@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from hvd_sparse.data import Examples
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import cross_entropy_sum
 
@@ -36,12 +37,13 @@ class LipschitzProbe:
     """Measures one trial's model. ``loss_sum(outputs, targets)`` is the loss summed over the examples
     (the training loss is its mean); ``reduce`` sums a tensor over the ranks (the identity at one rank)."""
 
-    def __init__(self, model: nn.Module, mask: Mask, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    def __init__(self, model: nn.Module, mask: Mask, train: Examples, batch_size: int,
                  rank: int, world: int, reduce: Callable[[torch.Tensor], torch.Tensor],
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
-        """``x``, ``y``: the whole training split; this rank takes its chunks of it."""
-        self.model, self.x, self.y, self.reduce, self.loss_sum = model, x, y, reduce, loss_sum
-        self.chunks = [slice(start, start + batch_size) for start in range(0, len(y), batch_size)][rank::world]
+        """``train``: the whole training split; this rank takes its chunks of it."""
+        self.model, self.train, self.reduce, self.loss_sum = model, train, reduce, loss_sum
+        n = len(train)
+        self.chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)][rank::world]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.keep = [None if m is None else m.to(p.device) for m, p in zip(mask.by_parameter(model), self.params)]
         self.w_prev: list[torch.Tensor] = []
@@ -49,15 +51,16 @@ class LipschitzProbe:
 
     def full_gradient(self) -> torch.Tensor:
         """The mean loss's gradient over the whole training split, masked, flat, float64."""
-        total = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.x.device)
+        total = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.train.device)
         was_training = self.model.training
         self.model.eval()  # the same as train mode for these models (no dropout, no batch norm), and says so
-        for chunk in self.chunks:
-            loss = self.loss_sum(self.model(self.x[chunk]), self.y[chunk])
+        for start, stop in self.chunks:
+            x, y = self.train.rows(start, stop)
+            loss = self.loss_sum(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params)  # leaves p.grad (and Horovod's hooks) alone
             total += torch.cat([g.reshape(-1) for g in grads]).double()
         self.model.train(was_training)
-        return self._masked(self.reduce(total) / len(self.y))
+        return self._masked(self.reduce(total) / len(self.train))
 
     def _masked(self, flat: torch.Tensor) -> torch.Tensor:
         parts = flat.split([p.numel() for p in self.params])

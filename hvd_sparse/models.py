@@ -204,6 +204,11 @@ def summed(loss: Loss) -> Loss:
     return lambda outputs, targets: loss(outputs, targets) * len(targets)
 
 
+NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # their scales and shifts are never pruned
+
+
 def prunable_names(model: nn.Module, prune_biases: bool) -> list[str]:
-    """Parameters SNIP may prune: every weight, and the biases when asked (the reference does)."""
-    return [n for n, _ in model.named_parameters() if prune_biases or not n.endswith("bias")]
+    """Parameters a pruning method may prune: every weight, and the biases when asked (the reference
+    does), but never a normalization layer's scale or shift (pruning one would silence a channel)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORMALIZATION) for p in m.parameters(recurse=False)}
+    return [n for n, p in model.named_parameters() if (prune_biases or not n.endswith("bias")) and id(p) not in norms]

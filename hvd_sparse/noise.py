@@ -133,6 +133,6 @@ def local_gradients(models: Sequence[nn.Module], losses_of: Callable[[slice], li
             t.div_(len(parts))
         if p.grad is None:
             p.grad = t
-        else:  # a view into KeptEntriesSync's flat buffer: keep it
+        else:  # a view into FlatAverage's flat buffer: keep it
             p.grad.copy_(t)
     return list(torch.stack(losses).mean(dim=0)), sq / len(parts)

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from hvd_sparse.config import ConfigError, PruneConfig, seed_for
-from hvd_sparse.data import Split
+from hvd_sparse.data import Examples
 from hvd_sparse.mask import Mask, split_flat
 from hvd_sparse.models import Loss, cross_entropy
 from hvd_sparse.registry import Registry
 
 
-def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def snip_batches(train: Examples, batch_size: int, num_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of a seeded permutation of the training split; num_batches=0 is one full pass."""
     n = len(train)
     full_pass = math.ceil(n / batch_size)
@@ -36,8 +36,7 @@ def snip_batches(train: Split, batch_size: int, num_batches: int, seed: int) -> 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "snip")))
     for i in range(count):
         start = (i % full_pass) * batch_size
-        idx = perm[start : start + batch_size].to(train.x.device)
-        yield train.x[idx], train.y[idx]
+        yield train.batch(perm[start : start + batch_size])
 
 
 def snip_scores(model: nn.Module, names: list[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -89,7 +88,7 @@ class ScoreInput:
 
     model: nn.Module  # at its initial weights (rank 0's, the same everywhere)
     names: list[str]  # its prunable parameters, in model order
-    train: Split  # the training split, on the device
+    train: Examples  # the training split, on the device (``batch``, ``rows``)
     loss_fn: Loss  # the model's mean loss (models.loss_for)
     cfg: PruneConfig
     seed: int  # the trial's SNIP seed (--snip-seed, else --seed)
@@ -126,7 +125,7 @@ def prune(given: ScoreInput) -> Mask:
 def snip(
     model: nn.Module,
     names: list[str],
-    train: Split,
+    train: Examples,
     sparsity: float,
     *,
     batch_size: int = 100,

@@ -341,3 +341,116 @@ def test_fashion_mnist_files_read_as_mnist_are_refused():
         pytest.skip("Fashion-MNIST is not installed (launch/setup.sh installs it where it has root and apt)")
     with pytest.raises(DataError, match="these files are fashion-mnist .*not mnist; pass --dataset fashion-mnist"):
         load_datasets(DataConfig(dataset="mnist", data_dir=str(folder)))
+
+
+# -- a plug-in's data: arrays of float features, and datasets read lazily -------------------------------
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """Register loaders for one test (the registry as it was afterwards)."""
+    from hvd_sparse.data import DATASETS
+
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
+
+    def register(name, loader):
+        DATASETS.register(name)(loader)
+        return DataConfig(dataset=name)
+
+    return register
+
+
+def features(n=200, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(3.0, 2.0, (n, d)).astype(np.float32), rng.integers(0, 3, n).astype(np.int64)
+
+
+def test_float32_features_are_used_as_given(registered):
+    from hvd_sparse import ArrayData
+
+    x, y = features()
+    data = load_datasets(registered("feats", lambda d: ArrayData(x, y, x[:20], y[:20], num_classes=3)))
+    _, val = split_indices(200, 0.1, 0)
+    assert torch.equal(data.val.x, torch.from_numpy(x)[val])  # no scaling, no normalization
+    assert data.input_shape == (6,) and torch.equal(data.test.x, torch.from_numpy(x[:20]))
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda x, y: (x.astype(np.float64), y, 3), "must be uint8 images N x C x H x W or float32 features"),
+    (lambda x, y: (x, y[:-1], 3), "train_y must be 200 integer labels"),
+    (lambda x, y: (x, y, 2), r"train_y must lie in 0..1 \(num_classes 2\)"),
+    (lambda x, y: ((x * 50).astype(np.uint8), y, 3), "must be uint8 images N x C x H x W"),
+])
+def test_malformed_arrays_are_one_data_error(registered, make, fragment):
+    from hvd_sparse import ArrayData
+
+    x, y, k = make(*features())
+    with pytest.raises(DataError, match=fragment):
+        load_datasets(registered("bad", lambda d: ArrayData(x, y, None, None, num_classes=k)))
+
+
+def test_a_loader_returning_something_else_is_told_what_to_return(registered):
+    with pytest.raises(DataError, match="returned a tuple; it must return hvd_sparse.ArrayData .* or hvd_sparse.LazyData"):
+        load_datasets(registered("tuple", lambda d: features()))
+
+
+class Counted:
+    """A map-style dataset that records which examples were read."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.read = x, y, []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_a_lazy_split_reads_only_the_examples_asked_for(registered, workers):
+    from hvd_sparse import LazyData
+    from hvd_sparse.data import FINGERPRINT_SAMPLES, GlobalBatches
+
+    x, y = features(n=1000)
+    train = Counted(x, y)
+    data = load_datasets(registered("lazy", lambda d: LazyData(train, None, num_classes=3, workers=workers)))
+    assert len(train.read) == FINGERPRINT_SAMPLES and len(data.train) == 900 and len(data.val) == 100
+    train.read.clear()
+    batches = GlobalBatches(len(data.train), 64, seed=0)
+    shard = batches.shard(5, rank=1, world_size=2)
+    xs, ys = data.train.batch(shard)
+    train_idx, val_idx = split_indices(1000, 0.1, 0)
+    assert sorted(train.read) == sorted(train_idx[shard].tolist())  # this rank's 32 examples, nothing else
+    assert torch.equal(xs, torch.from_numpy(x)[train_idx[shard]]) and torch.equal(ys, torch.from_numpy(y)[train_idx[shard]])
+    train.read.clear()
+    vx, _ = data.val.rows(10, 20)
+    assert train.read == val_idx[10:20].tolist() and torch.equal(vx, torch.from_numpy(x)[val_idx[10:20]])
+
+
+def test_lazy_data_is_fingerprinted_by_a_sample_or_its_own_name(registered):
+    from hvd_sparse import LazyData
+
+    x, y = features(n=500)
+    first = load_datasets(registered("a", lambda d: LazyData(Counted(x, y), None, num_classes=3))).fingerprint
+    changed = x.copy()
+    changed[499] += 1  # the last example is always among the sampled ones
+    assert load_datasets(registered("b", lambda d: LazyData(Counted(changed, y), None, num_classes=3))).fingerprint != first
+    assert load_datasets(registered("c", lambda d: LazyData(Counted(x, y), None, num_classes=3))).fingerprint == first
+    named = LazyData(Counted(x, y), None, num_classes=3, fingerprint="files-sha256")
+    assert load_datasets(registered("d", lambda d: named)).fingerprint == "files-sha256"
+
+
+def test_lazy_examples_must_be_float32_pairs(registered):
+    from hvd_sparse import LazyData
+
+    x, y = features()
+    data = load_datasets(registered("f64", lambda d: LazyData(Counted(x, y), None, num_classes=3, fingerprint="-")))
+    data.train.batch(torch.tensor([0, 1]))
+    wrong = load_datasets(registered("f64b", lambda d: LazyData(Counted(x.astype(np.float64), y), None, num_classes=3,
+                                                                fingerprint="-")))
+    with pytest.raises(DataError, match=r"Counted\[\d+\]: features must be float32, got torch.float64"):
+        wrong.train.batch(torch.tensor([0]))
+    with pytest.raises(DataError, match="LazyData.train must be a map-style dataset"):
+        load_datasets(registered("nolen", lambda d: LazyData(object(), None, num_classes=3)))

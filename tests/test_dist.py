@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hvd_sparse import dist
+from hvd_sparse import dist, gradsync
 from hvd_sparse.log import read_log
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import build_model
@@ -34,8 +34,8 @@ def backward(model, sync):
 def test_kept_entries_sync_keeps_exactly_the_masked_gradient(hvd_single, scheme, element_bytes):
     model, mask = model_and_mask()
     reference, _ = model_and_mask()
-    dense = dist.gradient_sync("none", [(torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)])
-    kept = dist.gradient_sync(scheme, [(torch.optim.SGD(model.parameters(), lr=0.1), model, mask)])
+    dense = gradsync.gradient_sync("none", [(torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)])
+    kept = gradsync.gradient_sync(scheme, [(torch.optim.SGD(model.parameters(), lr=0.1), model, mask)])
     assert kept.bytes_per_step == mask.num_kept * element_bytes
     assert dense.bytes_per_step == mask.num_total * 4
     for _ in range(2):  # twice: the flat buffer must be reused and re-zeroed
@@ -54,8 +54,8 @@ def test_kept_entries_sync_rebinds_gradients_that_were_replaced(hvd_single):
     would apply gradients the allreduce never saw."""
     model, mask = model_and_mask()
     reference, _ = model_and_mask()
-    sync = dist.gradient_sync("kept", [(torch.optim.SGD(model.parameters(), lr=0.1), model, mask)])
-    dense = dist.gradient_sync("none", [(torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)])
+    sync = gradsync.gradient_sync("kept", [(torch.optim.SGD(model.parameters(), lr=0.1), model, mask)])
+    dense = gradsync.gradient_sync("none", [(torch.optim.SGD(reference.parameters(), lr=0.1), reference, mask)])
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # what Horovod's optimizer-state broadcast does
     backward(model, sync)
@@ -72,7 +72,7 @@ def test_kept_entries_sync_rebinds_gradients_that_were_replaced(hvd_single):
 def test_unknown_scheme_is_refused(hvd_single):
     model, mask = model_and_mask()
     with pytest.raises(ValueError, match="valid: none, fp16, kept, kept-fp16"):
-        dist.gradient_sync("topk", [(torch.optim.SGD(model.parameters(), lr=0.1), model, mask)])
+        gradsync.gradient_sync("topk", [(torch.optim.SGD(model.parameters(), lr=0.1), model, mask)])
 
 
 FLAGS = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.9", "--optimizer", "momentum",

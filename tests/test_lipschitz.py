@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from hvd_sparse.data import Split
 from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe, due
 from hvd_sparse.log import read_log
 from hvd_sparse.mask import Mask
@@ -30,7 +31,7 @@ def least_squares(keep, chunk=7, rank=0, world=1, reduce=lambda t: t):
     with torch.no_grad():
         model.weight.copy_(torch.randn(1, D, generator=g, dtype=torch.float64))
     mask.apply_to_params(model)
-    return model, mask, a, b, LipschitzProbe(model, mask, a, b, chunk, rank, world, reduce, half_squares)
+    return model, mask, a, b, LipschitzProbe(model, mask, Split(a, b), chunk, rank, world, reduce, half_squares)
 
 
 @pytest.mark.parametrize("keep", [torch.ones(D, dtype=torch.bool), torch.arange(D) % 3 != 0], ids=["dense", "pruned"])
@@ -55,7 +56,7 @@ def test_ranks_chunks_add_up_to_the_whole_split():
     keep = torch.ones(D, dtype=torch.bool)
     whole = least_squares(keep)[-1].full_gradient()
     parts = [least_squares(keep, rank=r, world=3, reduce=lambda t: t * 0 + t)[-1] for r in range(3)]
-    covered = sorted(i for probe in parts for c in probe.chunks for i in range(N)[c])
+    covered = sorted(i for probe in parts for start, stop in probe.chunks for i in range(start, stop))
     assert covered == list(range(N))  # each example in exactly one rank's chunks
     sums = [probe.full_gradient() * N for probe in parts]  # identity reduce: this rank's sum over N
     torch.testing.assert_close(sum(sums) / N, whole, rtol=1e-12, atol=1e-14)

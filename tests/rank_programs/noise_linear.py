@@ -14,7 +14,7 @@ import sys
 import torch
 from torch import nn
 
-from hvd_sparse import dist
+from hvd_sparse import dist, gradsync
 from hvd_sparse.mask import Mask
 from hvd_sparse.noise import NoiseScale, local_gradients
 from hvd_sparse.engine import measure_noise
@@ -31,7 +31,7 @@ with torch.no_grad():
     model.weight.copy_((w_star + delta)[None])
 keep = torch.arange(D) % 2 == 0 if masked else torch.ones(D, dtype=torch.bool)
 mask = Mask({"weight": keep[None].clone()})
-sync = dist.gradient_sync(scheme, [(torch.optim.SGD(model.parameters(), lr=0.0), model, mask)])
+sync = gradsync.gradient_sync(scheme, [(torch.optim.SGD(model.parameters(), lr=0.0), model, mask)])
 masks = mask.by_parameter(model)
 noise = NoiseScale(smoothing=0.999)
 
