@@ -1,5 +1,5 @@
 """hvd_sparse: data parallelism in training sparse neural networks, measured on real ranks."""
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def register_model(name: str):  # noqa: ANN201 - the decorator of hvd_sparse.registry.Registry.register
@@ -15,6 +15,14 @@ def register_pruning(name: str):  # noqa: ANN201
     from hvd_sparse.pruning import PRUNING
 
     return PRUNING.register(name)
+
+
+def register_measurement(name: str):  # noqa: ANN201
+    """Decorator: ``@register_measurement("my-quantity")`` on a subclass of ``hvd_sparse.measure.Measurement``
+    (its ``wants(cfg)`` says which trials take it; see that module for when the engine calls it)."""
+    from hvd_sparse.measure import MEASUREMENTS
+
+    return MEASUREMENTS.register(name)
 
 
 def register_dataset(name: str):  # noqa: ANN201

@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ class Progress:
     wall_time: float = 0.0  # seconds trained so far, across resumes
     # per rank [sum of batch losses, batches] since the last evaluation; empty at an evaluation
     train_loss: tuple[tuple[float, float], ...] = ()
-    noise: tuple[float, ...] = ()  # NoiseScale.state: the noise-scale averages continue across a resume
+    # each measurement's state (``Measurement.state``, by name): the noise-scale averages continue across a resume
+    measures: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def save_checkpoint(log: Path, progress: Progress, model: torch.nn.Module, optim
     """Write the checkpoint so that a reader sees the old one or the new one, never a mix."""
     state = {
         "step": progress.step, "best_val_error": progress.best_val_error, "wall_time": progress.wall_time,
-        "train_loss": [list(pair) for pair in progress.train_loss], "noise": list(progress.noise),
+        "train_loss": [list(pair) for pair in progress.train_loss], "measures": {name: list(v) for name, v in progress.measures.items()},
         "run_hash": run_hash, "mask_sha256": mask_sha256, "data_fingerprint": data_fingerprint,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -117,8 +118,9 @@ def plan_start(log: Path, run_hash: str, overwrite: bool, data_fingerprint: str 
         raise LogError(f"{path}: checkpoint of another run or mask; {START_OVER}")
     assert data.mask is not None
     train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))
-    progress = Progress(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]),
-                        train_loss=train_loss, noise=tuple(float(v) for v in state.get("noise", [])))
+    measures = state.get("measures", {"noise_scale": state.get("noise", [])})  # before 0.5.0: the noise scale's alone
+    progress = Progress(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), train_loss=train_loss,
+                        measures={name: tuple(float(v) for v in values) for name, values in measures.items()})
     return Checkpoint(progress, state["model"], state["optimizer"], data.mask)
 
 

@@ -27,8 +27,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-PLUGIN_HELP = ("a module name or a .py file that registers models or datasets (hvd_sparse.register_model, "
-               "register_dataset); imported on every rank before any name is looked up; repeatable")
+PLUGIN_HELP = ("a module name or a .py file that registers models, datasets, pruning methods or measurements "
+               "(hvd_sparse.register_model, register_dataset, register_pruning, register_measurement; docs/extending.md); "
+               "imported on every rank before any name is looked up; repeatable")
 
 
 def take_plugins(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:

@@ -32,14 +32,13 @@ from hvd_sparse import fused as fused_ops
 from hvd_sparse.batchnorm import batch_statistics, synced
 from hvd_sparse.capping import Bound, capped_at, tightest
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
-from hvd_sparse.config import Config, ConfigError, TrainConfig, seed_for
+from hvd_sparse.config import Config, ConfigError, seed_for
 from hvd_sparse.data import DataError, Datasets, Examples, GlobalBatches, check_data_dir, eval_slice, load_datasets
-from hvd_sparse.lipschitz import GAMMAS, LipschitzProbe
-from hvd_sparse.lipschitz import due as lipschitz_due
 from hvd_sparse.log import TrialLog, read_log, write_atomically
 from hvd_sparse.mask import Mask
 from hvd_sparse.models import Loss, build_model, get_factory, loss_for, prunable_names, summed
-from hvd_sparse.noise import NoiseScale, local_gradients, masked_sq_norm
+from hvd_sparse.measure import Measurement, Trial, average_contributions, check_measurements, measurements_for
+from hvd_sparse.noise import local_gradients
 from hvd_sparse.watch import watch_launcher
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import PRUNING, ScoreInput, kept_count, prune
@@ -95,20 +94,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown optimizer {cfg.optim.optimizer!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
 
 
-def check_batch(train: TrainConfig) -> None:
-    """The checks that need the world size; the same answer on every rank."""
+def check_batch(cfg: Config) -> None:
+    """The checks that need the world size (the batch splits into the ranks' shards, the measurements
+    asked for can be taken); the same answer on every rank."""
+    train = cfg.train
     if train.batch_size % dist.size():
         raise ConfigError(f"--batch-size {train.batch_size} is not divisible by the {dist.size()} ranks")
-    if train.noise_scale_every and dist.size() == 1 and (train.batch_size < 2 or train.batch_size % 2):
-        raise ConfigError(f"--noise-scale-every at np=1 splits the batch in two halves: --batch-size {train.batch_size} "
-                          "must be even")
+    check_measurements(cfg, dist.size(), fused=False)
 
 
 def check_fusable(cfg: Config) -> None:
-    """Fused trials do not measure the Lipschitz constant (its probe runs one model's own passes), and
-    train in the contiguous layout (their stacked parameters are one tensor per layer)."""
-    if cfg.train.lipschitz_every:
-        raise ConfigError("fused trials do not measure the Lipschitz constant: fuse 1, or lipschitz_every 0")
+    """Fused trials take only the measurements that can be fused (not the Lipschitz constant, whose probe
+    runs one model's own passes), and train in the contiguous layout (their stacked parameters are one
+    tensor per layer)."""
+    check_measurements(cfg, dist.size(), fused=True)
     if cfg.train.memory_format != "contiguous":
         raise ConfigError("fused trials train in the contiguous layout: fuse 1, or memory_format contiguous")
 
@@ -158,7 +157,7 @@ class TrialState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    noise: NoiseScale
+    measures: list[Measurement]  # what is measured during training (their states are checkpointed)
     clock: float  # time.time() at wall time 0: the wall time continues across resumes
     loss_sums: torch.Tensor  # this rank's [sum of batch losses, batches] since the last evaluation
     step: int = 0
@@ -166,25 +165,26 @@ class TrialState:
     evaluated_at: int | None = None  # the step of the last evaluation in the log (a resume's: its checkpoint's)
 
     @classmethod
-    def begin(cls, model: nn.Module, optimizer: torch.optim.Optimizer, noise: NoiseScale, progress: Progress | None,
-              t_init: float) -> "TrialState":
+    def begin(cls, model: nn.Module, optimizer: torch.optim.Optimizer, measures: list[Measurement],
+              progress: Progress | None, t_init: float) -> "TrialState":
         """A fresh state (``progress`` None), or the checkpointed one (model and optimizer loaded already)."""
         device = next(model.parameters()).device
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         if progress is None:
-            return cls(model, optimizer, noise, t_init, sums)
-        noise.restore(progress.noise)
+            return cls(model, optimizer, measures, t_init, sums)
+        for m in measures:
+            m.restore(progress.measures.get(m.name, ()))
         if len(progress.train_loss) == dist.size():  # stopped between two evaluations: each rank's own sums
             sums += torch.tensor(progress.train_loss[dist.rank()], dtype=torch.float64, device=device)
         elif progress.train_loss and dist.rank() == 0:  # another world size: the total on rank 0
             sums += torch.tensor([sum(a for a, _ in progress.train_loss), sum(b for _, b in progress.train_loss)],
                                  dtype=torch.float64, device=device)
-        return cls(model, optimizer, noise, time.time() - progress.wall_time, sums, progress.step,
+        return cls(model, optimizer, measures, time.time() - progress.wall_time, sums, progress.step,
                    progress.best_val_error, evaluated_at=progress.step)
 
     def progress(self, wall_time: float | None = None, train_loss: tuple[tuple[float, float], ...] = ()) -> Progress:
         wall = time.time() - self.clock if wall_time is None else wall_time
-        return Progress(self.step, self.best_val_error, wall, train_loss, self.noise.state)
+        return Progress(self.step, self.best_val_error, wall, train_loss, {m.name: m.state for m in self.measures})
 
 
 class Evaluator:
@@ -279,8 +279,9 @@ class Recorder:
         if state is not None:
             self._checkpoint(state, state.progress(wall_time=row["wall_time"]))
 
-    def lipschitz(self, step: int, value: float, per_gamma: list[float]) -> None:
-        self.log.append_lipschitz(step, value, per_gamma, GAMMAS)
+    def table(self, measure: Measurement, step: int, record: Mapping[str, Any]) -> None:
+        """One row of a measurement's own table in the log."""
+        self.log.append_table(measure.name, step, record, measure.table_attrs)
 
     def interrupted(self, why: str, state: TrialState, progress: Progress) -> None:
         self._checkpoint(state, progress)
@@ -307,7 +308,7 @@ class NullRecorder(Recorder):
     def evaluation(self, row: Mapping[str, float], state: TrialState | None) -> None:
         pass
 
-    def lipschitz(self, step: int, value: float, per_gamma: list[float]) -> None:
+    def table(self, measure: Measurement, step: int, record: Mapping[str, Any]) -> None:
         pass
 
     def interrupted(self, why: str, state: TrialState, progress: Progress) -> None:
@@ -359,17 +360,6 @@ def grads_finite(models: Sequence[nn.Module]) -> list[bool]:
     return torch.isfinite(torch.stack(sums)).tolist()
 
 
-def measure_noise(measured: Sequence[tuple[NoiseScale, nn.Module, list[torch.Tensor | None]]], local_sq: torch.Tensor,
-                  batch_size: int, world: int) -> None:
-    """One allreduce of a scalar per measured model (noise scale, model, masks): the mean over ranks of
-    |local gradient|^2 (batch B/k; at np=1, of the two halves, B/2) beside |averaged gradient|^2
-    (batch B), into each model's noise-scale estimates."""
-    small = dist.allreduce_mean(local_sq.reshape(-1).cpu(), name="noise.local_sq").tolist()
-    for (noise, model, masks), sq in zip(measured, small):
-        big = masked_sq_norm([p.grad for p in model.parameters() if p.requires_grad], masks).item()
-        noise.update(sq, big, batch_size // max(world, 2), batch_size)
-
-
 @dataclass(frozen=True)
 class Job:
     """A trial to train: its configuration, its log's path and what else goes into its log (a
@@ -397,8 +387,7 @@ class Slot:
     bytes_per_step: int  # the trial's share of a step's gradient allreduce
     evaluator: Evaluator = field(init=False)
     batches: GlobalBatches = field(init=False)
-    noise_masks: list[torch.Tensor | None] = field(init=False)
-    lipschitz: LipschitzProbe | None = field(init=False)
+    noise_masks: list[torch.Tensor | None] = field(init=False)  # the masks of its trainable parameters
     bar: tqdm = field(init=False)
     capped: Bound | None = None  # the bound that capped the trial (set when it stops as CAPPED)
     loss_fn: Loss = field(init=False)  # the model's mean loss (models.loss_for)
@@ -409,12 +398,6 @@ class Slot:
         self.evaluator = Evaluator(model, self.data.device, self.cfg)
         self.batches = GlobalBatches(len(self.data.train), train.batch_size, seed_for(train.seed, "order"))
         self.noise_masks = self.mask.by_parameter(model)
-        self.lipschitz = None
-        if train.lipschitz_every:
-            self.lipschitz = LipschitzProbe(
-                model, self.mask, self.data.train, train.eval_batch_size, dist.rank(), dist.size(),
-                reduce=lambda t: dist.allreduce_sum(t.cpu(), name="lipschitz.gradient").to(t.device),
-                loss_sum=summed(self.loss_fn))
         model.train()
         self.bar = progress_bar(train.max_steps, enabled=dist.is_root() and self.cfg.run.progress)
         self.bar.update(self.state.step)
@@ -435,15 +418,14 @@ class Slot:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.state.model(x), y)
 
-    def noise_due(self) -> bool:
-        every = self.cfg.train.noise_scale_every
-        return every > 0 and self.state.step % every == 0
+    def due(self) -> list[Measurement]:
+        """The measurements taken at this step."""
+        return [m for m in self.state.measures if m.due(self.state.step)]
 
-    def record_lipschitz(self, value: float, per_gamma: list[float]) -> None:
+    def record_table(self, measure: Measurement, record: Mapping[str, Any]) -> None:
         step = self.state.step
-        dist.agree(lambda: self.recorder.lipschitz(step, value, per_gamma), "writing the log")
-        logger.info("step %d: Lipschitz constant %.4g (the largest along the update; gamma 0.1: %.4g, 0.9: %.4g)",
-                    step, value, per_gamma[0], per_gamma[-1])
+        dist.agree(lambda: self.recorder.table(measure, step, record), "writing the log")
+        logger.info("%s", measure.describe(step, record))
 
     def reaches_goal(self, totals: list[float]) -> bool:
         errors, count, loss_sum = totals[:3]
@@ -461,7 +443,7 @@ class Slot:
             "step": state.step, "val_error": errors / count, "val_loss": loss_sum / count,
             "train_loss": tl_sum / tl_n if tl_n else math.nan, "wall_time": time.time() - state.clock,
             "allreduce_bytes": state.step * self.bytes_per_step,
-            "noise_scale": state.noise.b_simple, "grad_sq": state.noise.grad_sq, "grad_trace": state.noise.grad_trace,
+            **{k: v for m in state.measures for k, v in m.row().items()},
         }
         state.best_val_error = min(state.best_val_error, row["val_error"])
         diverged, reached = not math.isfinite(row["val_loss"]), self.reaches_goal(totals)
@@ -612,7 +594,9 @@ class Engine:
                                                reopen_capped=job.reopen_capped), "reading the earlier log")
         resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
         model, mask, optimizer, sync = build(cfg, self.data, ckpt, own_sync=not self.fused)
-        state = TrialState.begin(model, optimizer, NoiseScale(cfg.train.noise_scale_smoothing), resumed, t_init)
+        trial = Trial(cfg, model, mask, self.data.train, summed(loss_for(cfg.model.model)), dist.rank(), dist.size(),
+                      sum_over_ranks=lambda t: dist.allreduce_sum(t, name="measurement.sum"))
+        state = TrialState.begin(model, optimizer, measurements_for(trial), resumed, t_init)
         logger.info(
             "world size %d, %s on %s: %d prunable parameters, density %.4f (mask %s)%s%s",
             dist.size(), cfg.model.model, cfg.data.dataset, mask.num_total, mask.density, mask.sha256()[:12],
@@ -660,34 +644,36 @@ class Engine:
 
     def step(self) -> list[bool]:
         """One optimizer step of every trial on this rank's shard of its global batch, with the
-        measurements that ride along when due (the noise scale reads this step's gradients; the
-        Lipschitz probe, never taken by fused trials, looks before and after it). Per trial:
-        False if its averaged gradient is not finite (INFEASIBLE; its step is not taken)."""
+        measurements that are due (``hvd_sparse.measure``: before the step, on the local and the
+        averaged gradients, after the step). Per trial: False if its averaged gradient is not finite
+        (INFEASIBLE; its step is not taken, and it is not measured)."""
         slots, world, sync = self.slots, dist.size(), self.sync
-        probes = [s.lipschitz if s.lipschitz and lipschitz_due(s.state.step, s.cfg.train.lipschitz_every) else None
-                  for s in slots]
-        for probe in probes:
-            if probe is not None:
-                probe.before_step()  # w_prev and g_prev; p.grad untouched
+        due = [slot.due() for slot in slots]
+        for measures in due:
+            for m in measures:
+                m.before_step()
         shards = [slot.shard() for slot in slots]
-        measure = [slot.noise_due() for slot in slots]
+        local = any(m.needs_local_gradient for measures in due for m in measures)
         sync.zero_grad()
         micro = slots[0].cfg.train.micro_batch_size  # the trials of an engine share it (one cell)
-        if any(measure) or 0 < micro < len(shards[0][1]):  # every trial's own gradient, before the allreduce
+        local_sq = None
+        if local or 0 < micro < len(shards[0][1]):  # every trial's own gradient, before the allreduce
             losses, local_sq = local_gradients(
                 [slot.state.model for slot in slots], lambda part: self.losses([(x[part], y[part]) for x, y in shards]),
-                len(shards[0][1]), [slot.noise_masks for slot in slots],
-                halves=world == 1 and any(measure), micro_batch=micro)
+                len(shards[0][1]), [slot.noise_masks for slot in slots], halves=world == 1 and local, micro_batch=micro)
         else:
             losses = self.losses(shards)
             (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
         sync.synchronize()  # p.grad: the average over ranks, masked
         finite = grads_finite([slot.state.model for slot in slots])
-        measured = [i for i, due in enumerate(measure) if due and finite[i]]
-        if measured:
-            measure_noise([(slots[i].state.noise, slots[i].state.model, slots[i].noise_masks) for i in measured],
-                          local_sq[measured], slots[0].cfg.train.batch_size, world)
-        for i, (slot, probe) in enumerate(zip(slots, probes)):
+        contributions = []
+        for i, measures in enumerate(due):
+            for m in measures if finite[i] else []:
+                given = m.after_average(float(local_sq[i]) if local_sq is not None and m.needs_local_gradient else None)
+                if given is not None:
+                    contributions.append((m, given))
+        average_contributions(contributions, lambda t: dist.allreduce_mean(t, name="measurement.local"))
+        for i, slot in enumerate(slots):
             if not finite[i]:
                 continue
             state, train = slot.state, slot.cfg.train
@@ -698,8 +684,10 @@ class Engine:
             state.loss_sums[1] += 1
             state.step += 1
             slot.bar.update(1)
-            if probe is not None:
-                slot.record_lipschitz(*probe.after_step())
+            for m in due[i]:
+                record = m.after_step()
+                if record is not None:
+                    slot.record_table(m, record)
         return finite
 
     def stop(self) -> NoReturn:
@@ -770,23 +758,18 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
 def check_batch_statistics(model: nn.Module, cfg: Config, fused: bool) -> None:
     """A model whose forward uses batch statistics (BatchNorm in training mode) trains at any world size
     with the global batch's statistics (``batchnorm.synced``), but is refused where the toolkit cannot
-    keep it exact: fused trials stack parameters and not buffers, the Lipschitz probe runs its passes in
-    evaluation mode, and the noise scale's local gradients, its half batches and micro-batches would
-    each be normalized by the statistics of a part of the batch. The same answer on every rank (same
-    model), before any collective."""
+    keep it exact: fused trials stack parameters and not buffers, micro-batches would each be normalized
+    by their own statistics, and so would what the measurements asked for (``Measurement.check``). The
+    same answer on every rank (same model), before any collective."""
     norms = batch_statistics(model)
     if not norms:
         return
     where = f"{cfg.model.model} normalizes by batch statistics ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''})"
     if fused:
         raise ConfigError(f"{where}: fused trials stack parameters, not buffers: fuse 1")
-    if cfg.train.lipschitz_every:
-        raise ConfigError(f"{where}: the Lipschitz probe runs in evaluation mode, where they are not used: "
-                          "lipschitz_every 0")
-    if cfg.train.noise_scale_every or cfg.train.micro_batch_size:
-        raise ConfigError(f"{where}: the noise scale's local gradients and half batches, and micro-batches, would "
-                          "each be normalized by the statistics of a part of the batch: noise_scale_every 0 and "
-                          "micro_batch_size 0")
+    check_measurements(cfg, dist.size(), fused, normalizes=where)
+    if cfg.train.micro_batch_size:
+        raise ConfigError(f"{where}: micro-batches would each be normalized by their own statistics: micro_batch_size 0")
 
 
 def contiguous_state(optimizer: torch.optim.Optimizer) -> None:

@@ -16,13 +16,15 @@ or optimizer state is touched, so measuring never changes the trajectory.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from hvd_sparse.config import Config, ConfigError
 from hvd_sparse.data import Examples
 from hvd_sparse.mask import Mask
+from hvd_sparse.measure import MEASUREMENTS, Measurement, Trial
 from hvd_sparse.models import cross_entropy_sum
 
 GAMMAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -91,3 +93,45 @@ class LipschitzProbe:
             self._set(w_next)  # bitwise the weights the optimizer made
         finite = [v for v in per_gamma if math.isfinite(v)]
         return (max(finite) if finite else math.nan), per_gamma
+
+
+@MEASUREMENTS.register("lipschitz")
+class LipschitzMeasurement(Measurement):
+    """The Lipschitz constant along the update every ``--lipschitz-every`` steps, one row of the log's
+    ``lipschitz`` table (step, value, per_gamma; attribute gammas) per measurement."""
+
+    name = "lipschitz"
+    table_attrs = {"gammas": GAMMAS}
+
+    def __init__(self, trial: Trial):
+        super().__init__(trial)
+        self.probe = LipschitzProbe(trial.model, trial.mask, trial.train, trial.cfg.train.eval_batch_size, trial.rank,
+                                    trial.world, reduce=lambda t: trial.sum_over_ranks(t.cpu()).to(t.device),
+                                    loss_sum=trial.loss_sum)
+
+    @classmethod
+    def wants(cls, cfg: Config) -> bool:
+        return cfg.train.lipschitz_every > 0
+
+    @classmethod
+    def check(cls, cfg: Config, world: int, fused: bool, normalizes: str) -> None:
+        if fused:
+            raise ConfigError("fused trials do not measure the Lipschitz constant: fuse 1, or lipschitz_every 0")
+        if normalizes:
+            raise ConfigError(f"{normalizes}: the Lipschitz probe runs in evaluation mode, where they are not used: "
+                              "lipschitz_every 0")
+
+    def due(self, step: int) -> bool:
+        return due(step, self.trial.cfg.train.lipschitz_every)
+
+    def before_step(self) -> None:
+        self.probe.before_step()
+
+    def after_step(self) -> dict[str, Any]:
+        value, per_gamma = self.probe.after_step()
+        return {"value": value, "per_gamma": per_gamma}
+
+    def describe(self, step: int, record: Mapping[str, Any]) -> str:
+        g = record["per_gamma"]
+        return (f"step {step}: Lipschitz constant {record['value']:.4g} (the largest along the update; "
+                f"gamma 0.1: {g[0]:.4g}, 0.9: {g[-1]:.4g})")

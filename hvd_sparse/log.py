@@ -12,8 +12,9 @@ unless that record reached the disk. Schema (documented in README.md):
          created, finished; a CAPPED trial: capping_bound, capped_by (hvd_sparse.capping);
          reopened_from: CAPPED when a study without capping resumed it
   measurements/<column>  1-D datasets, one entry per evaluation (see COLUMNS)
-  lipschitz/step, value  one entry per Lipschitz measurement (--lipschitz-every; absent if never
-  lipschitz/per_gamma    measured): its step, the largest L_g, and every L_g (attr ``gammas``)
+  <measurement>/step,... a measurement's own table (``append_table``), one row per measurement:
+                         lipschitz/step, value, per_gamma (--lipschitz-every; absent if never
+                         measured): its step, the largest L_g, and every L_g (attr ``gammas``)
   mask/<param name>      np.packbits of the flattened boolean mask, attr ``shape``
                          (attr mask_names lists them in model order; read_log returns a Mask)
   user block (512 bytes) "hvd_sparse log sha256 <hex>": the SHA-256 of the rest of the file, set at
@@ -51,7 +52,7 @@ COLUMNS: dict[str, type] = {
     "grad_trace": np.float64,  # the smoothed tr(Sigma) estimate behind it
 }
 OPTIONAL_COLUMNS = ("noise_scale", "grad_sq", "grad_trace")  # NaN in a row that does not have them
-LIPSCHITZ = "lipschitz"  # the group of the Lipschitz measurements
+RESERVED_GROUPS = ("measurements", "mask")  # the other groups of a log are measurement tables (``append_table``)
 STATUSES = ("RUNNING", "COMPLETE", "INCOMPLETE", "INFEASIBLE", "CAPPED")
 CAPPING_ATTRS = ("capping_bound", "capped_by")  # a CAPPED trial's bound (steps) and the trial that set it
 REQUIRED_ATTRS = (
@@ -244,10 +245,12 @@ class TrialLog:
         if missing:
             raise LogError(f"measurement is missing {sorted(missing)}")
 
+        extra = {name: np.float64 for name in row if name not in COLUMNS}  # a measurement's own columns
+
         def change(f: h5py.File) -> None:
             group = f["measurements"]
             n = group["step"].shape[0]
-            for name, dtype in COLUMNS.items():
+            for name, dtype in {**COLUMNS, **extra}.items():
                 if name not in group:  # a log begun by an older version, resumed by this one
                     fill = np.nan if np.issubdtype(dtype, np.floating) else 0
                     group.create_dataset(name, data=np.full(n, fill, dtype=dtype), maxshape=(None,), chunks=(256,))
@@ -256,22 +259,27 @@ class TrialLog:
 
         self._update(change)
 
-    def append_lipschitz(self, step: int, value: float, per_gamma: Sequence[float], gammas: Sequence[float]) -> None:
-        """Append one Lipschitz measurement; it is on disk (fsynced) when this returns."""
+    def append_table(self, name: str, step: int, record: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> None:
+        """Append one row (``step`` and ``record``'s scalars or 1-D arrays) to the measurement table
+        ``name`` (a group of the log, made at its first row with ``attrs``); on disk when this returns."""
+        if name in RESERVED_GROUPS:
+            raise LogError(f"a measurement may not be named {name!r} (a part of the log)")
+        row = {"step": np.int64(step), **{k: np.asarray(v, dtype=np.float64) for k, v in record.items()}}
 
         def change(f: h5py.File) -> None:
-            if LIPSCHITZ not in f:
-                group = f.create_group(LIPSCHITZ)
-                group.attrs["gammas"] = np.asarray(gammas, dtype=np.float64)
-                group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
-                group.create_dataset("value", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,))
-                group.create_dataset("per_gamma", shape=(0, len(gammas)), maxshape=(None, len(gammas)),
-                                     dtype=np.float64, chunks=(64, len(gammas)))
-            group = f[LIPSCHITZ]
+            if name not in f:
+                group = f.create_group(name)
+                for key, value in (attrs or {}).items():
+                    group.attrs[key] = np.asarray(value, dtype=np.float64)
+                for key, value in row.items():
+                    shape = np.shape(value)
+                    group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=np.asarray(value).dtype,
+                                         chunks=(64, *shape) if shape else (256,))
+            group = f[name]
             n = group["step"].shape[0]
-            for name, entry in (("step", step), ("value", value), ("per_gamma", per_gamma)):
-                group[name].resize(n + 1, axis=0)
-                group[name][n] = entry
+            for key, value in row.items():
+                group[key].resize(n + 1, axis=0)
+                group[key][n] = value
 
         self._update(change)
 
@@ -282,11 +290,9 @@ class TrialLog:
         replace the earlier ones."""
 
         def change(f: h5py.File) -> None:
-            for group, names in (("measurements", COLUMNS), (LIPSCHITZ, ("step", "value", "per_gamma"))):
-                if group not in f:
-                    continue
+            for group in [g for g in f if g != "mask" and isinstance(f[g], h5py.Group) and "step" in f[g]]:
                 keep = int(np.searchsorted(f[group]["step"][()], last_step, side="right"))
-                for name in names:
+                for name in f[group]:
                     f[group][name].resize(min(keep, f[group][name].shape[0]), axis=0)
             f.attrs["resumes"] = int(f.attrs.get("resumes", 0)) + 1
             if world_size is not None:  # every world size the trial ran at, in order; world_size: the latest
@@ -335,7 +341,12 @@ class LogData:
     attrs: dict[str, Any]
     measurements: dict[str, np.ndarray]
     mask: Mask | None  # None when read with with_mask=False
-    lipschitz: dict[str, np.ndarray] = field(default_factory=dict)  # step, value, per_gamma, gammas; {} if none
+    tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # measurement tables, with their attrs
+
+    @property
+    def lipschitz(self) -> dict[str, np.ndarray]:
+        """The Lipschitz measurements: step, value, per_gamma, gammas; {} if none."""
+        return self.tables.get("lipschitz", {})
 
     @property
     def config(self) -> dict[str, Any]:
@@ -370,10 +381,11 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
             if missing or "measurements" not in f:
                 raise LogError(f"{path}: not a trial log (missing {missing or ['measurements']})")
             group = f["measurements"]
-            columns = {name: group[name][()] for name in COLUMNS if name in group}
+            columns = {name: group[name][()] for name in [*COLUMNS, *sorted(set(group) - set(COLUMNS))] if name in group}
             n = min((len(c) for c in columns.values()), default=0)
             columns = {k: v[:n] for k, v in columns.items()}  # a column may be one ahead mid-append
-            lipschitz = _read_lipschitz(f)
+            tables = {name: _read_table(f[name]) for name in f
+                      if name not in RESERVED_GROUPS and isinstance(f[name], h5py.Group) and "step" in f[name]}
             mask = None
             if with_mask and "mask" in f:
                 # insertion (model) order, which the checksum depends on; h5py lists names sorted
@@ -385,7 +397,7 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
     except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError, MemoryError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LogError(f"{path}: unreadable or corrupt HDF5 log: {first}") from None
-    return LogData(path, attrs, columns, mask, lipschitz)
+    return LogData(path, attrs, columns, mask, tables)
 
 
 def _check_extents(f: h5py.File, path: Path) -> None:
@@ -405,10 +417,8 @@ def _check_extents(f: h5py.File, path: Path) -> None:
     f.visititems(check)
 
 
-def _read_lipschitz(f: h5py.File) -> dict[str, np.ndarray]:
-    if LIPSCHITZ not in f:
-        return {}
-    group = f[LIPSCHITZ]
-    out = {name: group[name][()] for name in ("step", "value", "per_gamma")}
+def _read_table(group: h5py.Group) -> dict[str, np.ndarray]:
+    """A measurement table's columns (cut to the shortest: one may be a row ahead mid-append) and attributes."""
+    out = {name: group[name][()] for name in group}
     n = min(len(v) for v in out.values())
-    return {**{k: v[:n] for k, v in out.items()}, "gammas": np.asarray(group.attrs["gammas"])}
+    return {**{k: v[:n] for k, v in out.items()}, **{k: np.asarray(v) for k, v in group.attrs.items()}}

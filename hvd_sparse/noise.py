@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from hvd_sparse.config import Config, ConfigError
+from hvd_sparse.measure import MEASUREMENTS, Measurement, Trial
 
 
 @dataclass
@@ -136,3 +138,56 @@ def local_gradients(models: Sequence[nn.Module], losses_of: Callable[[slice], li
         else:  # a view into FlatAverage's flat buffer: keep it
             p.grad.copy_(t)
     return list(torch.stack(losses).mean(dim=0)), sq / len(parts)
+
+
+@MEASUREMENTS.register("noise_scale")
+class NoiseScaleMeasurement(Measurement):
+    """B_simple every ``--noise-scale-every`` steps: this rank's |masked local gradient|^2 (a batch of
+    B/k, at np=1 the mean over two halves of B/2) averaged over the ranks, beside |averaged gradient|^2
+    (a batch of B); the smoothed estimates go into every evaluation row and into checkpoints."""
+
+    name = "noise_scale"
+    needs_local_gradient = True
+
+    def __init__(self, trial: Trial):
+        super().__init__(trial)
+        self.noise = NoiseScale(trial.cfg.train.noise_scale_smoothing)
+        self.kept = trial.kept
+        self.big_sq = math.nan
+
+    @classmethod
+    def wants(cls, cfg: Config) -> bool:
+        return cfg.train.noise_scale_every > 0
+
+    @classmethod
+    def check(cls, cfg: Config, world: int, fused: bool, normalizes: str) -> None:
+        batch = cfg.train.batch_size
+        if world == 1 and (batch < 2 or batch % 2):
+            raise ConfigError(f"--noise-scale-every at np=1 splits the batch in two halves: --batch-size {batch} "
+                              "must be even")
+        if normalizes:
+            raise ConfigError(f"{normalizes}: the noise scale's local gradients and half batches, and micro-batches, "
+                              "would each be normalized by the statistics of a part of the batch: noise_scale_every 0 "
+                              "and micro_batch_size 0")
+
+    def due(self, step: int) -> bool:
+        return step % self.trial.cfg.train.noise_scale_every == 0
+
+    def after_average(self, local_sq: float | None) -> torch.Tensor:
+        params = [p.grad for p in self.trial.model.parameters() if p.requires_grad]
+        self.big_sq = masked_sq_norm(params, self.kept).item()
+        return torch.tensor([math.nan if local_sq is None else local_sq], dtype=torch.float64)
+
+    def averaged(self, values: torch.Tensor) -> None:
+        batch = self.trial.cfg.train.batch_size
+        self.noise.update(float(values[0]), self.big_sq, batch // max(self.trial.world, 2), batch)
+
+    def row(self) -> dict[str, float]:
+        return {"noise_scale": self.noise.b_simple, "grad_sq": self.noise.grad_sq, "grad_trace": self.noise.grad_trace}
+
+    @property
+    def state(self) -> tuple[float, ...]:
+        return self.noise.state
+
+    def restore(self, state: tuple[float, ...]) -> None:
+        self.noise.restore(state)

@@ -1,7 +1,9 @@
-"""The names a configuration can give (models, datasets), and the plug-ins that add to them.
+"""The names a configuration can give (models, datasets, pruning methods, measurements), and the
+plug-ins that add to them.
 
 A registry is a plain mapping from a name to a factory, filled by the package's own modules and by
-plug-ins through the same decorator (``hvd_sparse.register_model``, ``register_dataset``). A plug-in is
+plug-ins through the same decorator (``hvd_sparse.register_model``, ``register_dataset``,
+``register_pruning``, ``register_measurement``). A plug-in is
 a module or a Python file named with ``--plugin`` (or a study spec's ``plugins:``), or an installed
 package's entry point in the group ``hvd_sparse.plugins``; every rank imports it before any name is
 looked up. A plug-in that cannot be found, raises on import, or registers a name that is taken, is a

@@ -517,7 +517,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     group, groups = dist.group()
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:
-        check_batch(t.config.train)
+        check_batch(t.config)
     dist.world_verify_same(f"{spec.study_hash()} shard {shard_of} pack {pack} fuse {spec.fuse} capping {spec.capping} "
                            f"plug-ins {plugin_digest()}", "study spec, shard, --pack, --fuse, --capping and plug-ins")
     dist.on_root(lambda: prepare_dir(spec, directory), "preparing the study directory")

@@ -37,7 +37,7 @@ def start_job(cfg: Config) -> None:
     validate(cfg)
     dist.init(backend=cfg.dist.backend)
     configure_logging(cfg.run.log_level, dist.is_root())
-    check_batch(cfg.train)
+    check_batch(cfg)
     dist.verify_same_everywhere(cfg.run_hash(), "configuration (every rank must be given the same arguments)")
     dist.verify_same_everywhere(plugin_digest(), "plug-ins (every rank must import the same code)")
     dist.on_root(lambda: check_writable(Path(cfg.run.out), "--out"), "checking the output folder")

@@ -174,7 +174,7 @@ def test_the_lipschitz_constant_near_each_result_by_hand(tmp_path):
             log = TrialLog(path)
             for step in range(100, 1001, 100):
                 value = step / 100 + offset
-                log.append_lipschitz(step, value, [value * g for g in GAMMAS[::-1]], GAMMAS)
+                log.append_table("lipschitz", step, {"value": value, "per_gamma": [value * g for g in GAMMAS[::-1]]}, {"gammas": GAMMAS})
             log.finish("COMPLETE", steps)
     trials, studies, _, _ = aggregate(tmp_path, tmp_path / "out")
     # the last measurement at or before 340 is 300's, before 160 100's; none before 90: the first, 100's

@@ -161,3 +161,30 @@ def test_a_resume_onto_other_data_is_refused(tmp_path):
     assert plan_start(log_path, "r", False, "a" * 64).progress.step == 10
     with pytest.raises(LogError, match=r"t\.h5: this run was trained on other data \(SHA-256 aaaaaaaaaaaa, now bbbbbbbbbbbb\)"):
         plan_start(log_path, "r", False, "b" * 64)
+
+
+def test_measurement_states_survive_a_checkpoint_and_an_older_ones_noise_state_is_read(tmp_path):
+    """Every measurement's state goes into the checkpoint by name; a checkpoint written before 0.5.0
+    kept the noise scale's alone, under ``noise``, and resumes with it."""
+    import io
+    import json as json_
+    from hvd_sparse.checkpoint import Progress, checkpoint_path, load_checkpoint_state, plan_start, save_checkpoint
+    from hvd_sparse.log import TrialLog
+    from hvd_sparse.mask import Mask
+
+    mask = Mask({"weight": torch.ones(5, 20, dtype=torch.bool)})
+    log_path = tmp_path / "t.h5"
+    attrs = {"config": "{}", "run_hash": "r", "world_size": 1, "mask_sha256": mask.sha256(), "hvd_sparse_version": "0",
+             "torch_version": "0", "horovod_version": "0", "world_sizes": json_.dumps([1])}
+    TrialLog.create(log_path, attrs, mask)
+    model = torch.nn.Linear(20, 5, bias=False)
+    states = {"noise_scale": (1.5, 2.5, 0.25), "grad_norm": (3.0,)}
+    save_checkpoint(log_path, Progress(step=10, measures=states), model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    "r", mask.sha256())
+    assert plan_start(log_path, "r", False).progress.measures == states
+    old = load_checkpoint_state(checkpoint_path(log_path))
+    old["noise"] = list(old.pop("measures")["noise_scale"])
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    checkpoint_path(log_path).write_bytes(buffer.getvalue())  # no checksum line: read as an older version's
+    assert plan_start(log_path, "r", False).progress.measures == {"noise_scale": (1.5, 2.5, 0.25)}

@@ -133,7 +133,7 @@ def test_lipschitz_measurements_append_read_and_truncate_with_the_evaluations(tm
     for step in (0, 10, 20, 30):
         log.append(row(step))
     for step in (10, 20, 30):
-        log.append_lipschitz(step, step / 10, [step / 10, step / 20], (0.1, 0.9))
+        log.append_table("lipschitz", step, {"value": step / 10, "per_gamma": [step / 10, step / 20]}, {"gammas": (0.1, 0.9)})
     back = read_log(path).lipschitz
     assert back["step"].tolist() == [10, 20, 30] and back["value"].tolist() == [1.0, 2.0, 3.0]
     assert back["per_gamma"].tolist()[1] == [2.0, 1.0] and back["gammas"].tolist() == [0.1, 0.9]

@@ -273,7 +273,7 @@ def test_a_plugin_pruning_method_makes_the_mask_on_every_rank(tmp_path):
     assert torch.equal(torch.cat([keep_of.reshape(-1) for _, keep_of in mask.items()]), keep)
     assert json.loads(read_log(log).attrs["config"])["prune"]["prune_method"] == "largest-weights"
     wrong = run_train(2, "--plugin", str(plugin), *FLAGS, "--prune-method", "nope", "--out", str(tmp_path / "x"), timeout=60)
-    assert wrong.returncode == 2 and "unknown pruning method 'nope'; valid: largest-weights, snip" in wrong.stdout + wrong.stderr
+    assert wrong.returncode == 2 and "unknown pruning method 'nope'; valid: grasp, largest-weights, magnitude, random, snip, synflow" in wrong.stdout + wrong.stderr
 
 
 def test_the_loss_is_the_registering_modules_even_for_a_factory_made_elsewhere(tmp_path, monkeypatch):
@@ -334,3 +334,69 @@ def test_a_pruning_score_is_checked_reordered_and_refused_when_not_finite():
         prune(given("nan"))
     with pytest.raises(ConfigError, match="for exactly"):
         prune(given("short"))
+
+
+GRAD_NORM = """
+import math
+import torch
+from hvd_sparse.measure import Measurement
+
+
+@hvd_sparse.register_measurement("grad_norm")
+class GradNorm(Measurement):
+    '''The averaged gradient's norm every 3 steps, and the mean of the ranks' numbers (0.5 at np=2).'''
+
+    name = "grad_norm"
+
+    @classmethod
+    def wants(cls, cfg):
+        return True
+
+    def __init__(self, trial):
+        super().__init__(trial)
+        self.norm, self.count = math.nan, 0.0
+
+    def due(self, step):
+        return step % 3 == 0
+
+    def after_average(self, local_sq):
+        grads = [p.grad.double().square().sum() for p in self.trial.model.parameters()]
+        self.norm = float(torch.stack(grads).sum().sqrt())
+        return torch.tensor([float(self.trial.rank)])
+
+    def averaged(self, values):
+        self.mean_rank = float(values[0])
+
+    def after_step(self):
+        self.count += 1
+        return {"norm": self.norm, "mean_rank": self.mean_rank}
+
+    def row(self):
+        return {"grad_norm_measured": self.count}
+
+    @property
+    def state(self):
+        return (self.count,)
+
+    def restore(self, state):
+        self.count = state[0] if state else 0.0
+"""
+
+
+@pytest.mark.launches
+def test_a_measurement_is_one_plugin_file_taken_alike_at_np1_and_np2(tmp_path):
+    """A measurement from a plug-in: its table and its evaluation-row column in the log, its values
+    averaged over the ranks; the same at np=2 as at np=1."""
+    plugin = write_plugin(tmp_path, "measuring", extra=GRAD_NORM)
+    logs = {}
+    for np_ in (1, 2):
+        proc = run_train(np_, "--plugin", str(plugin), *FLAGS, "--out", str(tmp_path / f"np{np_}"))
+        assert proc.returncode == 0, describe(proc)
+        (log,) = (tmp_path / f"np{np_}").glob("*.h5")
+        logs[np_] = read_log(log)
+    for np_, mean_rank in ((1, 0.0), (2, 0.5)):
+        table = logs[np_].tables["grad_norm"]
+        assert table["step"].tolist() == [1, 4, 7, 10] and table["mean_rank"].tolist() == [mean_rank] * 4
+        assert logs[np_].status == "COMPLETE" and logs[np_].steps_to_result == 10  # the stripes are easy
+        assert logs[np_].measurements["grad_norm_measured"].tolist() == [0, 4]  # at steps 0 and 10
+    np.testing.assert_allclose(logs[2].tables["grad_norm"]["norm"], logs[1].tables["grad_norm"]["norm"], rtol=1e-5)

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from hvd_sparse import dist, gradsync
+from hvd_sparse.config import Config
 from hvd_sparse.mask import Mask
-from hvd_sparse.noise import NoiseScale, local_gradients
-from hvd_sparse.engine import measure_noise
+from hvd_sparse.measure import Trial, average_contributions
+from hvd_sparse.noise import NoiseScaleMeasurement, local_gradients
 
 out, scheme, masked, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "masked", int(sys.argv[4])
 D, SIGMA, BATCH = 10, 1.0, 64
@@ -33,7 +34,9 @@ keep = torch.arange(D) % 2 == 0 if masked else torch.ones(D, dtype=torch.bool)
 mask = Mask({"weight": keep[None].clone()})
 sync = gradsync.gradient_sync(scheme, [(torch.optim.SGD(model.parameters(), lr=0.0), model, mask)])
 masks = mask.by_parameter(model)
-noise = NoiseScale(smoothing=0.999)
+cfg = Config.from_dict({"train": {"batch_size": BATCH, "noise_scale_every": 1, "noise_scale_smoothing": 0.999}})
+measure = NoiseScaleMeasurement(Trial(cfg, model, mask, None, None, rank, world, lambda t: t))
+noise = measure.noise  # what the engine's measurement holds
 
 
 def loss_fn(x, y):
@@ -48,7 +51,8 @@ for step in range(steps):
     sync.zero_grad()
     _, local_sq = local_gradients([model], lambda part: [loss_fn(x[part], y[part])], len(y), [masks], halves=world == 1)
     sync.synchronize()
-    measure_noise([(noise, model, masks)], local_sq, BATCH, world)
+    average_contributions([(measure, measure.after_average(float(local_sq[0])))],
+                          lambda t: dist.allreduce_mean(t, name="noise.local_sq"))
 
 if rank == 0:
     kept = delta[keep]
