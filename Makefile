@@ -19,8 +19,10 @@ FASHION_SPECS ?= studies/fashion-mnist-nesterov.yaml studies/fashion-mnist-sgd.y
 FASHION_OUT ?= runs/fashion
 FASHION_FIGURES ?= docs/fashion-study
 FASHION_ARGS ?=
+PRUNING_SPEC ?= studies/fashion-mnist-pruning-methods.yaml
+PRUNING_FIGURES ?= docs/fashion-study/pruning-methods
 
-.PHONY: setup demo replicate replicate-fashion failure-times test test-fast clean
+.PHONY: setup demo replicate replicate-fashion replicate-pruning failure-times test test-fast clean
 
 setup:
 	@bash launch/setup.sh
@@ -47,6 +49,12 @@ replicate-fashion: setup
 	stability="$$(python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --print-dir)" && \
 	python -m hvd_sparse.aggregate "$$stability" --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4 && \
 	python -m hvd_sparse.aggregate "$$stability" --no-plots --out $(FASHION_FIGURES)/stability-8
+
+## make replicate-pruning: set up, run the five pruning methods' study on Fashion-MNIST (trials two at a
+## time, one core each; rerun to resume; about an hour), then aggregate it into $(PRUNING_FIGURES)
+replicate-pruning: setup
+	horovodrun -np $(NP) python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS)
+	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --print-dir)" --out $(PRUNING_FIGURES)
 
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup

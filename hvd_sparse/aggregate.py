@@ -36,7 +36,7 @@ from hvd_sparse.cli import ArgumentParser, error_line, say
 from hvd_sparse.log import LogError, read_log
 
 PROG = "hvd_sparse.aggregate"
-WORKLOAD = ["dataset", "model", "optimizer", "schedule", "goal_error"]
+WORKLOAD = ["dataset", "model", "pruning", "optimizer", "schedule", "goal_error"]
 CURVE = WORKLOAD + ["sparsity"]
 STUDY = CURVE + ["batch_size"]
 ENDED = ("COMPLETE", "INCOMPLETE", "INFEASIBLE", "CAPPED")
@@ -63,7 +63,7 @@ def config_columns(cfg: Mapping[str, Mapping[str, Any]], trial_id: int) -> dict:
     data, model, prune, optim, train = cfg["data"], cfg["model"], cfg["prune"], cfg["optim"], cfg["train"]
     has_momentum = optim["optimizer"] in ("momentum", "nesterov")
     return {
-        "dataset": data["dataset"], "model": model["model"], "optimizer": optim["optimizer"],
+        "dataset": data["dataset"], "model": model["model"], "pruning": pruning_label(prune), "optimizer": optim["optimizer"],
         "schedule": optim["schedule"], "goal_error": float(train["goal_error"]),
         "sparsity": float(prune["sparsity"]), "batch_size": int(train["batch_size"]),
         "trial_id": trial_id, "seed": int(train["seed"]),
@@ -73,6 +73,24 @@ def config_columns(cfg: Mapping[str, Mapping[str, Any]], trial_id: int) -> dict:
         "max_steps": int(train["max_steps"]), "eval_every": int(train["eval_every"]),
         "precision": train.get("precision", "fp32"), "memory_format": train.get("memory_format", "contiguous"),
     }
+
+
+def pruning_label(prune: Mapping[str, Any]) -> str:
+    """How a trial was pruned, in a few characters: the method, then what is not at its default
+    (``random/layerwise``, ``magnitude 2:4``, ``snip x10``); logs from before 0.5.0 say ``snip``."""
+    label = prune.get("prune_method", "snip")
+    if prune.get("prune_scope", "global") != "global":
+        label += f"/{prune['prune_scope']}"
+    if prune.get("prune_iterations", 0):
+        label += f" x{prune['prune_iterations']}"
+    if prune.get("prune_structure", ""):
+        label += f" {prune['prune_structure']}"
+    return label
+
+
+def _unless_snip(pruning: str) -> str:
+    """`` <pruning>`` for a workload's line, nothing for SNIP (the tables of every earlier study read as before)."""
+    return "" if pruning == "snip" else f" {pruning}"
 
 
 def trial_row(path: Path, root: Path) -> dict:
@@ -339,7 +357,7 @@ def format_noise(noise: pd.DataFrame) -> str:
                  f"{'diminish':>9} {'ratio':>6}")
     fmt = lambda v, spec: "-" if not math.isfinite(v) else format(v, spec)  # noqa: E731
     for r in noise.itertuples():
-        workload = f"{r.dataset} {r.model} {r.optimizer} goal {r.goal_error:g}"
+        workload = f"{r.dataset} {r.model}{_unless_snip(r.pruning)} {r.optimizer} goal {r.goal_error:g}"
         span = f"{r.noise_scale_min:.0f}-{r.noise_scale_max:.0f}"
         lines.append(f"{workload:<40} {r.sparsity:>8g} {r.noise_scale_at_goal:>9.1f} {span:>9} "
                      f"{fmt(r.critical_batch_size, '.0f'):>9} {fmt(r.predicted_over_measured, '.2f'):>6} "
@@ -372,7 +390,7 @@ def format_lipschitz(table: pd.DataFrame) -> str:
              "range), beside steps-to-result at the smallest batch size",
              f"{'workload':<40} {'sparsity':>8} {'Lipschitz':>10} {'(range)':>13} {'steps':>7} {'at B':>5}"]
     for r in table.itertuples():
-        workload = f"{r.dataset} {r.model} {r.optimizer} goal {r.goal_error:g}"
+        workload = f"{r.dataset} {r.model}{_unless_snip(r.pruning)} {r.optimizer} goal {r.goal_error:g}"
         span = f"{r.lipschitz_min:.3g}-{r.lipschitz_max:.3g}"
         steps = "-" if not math.isfinite(r.steps_at_smallest) else f"{r.steps_at_smallest:.0f}"
         lines.append(f"{workload:<40} {r.sparsity:>8g} {r.lipschitz_at_result:>10.4g} {span:>13} {steps:>7} "
@@ -384,7 +402,7 @@ def optimizer_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Critical batch size per sparsity (rows) and optimizer (columns), per dataset/model/schedule/goal."""
     if curves.empty:
         return pd.DataFrame()
-    keys = ["dataset", "model", "schedule", "goal_error", "sparsity"]
+    keys = ["dataset", "model", "pruning", "schedule", "goal_error", "sparsity"]
     return curves.pivot_table(index=keys, columns="optimizer", values="critical_batch_size", aggfunc="first")
 
 
@@ -443,8 +461,8 @@ def format_studies(studies: pd.DataFrame, curves: pd.DataFrame) -> str:
     capped = int(studies.capped.sum()) if "capped" in studies else 0
     for workload, group in studies.groupby(WORKLOAD, sort=True):
         batch_sizes = sorted(group.batch_size.unique())
-        dataset, model, optimizer, schedule, goal = workload
-        lines.append(f"{dataset} {model} {optimizer} ({schedule}), goal error {goal:g}: "
+        dataset, model, pruning, optimizer, schedule, goal = workload
+        lines.append(f"{dataset} {model}{_unless_snip(pruning)} {optimizer} ({schedule}), goal error {goal:g}: "
                      "steps-to-result, complete/trials in brackets")
         lines.append(f"{'sparsity':>8} " + " ".join(f"{'B=' + str(b):>11}" for b in batch_sizes)
                      + f" {'critical':>9} {'diminish':>9}")

@@ -43,6 +43,7 @@ def _field(default: Any, help: str, *, identity: bool | str = True, choices: Seq
 ADDED = "unless-default"
 PRECISIONS = ("fp32", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels-last")
+PRUNE_SCOPES = ("global", "layerwise")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -85,7 +86,16 @@ class PruneConfig:
     snip_seed: int | None = _field(None, "seed of the SNIP batch order (default: --seed)")
     prune_biases: bool = _field(True, "whether biases are prunable (the reference prunes them)")
     prune_method: str = _field("snip", "how the weights to keep are scored at initialization (the highest are "
-                               "kept): snip, or a plug-in's (hvd_sparse.register_pruning)", identity=ADDED)
+                               "kept): snip, grasp, synflow, magnitude, random, or a plug-in's "
+                               "(hvd_sparse.register_pruning)", identity=ADDED)
+    prune_scope: str = _field("global", "global: the top-k over all prunable tensors together; layerwise: each "
+                              "tensor keeps the target density", identity=ADDED, choices=PRUNE_SCOPES)
+    prune_iterations: int = _field(0, "rounds of pruning, round k of N keeping density^(k/N) with the mask of the "
+                                   "round before applied (0: the method's own, synflow 100, the others 1)", identity=ADDED)
+    prune_structure: str = _field("", "N:M (e.g. 2:4): at most N kept of every M consecutive weights of each output "
+                                  "unit, the pattern GPU sparse kernels use ('': unstructured)", identity=ADDED)
+    grasp_temperature: float = _field(200.0, "GraSP's temperature: the logits are divided by it while scoring",
+                                      identity=ADDED)
 
     def __post_init__(self) -> None:
         _require(
@@ -94,6 +104,25 @@ class PruneConfig:
         )
         _require(_is_int(self.snip_batches) and self.snip_batches >= 0, "--snip-batches must be >= 0")
         _require(_is_int(self.snip_batch_size) and self.snip_batch_size > 0, "--snip-batch-size must be > 0")
+        _require(self.prune_scope in PRUNE_SCOPES,
+                 f"--prune-scope must be one of {', '.join(PRUNE_SCOPES)}, got {self.prune_scope!r}")
+        _require(_is_int(self.prune_iterations) and self.prune_iterations >= 0,
+                 f"--prune-iterations must be a non-negative integer, got {self.prune_iterations!r}")
+        _require(isinstance(self.grasp_temperature, (int, float)) and self.grasp_temperature > 0,
+                 f"--grasp-temperature must be positive, got {self.grasp_temperature!r}")
+        if self.prune_structure:
+            n, m = structure(self.prune_structure)
+            _require(self.sparsity >= 1 - n / m - 1e-12,
+                     f"--prune-structure {self.prune_structure} keeps at most {n}/{m} of the weights: --sparsity must "
+                     f"be at least {1 - n / m:g}, got {self.sparsity}")
+
+
+def structure(text: str) -> tuple[int, int]:
+    """``"N:M"`` -> (N, M), 0 < N < M; ConfigError (one line) otherwise."""
+    parts = text.split(":") if isinstance(text, str) else []
+    ok = len(parts) == 2 and all(p.isdigit() for p in parts) and 0 < int(parts[0]) < int(parts[1])
+    _require(ok, f"--prune-structure must be N:M with 0 < N < M (e.g. 2:4), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 SCHEDULES = ("constant", "linear")

@@ -28,12 +28,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-FIGURE_KEYS = ["dataset", "model", "schedule", "goal_error"]
+FIGURE_KEYS = ["dataset", "model", "pruning", "schedule", "goal_error"]
 
 
 def _name(key: tuple) -> str:
-    dataset, model, schedule, goal = key
-    return f"{dataset}_{model}_{schedule}_goal{goal:g}"
+    dataset, model, pruning, schedule, goal = key
+    method = "" if pruning == "snip" else "_" + "".join(c if c.isalnum() else "-" for c in pruning)
+    return f"{dataset}_{model}{method}_{schedule}_goal{goal:g}"
+
+
+def _title(key: tuple) -> str:
+    dataset, model, pruning, schedule, goal = key
+    return f"{dataset} {model}{'' if pruning == 'snip' else ', pruned by ' + pruning} ({schedule}), goal error {goal:g}"
 
 
 def _log2_axes(ax: plt.Axes, batch_sizes: np.ndarray) -> None:
@@ -102,7 +108,7 @@ def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
             ax.set_ylabel("steps / steps at smallest batch" if normalized else "steps to result")
             ax.legend(fontsize=8, title="dots: measured, line: fit\ndashed: perfect scaling\no critical, x diminishing",
                       title_fontsize=7)
-        fig.suptitle(f"{key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        fig.suptitle(_title(key))
         written += _save(fig, out, ("normalized_" if normalized else "steps_") + _name(key))
     return written
 
@@ -135,7 +141,7 @@ def plot_metaparams(points: pd.DataFrame, out: Path) -> list[Path]:
                 if ax.has_data():
                     _log2_axes(ax, all_b)
                     ax.set_yscale("log")
-        fig.suptitle(f"best metaparameters: {key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        fig.suptitle(f"best metaparameters: {_title(key)}")
         written += _save(fig, out, "metaparams_" + _name(key))
     return written
 
@@ -172,7 +178,7 @@ def plot_series(points: pd.DataFrame, series: pd.DataFrame, out: Path, stem: str
             ax.set_title(optimizer)
             if ax.has_data():
                 ax.legend(fontsize=8)
-        fig.suptitle(f"{title}: {key[0]} {key[1]} ({key[2]}),\ngoal error {key[3]:g}")
+        fig.suptitle(f"{title}:\n{_title(key)}")
         written += _save(fig, out, f"{stem}_" + _name(key))
     return written
 
@@ -194,8 +200,39 @@ def plot_lipschitz_by_sparsity(lipschitz: pd.DataFrame, out: Path) -> list[Path]
             ax.set_ylabel("Lipschitz constant along the update")
             ax.set_title(optimizer)
             ax.legend(fontsize=8)
-        fig.suptitle(f"gradient Lipschitz constant: {key[0]} {key[1]} ({key[2]}), goal error {key[3]:g}")
+        fig.suptitle(f"gradient Lipschitz constant: {_title(key)}")
         written += _save(fig, out, "lipschitz_by_sparsity_" + _name(key))
+    return written
+
+
+def plot_methods(points: pd.DataFrame, out: Path) -> list[Path]:
+    """Where one curve (dataset, model, optimizer, schedule, goal, sparsity) was measured with several
+    pruning methods: one line per method, steps-to-result and its normalized form side by side."""
+    written = []
+    keys = ["dataset", "model", "optimizer", "schedule", "goal_error", "sparsity"]
+    for key, group in points.groupby(keys, sort=True):
+        if group.pruning.nunique() < 2:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(9.2, 4.2), squeeze=False)
+        all_b = np.array(sorted(group.batch_size.unique()), dtype=float)
+        for i, (pruning, rows) in enumerate(group.groupby("pruning", sort=True)):
+            rows = rows[np.isfinite(rows.steps_to_result) & (rows.steps_to_result > 0)].sort_values("batch_size")
+            if rows.empty:
+                continue
+            x, y = rows.batch_size.to_numpy(float), rows.steps_to_result.to_numpy(float)
+            for ax, values in zip(axes[0], (y, y / y[0])):
+                ax.plot(x, values, marker="o", color=f"C{i}", label=pruning)
+                critical, diminishing = _bounds(rows)
+                _mark(ax, x, values, critical, "o", f"C{i}")
+                _mark(ax, x, values, diminishing, "X", f"C{i}")
+        axes[0][1].plot(all_b, all_b[0] / all_b, linestyle="--", color="grey", linewidth=1, alpha=0.6)
+        for ax, label in zip(axes[0], ("steps to result", "steps / steps at smallest batch")):
+            _log2_axes(ax, all_b)
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8, title="o critical, x diminishing\ndashed: perfect scaling", title_fontsize=7)
+        dataset, model, optimizer, schedule, goal, sparsity = key
+        fig.suptitle(f"pruning methods: {dataset} {model} {optimizer} ({schedule}), sparsity {sparsity:g}, goal error {goal:g}")
+        written += _save(fig, out, f"methods_{dataset}_{model}_{optimizer}_{schedule}_goal{goal:g}_s{sparsity:g}")
     return written
 
 
@@ -204,7 +241,7 @@ def plot_all(points: pd.DataFrame, noise: pd.DataFrame, lipschitz: pd.DataFrame,
     tables of ``aggregate.best_trial_series``."""
     out.mkdir(parents=True, exist_ok=True)
     return (plot_steps(points, out, normalized=False) + plot_steps(points, out, normalized=True)
-            + plot_metaparams(points, out)
+            + plot_metaparams(points, out) + plot_methods(points, out)
             + plot_series(points, noise, out, "noise", "noise scale B_simple (best trial per batch size)",
                           "gradient noise scale", bounds=True)
             + plot_series(points, lipschitz, out, "lipschitz", "Lipschitz constant along the update (best trial per batch size)",

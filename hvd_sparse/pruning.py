@@ -14,6 +14,8 @@ flat index), so the same scores always give the same mask.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from hvd_sparse.config import ConfigError, PruneConfig, seed_for
+from hvd_sparse.config import structure as parse_structure
 from hvd_sparse.data import Examples
 from hvd_sparse.mask import Mask, split_flat
 from hvd_sparse.models import Loss, cross_entropy
@@ -73,29 +76,84 @@ def kept_count(total: int, sparsity: float) -> int:
 
 def top_k_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
     """Keep exactly round(N * (1 - sparsity)) entries with the highest scores, ties by position."""
-    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
-    k = kept_count(flat.numel(), sparsity)
-    order = torch.argsort(flat, descending=True, stable=True)
+    return threshold(scores, sparsity)
+
+
+def nm_eligible(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Where an N:M structure allows an entry to be kept: along each output unit's flattened inputs (a
+    weight's first dimension is its output), in every group of M consecutive entries the N with the
+    highest scores (ties by position); a last group of fewer than M entries keeps at most N of them.
+    A 1-D tensor (a bias) is not structured: every entry is eligible."""
+    if score.dim() < 2:
+        return torch.ones_like(score, dtype=torch.bool)
+    rows = score.reshape(score.shape[0], -1)
+    length = rows.shape[1]
+    groups = -(-length // m)
+    padded = torch.full((rows.shape[0], groups * m), -math.inf, dtype=rows.dtype, device=rows.device)
+    padded[:, :length] = rows
+    order = torch.argsort(padded.reshape(rows.shape[0], groups, m), dim=2, descending=True, stable=True)
+    eligible = torch.zeros(rows.shape[0], groups, m, dtype=torch.bool, device=rows.device)
+    eligible.scatter_(2, order[:, :, :n], True)
+    return eligible.reshape(rows.shape[0], -1)[:, :length].reshape(score.shape)
+
+
+def _keep_top(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest of ``flat`` (float64 scores, -inf where not eligible), ties by position."""
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[order[:k]] = True
-    parts = split_flat(keep, [s.shape for s in scores.values()])
-    return Mask({name: part.to(s.device) for (name, s), part in zip(scores.items(), parts)})
+    keep[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return keep
+
+
+def threshold(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global", structure: str = "") -> Mask:
+    """The mask that keeps the highest scores: round(N (1 - sparsity)) entries over all tensors together
+    (``global``), or round(n (1 - sparsity)) of each tensor of n entries, at least one (``layerwise``);
+    with ``structure`` N:M only among the entries ``nm_eligible`` allows. Ties by position (model order,
+    then flat index). Scores are compared in float64 (SynFlow's can be smaller than float32 holds)."""
+    values = {name: s.detach().cpu().double() for name, s in scores.items()}
+    if structure:
+        n, m = parse_structure(structure)
+        values = {name: v.masked_fill(~nm_eligible(v, n, m), -math.inf) for name, v in values.items()}
+    eligible = sum(int(torch.isfinite(v).sum()) for v in values.values())
+    if scope == "layerwise":
+        parts = [_keep_top(v.reshape(-1), min(max(1, round(v.numel() * (1.0 - sparsity))), int(torch.isfinite(v).sum())))
+                 for v in values.values()]
+    else:
+        total = sum(v.numel() for v in values.values())
+        k = kept_count(total, sparsity)
+        if k > eligible:
+            raise ConfigError(f"--prune-structure {structure} allows {eligible} of the {total} prunable weights, "
+                              f"fewer than the {k} that --sparsity {sparsity:g} keeps")
+        parts = split_flat(_keep_top(torch.cat([v.reshape(-1) for v in values.values()]), k),
+                           [v.shape for v in values.values()])
+    return Mask({name: part.reshape(s.shape).to(s.device) for (name, s), part in zip(scores.items(), parts)})
 
 
 @dataclass(frozen=True)
 class ScoreInput:
     """What a pruning score may use."""
 
-    model: nn.Module  # at its initial weights (rank 0's, the same everywhere)
+    model: nn.Module  # at its initial weights (rank 0's, the same everywhere); in round k > 1 of an
+    #                   iterative pruning, a copy with the previous round's mask applied
     names: list[str]  # its prunable parameters, in model order
     train: Examples  # the training split, on the device (``batch``, ``rows``)
     loss_fn: Loss  # the model's mean loss (models.loss_for)
     cfg: PruneConfig
     seed: int  # the trial's SNIP seed (--snip-seed, else --seed)
+    round: int = 1  # which round of ``rounds(cfg)`` this is
 
 
 Score = Callable[[ScoreInput], dict[str, torch.Tensor]]
 PRUNING: Registry[Score] = Registry("pruning method")  # plug-ins add theirs with hvd_sparse.register_pruning
+OWN_ROUNDS = {"synflow": 100}  # a method's rounds when --prune-iterations is 0 (the others: 1)
+
+
+def rounds(cfg: PruneConfig) -> int:
+    return cfg.prune_iterations or OWN_ROUNDS.get(cfg.prune_method, 1)
+
+
+def _chosen(given: ScoreInput, model: nn.Module | None = None) -> list[torch.Tensor]:
+    params = dict((model or given.model).named_parameters())
+    return [params[n] for n in given.names]
 
 
 @PRUNING.register("snip")
@@ -105,21 +163,95 @@ def snip_score(given: ScoreInput) -> dict[str, torch.Tensor]:
     return snip_scores(given.model, given.names, batches, given.loss_fn)
 
 
-def prune(given: ScoreInput) -> Mask:
-    """The mask of ``given.cfg.prune_method`` at ``given.cfg.sparsity``: its scores, then the global top-k."""
-    if given.cfg.sparsity == 0.0:
-        return Mask.ones(given.model, given.names)
-    method = given.cfg.prune_method
-    scores = PRUNING[method](given)
+@PRUNING.register("grasp")
+def grasp_score(given: ScoreInput) -> dict[str, torch.Tensor]:
+    """GraSP (Wang et al. 2020) on SNIP's batches, logits divided by the temperature: g = dL/dw summed
+    over the batches (no graph), then Hg = d(g . dL/dw)/dw; its score -w * Hg marks the weights to
+    *remove* (the highest), so the score to keep is w * Hg, normalized by its absolute sum."""
+    model, temperature = given.model, given.cfg.grasp_temperature
+    chosen = _chosen(given)
+    was_training = model.training
+    model.eval()
+    batches = list(snip_batches(given.train, given.cfg.snip_batch_size, given.cfg.snip_batches, given.seed))
+    g = [torch.zeros_like(p) for p in chosen]
+    for x, y in batches:
+        for acc, d in zip(g, torch.autograd.grad(given.loss_fn(model(x) / temperature, y), chosen)):
+            acc.add_(d)
+    hg = [torch.zeros_like(p) for p in chosen]
+    for x, y in batches:
+        grads = torch.autograd.grad(given.loss_fn(model(x) / temperature, y), chosen, create_graph=True)
+        z = sum((a * d).sum() for a, d in zip(g, grads))
+        for acc, d in zip(hg, torch.autograd.grad(z, chosen)):
+            acc.add_(d)
+    model.train(was_training)
+    scores = [p.detach() * h for p, h in zip(chosen, hg)]
+    total = sum(float(s.abs().sum(dtype=torch.float64)) for s in scores)
+    return {n: s / total if total > 0 else s for n, s in zip(given.names, scores)}
+
+
+@PRUNING.register("synflow")
+def synflow_score(given: ScoreInput) -> dict[str, torch.Tensor]:
+    """SynFlow (Tanaka et al. 2020), data-free, in float64: every parameter replaced by its absolute
+    value, one all-ones input of the data's shape, R = the sum of the output; score |w * dR/dw|. Its
+    rounds (``--prune-iterations``, 100 by default) are ``prune``'s."""
+    model = copy.deepcopy(given.model).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.abs_()
+    x, _ = given.train.rows(0, 1)
+    chosen = _chosen(given, model)
+    grads = torch.autograd.grad(model(torch.ones_like(x, dtype=torch.float64)).sum(), chosen)
+    return {n: (p.detach() * g).abs() for n, p, g in zip(given.names, chosen, grads)}
+
+
+@PRUNING.register("magnitude")
+def magnitude_score(given: ScoreInput) -> dict[str, torch.Tensor]:
+    """|w| at initialization."""
+    return {n: p.detach().abs() for n, p in zip(given.names, _chosen(given))}
+
+
+@PRUNING.register("random")
+def random_score(given: ScoreInput) -> dict[str, torch.Tensor]:
+    """Seeded uniform scores (from the trial's SNIP seed and the round): with the global scope every
+    weight is equally likely kept, with the layer-wise one each tensor keeps the target density."""
+    g = torch.Generator().manual_seed(seed_for(given.seed, "random-prune", given.round))
+    return {n: torch.rand(p.shape, generator=g, dtype=torch.float64) for n, p in zip(given.names, _chosen(given))}
+
+
+def _checked(method: str, scores: object, given: ScoreInput) -> dict[str, torch.Tensor]:
     params = dict(given.model.named_parameters())
     if not isinstance(scores, dict) or set(scores) != set(given.names) or any(
             not isinstance(scores[n], torch.Tensor) or scores[n].shape != params[n].shape for n in given.names):
         raise ConfigError(f"pruning method {method!r} must return a score tensor of each prunable parameter's shape, "
                           f"for exactly {given.names}")
-    ordered = {n: scores[n].detach().to(params[n].device, torch.float32) for n in given.names}
+    ordered = {n: scores[n].detach().to(params[n].device) for n in given.names}
     if not all(torch.isfinite(s).all() for s in ordered.values()):
         raise ConfigError(f"pruning method {method!r} gave scores that are not finite (NaN or infinite)")
-    return top_k_mask(ordered, given.cfg.sparsity)
+    return ordered
+
+
+def prune(given: ScoreInput) -> Mask:
+    """The mask of ``given.cfg.prune_method`` at ``given.cfg.sparsity``: its scores, then ``threshold``
+    (scope, structure). With N rounds (``rounds``), round k keeps density^(k/N) and scores a copy of the
+    model with the previous round's mask applied; the model itself is never changed."""
+    cfg = given.cfg
+    if cfg.sparsity == 0.0:
+        return Mask.ones(given.model, given.names)
+    n = rounds(cfg)
+    mask: Mask | None = None
+    for k in range(1, n + 1):
+        model = given.model
+        if mask is not None:
+            model = copy.deepcopy(given.model)
+            mask.apply_to_params(model)
+        this = dataclasses.replace(given, model=model, round=k)
+        scores = _checked(cfg.prune_method, PRUNING[cfg.prune_method](this), this)
+        if mask is not None:  # what an earlier round pruned stays pruned
+            scores = {name: s.double().masked_fill(~mask[name].to(s.device), -math.inf) for name, s in scores.items()}
+        sparsity = cfg.sparsity if k == n else 1.0 - (1.0 - cfg.sparsity) ** (k / n)
+        mask = threshold(scores, sparsity, cfg.prune_scope, cfg.prune_structure)
+    assert mask is not None
+    return mask
 
 
 def snip(

@@ -104,6 +104,9 @@ class StudySpec:
     # plug-ins imported before the grid's names are looked up (paths relative to the spec's folder): where the
     # code is, not what it does (each log records each plug-in's source and its SHA-256); out of the hash
     plugins: tuple[str, ...] = ()
+    # pruning methods as a grid axis, like sparsities (config.prune.prune_method for one alone); empty: the
+    # config's method, and the paths and hash of a study from before the axis existed
+    prune_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -120,7 +123,11 @@ class StudySpec:
             object.__setattr__(self, key, _per_batch(getattr(self, key), self.batch_sizes, key))
         if not isinstance(self.sparsities, tuple) or not self.sparsities:
             raise ConfigError("study spec: sparsities must be a non-empty list")
-        for what in ("sparsities", "optimizers", "batch_sizes"):
+        if not isinstance(self.prune_methods, tuple) or not all(isinstance(m, str) and m for m in self.prune_methods):
+            raise ConfigError(f"study spec: prune_methods must be a list of pruning method names, got {self.prune_methods!r}")
+        if self.prune_methods and "prune_method" in self.config.get("prune", {}):
+            raise ConfigError("study spec: config.prune may not set prune_method (the grid's prune_methods sets it)")
+        for what in ("sparsities", "optimizers", "batch_sizes", "prune_methods"):
             values = getattr(self, what)
             if len(set(values)) != len(values):
                 raise ConfigError(f"study spec: {what} lists a value twice: {list(values)}")
@@ -136,9 +143,10 @@ class StudySpec:
         self._check_lr_scaling()
         for optimizer in self.optimizers:
             self.space(optimizer), self.fixed(optimizer)  # unknown search names, bad ranges, bad values
-            for sparsity in self.sparsities:
-                for batch_size in self.batch_sizes:  # every other field, by the config's own checks
-                    self.trial_config(optimizer, sparsity, batch_size, 0, self.fixed(optimizer))
+            for method in self.methods():
+                for sparsity in self.sparsities:
+                    for batch_size in self.batch_sizes:  # every other field, by the config's own checks
+                        self.trial_config(optimizer, sparsity, batch_size, 0, self.fixed(optimizer), method)
 
     def _check_lr_scaling(self) -> None:
         if self.lr_scaling is None:
@@ -183,6 +191,7 @@ class StudySpec:
                    "batch_sizes": _ints(d["batch_sizes"], "batch_sizes"),
                    "search": {k: dict(v) for k, v in d.get("search", {}).items()},
                    **({"plugins": tuple(d["plugins"])} if isinstance(d.get("plugins"), list) else {}),
+                   **({"prune_methods": tuple(d["prune_methods"])} if isinstance(d.get("prune_methods"), list) else {}),
                    **({"lr_scaling": dict(d["lr_scaling"])} if isinstance(d.get("lr_scaling"), Mapping) else {}),
                    "config": {k: dict(v) for k, v in d.get("config", {}).items()}},
                 sobol_skip=sobol.get("skip", 1), sobol_seed=sobol.get("seed"),
@@ -215,6 +224,8 @@ class StudySpec:
         d["plugins"] = list(d["plugins"])
         if d["lr_scaling"] is None:
             del d["lr_scaling"]  # specs from before it existed keep their hash
+        if not d["prune_methods"]:
+            del d["prune_methods"]  # likewise
         for key in ("max_steps", "eval_every"):  # string keys, as JSON (study.json) writes and reads them
             if isinstance(d[key], Mapping):
                 d[key] = {str(b): v for b, v in d[key].items()}
@@ -271,8 +282,12 @@ class StudySpec:
         points = self.space(optimizer).points(self.trials, skip=self.sobol_skip, seed=self.sobol_seed)
         return [{**point, **self.fixed(optimizer)} for point in points]
 
+    def methods(self) -> tuple[str | None, ...]:
+        """The grid's pruning methods; (None,): the one its config names (SNIP by default)."""
+        return self.prune_methods or (None,)
+
     def trial_config(self, optimizer: str, sparsity: float, batch_size: int, trial_id: int,
-                     point: Mapping[str, float | int] | None = None) -> Config:
+                     point: Mapping[str, float | int] | None = None, method: str | None = None) -> Config:
         sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.config.items()}
 
         def put(section: str, **values: Any) -> None:
@@ -280,7 +295,7 @@ class StudySpec:
 
         put("data", dataset=self.dataset, data_dir=self.data_dir)
         put("model", model=self.model)
-        put("prune", sparsity=sparsity)
+        put("prune", sparsity=sparsity, **({"prune_method": method} if method else {}))
         point = dict(point or {})
         if "lr" in point:
             point["lr"] = point["lr"] * self.lr_factor(batch_size)
@@ -301,14 +316,21 @@ class Trial:
     trial_id: int
     params: dict[str, float | int]
     config: Config
+    method: str | None = None  # the grid's pruning method (None: the spec has no prune_methods axis)
 
     def relpath(self) -> Path:
         c = self.config
-        return (Path(c.data.dataset) / c.model.model / self.optimizer / f"sparsity-{exact(self.sparsity)}"
+        method = Path(self.method) if self.method else Path()
+        return (Path(c.data.dataset) / c.model.model / self.optimizer / method / f"sparsity-{exact(self.sparsity)}"
                 / f"batch-{self.batch_size}" / f"trial-{self.trial_id:03d}.h5")
 
     def label(self) -> str:
-        return f"{self.optimizer} sparsity={exact(self.sparsity)} batch={self.batch_size} trial={self.trial_id}"
+        method = f" {self.method}" if self.method else ""
+        return f"{self.optimizer}{method} sparsity={exact(self.sparsity)} batch={self.batch_size} trial={self.trial_id}"
+
+    def cell(self) -> "CellKey":
+        """The cell: the trials that share everything but their metaparameters (capping, fusing, order)."""
+        return (self.optimizer, self.method or "", self.sparsity, self.batch_size)
 
     def attrs(self, spec: StudySpec) -> dict[str, Any]:
         return {"study_name": spec.name, "study_hash": spec.study_hash(), "trial_id": self.trial_id,
@@ -316,15 +338,18 @@ class Trial:
 
 
 def grid(spec: StudySpec) -> list[Trial]:
-    """Every trial of the study, in the canonical order: optimizer, sparsity, batch size, trial id."""
+    """Every trial of the study, in the canonical order: optimizer, pruning method, sparsity, batch size,
+    trial id."""
     trials = []
     for optimizer in spec.optimizers:
         points = spec.points(optimizer)
-        for sparsity in spec.sparsities:
-            for batch_size in spec.batch_sizes:
-                for trial_id, point in enumerate(points):
-                    cfg = spec.trial_config(optimizer, sparsity, batch_size, trial_id, point)
-                    trials.append(Trial(len(trials), optimizer, sparsity, batch_size, trial_id, dict(point), cfg))
+        for method in spec.methods():
+            for sparsity in spec.sparsities:
+                for batch_size in spec.batch_sizes:
+                    for trial_id, point in enumerate(points):
+                        cfg = spec.trial_config(optimizer, sparsity, batch_size, trial_id, point, method)
+                        trials.append(Trial(len(trials), optimizer, sparsity, batch_size, trial_id, dict(point), cfg,
+                                            method))
     return trials
 
 
@@ -508,8 +533,8 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     outcomes of this rank's group.
     """
     everything = grid(spec)
-    for optimizer in spec.optimizers:  # registries: dataset, model, optimizer; the data folder
-        validate(next(t.config for t in everything if t.optimizer == optimizer))
+    for optimizer, method in itertools.product(spec.optimizers, spec.methods()):  # registries; the data folder
+        validate(next(t.config for t in everything if (t.optimizer, t.method) == (optimizer, method)))
     if spec.fuse > 1:
         check_fusable(everything[0].config)
     trials = shard(everything, *shard_of)
@@ -539,7 +564,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     return outcomes
 
 
-CellKey = tuple[str, float, int]  # optimizer, sparsity, batch size
+CellKey = tuple[str, str, float, int]  # optimizer, pruning method ('' without the axis), sparsity, batch size
 
 
 def cell_records(directory: Path, everything: Sequence[Trial]) -> dict[CellKey, CellRecord]:
@@ -547,7 +572,7 @@ def cell_records(directory: Path, everything: Sequence[Trial]) -> dict[CellKey, 
     hashes: dict[CellKey, dict[int, str]] = {}
     folders: dict[CellKey, Path] = {}
     for t in everything:
-        key = (t.optimizer, t.sparsity, t.batch_size)
+        key = t.cell()
         hashes.setdefault(key, {})[t.trial_id] = t.config.run_hash()
         folders[key] = directory / t.relpath().parent
     return {key: CellRecord(folders[key], hashes[key]) for key in hashes}
@@ -555,10 +580,10 @@ def cell_records(directory: Path, everything: Sequence[Trial]) -> dict[CellKey, 
 
 def cell_order(cell: Sequence[Trial], records: Mapping[CellKey, CellRecord]) -> list[Trial]:
     """The cell's trials best first: the best trial of the nearest batch size already measured (same
-    optimizer and sparsity), then the others in trial order (hvd_sparse.capping.best_first)."""
+    optimizer, pruning method and sparsity), then the others in trial order (hvd_sparse.capping.best_first)."""
     first = cell[0]
-    neighbours = {b: record.bound() for (o, s, b), record in records.items()
-                  if (o, s) == (first.optimizer, first.sparsity) and b != first.batch_size}
+    neighbours = {key[-1]: record.bound() for key, record in records.items()
+                  if key[:-1] == first.cell()[:-1] and key[-1] != first.batch_size}
     by_id = {t.trial_id: t for t in cell}
     return [by_id[i] for i in best_first([t.trial_id for t in cell], first.batch_size, neighbours)]
 
@@ -587,7 +612,7 @@ def run_trials(spec: StudySpec, directory: Path, trials: Sequence[Trial], data: 
             say(prefix + format_outcome(outcome, len(outcomes), len(trials)))
 
     mine = [t for t in trials if t.index not in ended_before or t.index % groups == group]
-    for key, cell in itertools.groupby(mine, key=lambda t: (t.optimizer, t.sparsity, t.batch_size)):
+    for key, cell in itertools.groupby(mine, key=Trial.cell):
         cell = list(cell)
         if spec.capping:
             ids = dist.root_decides(lambda: [t.trial_id for t in cell_order(cell, records)], "ordering a cell")

@@ -93,7 +93,7 @@ def test_training_logs_the_noise_scale_at_every_evaluation(tmp_path):
 def test_aggregator_sets_the_noise_scale_at_the_goal_beside_the_critical_batch_size():
     import pandas as pd
 
-    key = {"dataset": "d", "model": "m", "optimizer": "sgd", "schedule": "constant", "goal_error": 0.1, "sparsity": 0.5}
+    key = {"dataset": "d", "model": "m", "pruning": "snip", "optimizer": "sgd", "schedule": "constant", "goal_error": 0.1, "sparsity": 0.5}
     studies = pd.DataFrame([{**key, "batch_size": b, "best_noise_scale": v} for b, v in ((16, 30.0), (32, 50.0),
                                                                                           (64, 40.0), (128, math.nan))])
     curves = pd.DataFrame([{**key, "critical_batch_size": 32.0, "diminishing_batch_size": 80.0}])

@@ -89,3 +89,147 @@ def test_a_sparsity_that_keeps_no_weight_is_refused():
         kept_count(1000, 0.999999999)
     with pytest.raises(ConfigError, match="keeps none"):
         top_k_mask({"w": torch.rand(10)}, 0.96)
+
+
+# -- the other methods, each against its paper's formula written out independently ----------------
+
+
+from hvd_sparse.config import PruneConfig  # noqa: E402
+from hvd_sparse.models import cross_entropy  # noqa: E402
+from hvd_sparse.pruning import ScoreInput, nm_eligible, prune, threshold  # noqa: E402
+
+
+def tiny(seed=0, dtype=torch.float64):
+    """mlp-tiny (16 -> hidden -> 3) with random biases, in float64 so that formulas agree to 1e-6."""
+    model = build_model("mlp-tiny", (1, 4, 4), 3, seed=seed).to(dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def given(model, method, sparsity=0.8, split=None, **cfg):
+    split = split or Split(data().x.double(), data().y)
+    prune_cfg = PruneConfig(sparsity=sparsity, prune_method=method, snip_batch_size=20, **cfg)
+    return ScoreInput(model, prunable_names(model, True), split, cross_entropy, prune_cfg, seed=5)
+
+
+def flat_forward(model, names, flat, x):
+    shapes = [p.shape for p in model.parameters()]
+    w = dict(zip(names, torch.split(flat, [s.numel() for s in shapes])))
+    w = {n: v.reshape(s) for (n, v), s in zip(w.items(), shapes)}
+    h = F.relu(F.linear(torch.flatten(x, 1), w["layers.0.weight"], w["layers.0.bias"]))
+    return F.linear(h, w["layers.1.weight"], w["layers.1.bias"])
+
+
+def test_grasp_is_minus_w_times_the_hessian_gradient_product_with_the_highest_removed():
+    from hvd_sparse.pruning import grasp_score
+
+    model = tiny()
+    g_in = given(model, "grasp")
+    names = g_in.names
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    batches = list(snip_batches(g_in.train, 20, 0, seed=5))
+    loss = lambda w: sum(F.cross_entropy(flat_forward(model, names, w, x) / 200.0, y) for x, y in batches)  # noqa: E731
+    g = torch.autograd.functional.jacobian(loss, flat)
+    hessian = torch.autograd.functional.hessian(loss, flat)
+    removal = -flat * (hessian @ g)  # GraSP's score: the highest are removed
+    removal = removal / removal.abs().sum()
+    ours = torch.cat([s.reshape(-1) for s in grasp_score(g_in).values()])
+    torch.testing.assert_close(ours, -removal, rtol=1e-6, atol=1e-12)
+    k = round(flat.numel() * 0.2)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(removal, stable=True)[:k]] = True  # the lowest removal scores stay
+    assert torch.equal(prune(g_in).to_flat().bool(), keep)
+
+
+def synflow_closed_form(model, keep=None):
+    """|W2| (|W1| 1 + |b1|) + |b2| summed: dR/dW1[i, j] = sum_k |W2[k, i]|, dR/dW2[k, i] = h_i, biases alike."""
+    p = {n: v.detach().abs() * (keep[n] if keep else 1) for n, v in model.named_parameters()}
+    column = p["layers.1.weight"].sum(dim=0)
+    h = p["layers.0.weight"].sum(dim=1) + p["layers.0.bias"]
+    return {"layers.0.weight": p["layers.0.weight"] * column[:, None], "layers.0.bias": p["layers.0.bias"] * column,
+            "layers.1.weight": p["layers.1.weight"] * h[None, :], "layers.1.bias": p["layers.1.bias"]}
+
+
+def test_synflow_one_round_is_its_closed_form_and_does_not_read_the_data():
+    from hvd_sparse.pruning import synflow_score
+
+    model = tiny()
+    scores = synflow_score(given(model, "synflow"))
+    for name, expected in synflow_closed_form(model).items():
+        torch.testing.assert_close(scores[name], expected, rtol=1e-6, atol=0)
+    other = Split(torch.randn(60, 1, 4, 4, dtype=torch.float64) * 7, torch.randint(0, 3, (60,)))
+    assert torch.equal(prune(given(model, "synflow", split=other)).to_flat(), prune(given(model, "synflow")).to_flat())
+
+
+def test_synflow_rounds_follow_the_exponential_schedule_with_the_mask_applied_between_them():
+    model = tiny()
+    rounds, sparsity = 5, 0.9
+    keep = None
+    for k in range(1, rounds + 1):  # restated: round k keeps density^(k/N) of the closed-form scores
+        scores = synflow_closed_form(model, keep)
+        if keep:
+            scores = {n: s.masked_fill(~keep[n], -1.0) for n, s in scores.items()}
+        keep = dict(threshold(scores, 1 - 0.1 ** (k / rounds)).items())
+    mask = prune(given(model, "synflow", sparsity=sparsity, prune_iterations=rounds))
+    assert all(torch.equal(mask[n], keep[n]) for n in keep)
+    assert mask.num_kept == round(mask.num_total * 0.1)
+    assert prune(given(model, "synflow", sparsity=sparsity)).num_kept == mask.num_kept  # 100 rounds by default
+
+
+def test_magnitude_keeps_the_largest_weights_and_random_is_its_seeds():
+    model = tiny()
+    mask = prune(given(model, "magnitude", sparsity=0.5))
+    flat = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()])
+    assert torch.equal(mask.to_flat().bool(), flat >= flat.sort(descending=True).values[mask.num_kept - 1])
+    a, b = prune(given(model, "random")), prune(given(model, "random"))
+    other = prune(dataclasses_replace(given(model, "random"), seed=6))
+    assert torch.equal(a.to_flat(), b.to_flat()) and not torch.equal(a.to_flat(), other.to_flat())
+    layerwise = prune(given(model, "random", sparsity=0.75, prune_scope="layerwise"))
+    for name, keep in layerwise.items():
+        assert int(keep.sum()) == max(1, round(keep.numel() * 0.25)), name
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_n_m_keeps_at_most_n_of_every_m_consecutive_inputs_of_each_output():
+    model = build_model("simple-cnn", (1, 28, 28), 10, seed=0)  # conv1 rows: 25 inputs (a partial last group)
+    split = Split(torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,)))
+    names = prunable_names(model, False)
+    for method in ("snip", "magnitude"):
+        cfg = PruneConfig(sparsity=0.6, prune_method=method, prune_structure="2:4", snip_batch_size=20)
+        mask = prune(ScoreInput(model, names, split, cross_entropy, cfg, seed=0))
+        assert mask.num_kept == round(mask.num_total * 0.4)
+        for name, keep in mask.items():
+            rows = keep.reshape(keep.shape[0], -1)
+            pad = (-rows.shape[1]) % 4
+            groups = torch.cat([rows, torch.zeros(rows.shape[0], pad, dtype=torch.bool)], 1).reshape(rows.shape[0], -1, 4)
+            assert int(groups.sum(dim=2).max()) <= 2, name
+    cfg = PruneConfig(sparsity=0.5, prune_method="magnitude", prune_structure="2:4", prune_scope="layerwise")
+    fc = prune(ScoreInput(model, names, split, cross_entropy, cfg, seed=0))["fc.weight"].reshape(10, -1, 4)
+    assert torch.equal(fc.sum(dim=2), torch.full(fc.shape[:2], 2))  # 1024 inputs a row: exactly 2 of every 4
+
+
+def test_n_m_eligibility_ties_by_position_and_too_sparse_a_structure_is_refused():
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0, 5.0, 0.0]])
+    assert nm_eligible(score, 2, 4).tolist() == [[True, True, False, False, True, True]]
+    assert nm_eligible(torch.tensor([3.0, 1.0]), 1, 4).tolist() == [True, True]  # a bias is not structured
+    with pytest.raises(ConfigError, match="--prune-structure 1:4 keeps at most 1/4 of the weights: --sparsity must be at least 0.75"):
+        PruneConfig(sparsity=0.5, prune_structure="1:4")
+    with pytest.raises(ConfigError, match="must be N:M with 0 < N < M"):
+        PruneConfig(sparsity=0.5, prune_structure="4:2")
+    with pytest.raises(ConfigError, match=r"allows 3 of the 6 prunable weights, fewer than the 5"):
+        threshold({"w": torch.rand(1, 4), "v": torch.rand(1, 2)}, 1 / 6, structure="1:2")
+
+
+def test_layerwise_scope_keeps_each_tensors_density_and_ties_by_position():
+    scores = {"a": torch.ones(10), "b": torch.arange(20.0)}
+    mask = threshold(scores, 0.7, scope="layerwise")
+    assert mask["a"].tolist() == [True] * 3 + [False] * 7  # ties: the first positions
+    assert mask["b"].nonzero().reshape(-1).tolist() == [14, 15, 16, 17, 18, 19]
