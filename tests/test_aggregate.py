@@ -19,13 +19,13 @@ MASK = Mask({"w": torch.tensor([True, False, True, True])})
 
 
 def write_log(root, optimizer, sparsity, batch, trial_id, status, steps, lr=0.1, momentum=0.9, goal=0.1,
-              study=("known", "")):
+              study=("known", ""), prune=None):
     cfg = Config.from_dict({
-        "data": {"dataset": "synthetic"}, "model": {"model": "mlp-tiny"}, "prune": {"sparsity": sparsity},
+        "data": {"dataset": "synthetic"}, "model": {"model": "mlp-tiny"}, "prune": {"sparsity": sparsity, **(prune or {})},
         "optim": {"optimizer": optimizer, "lr": lr, "momentum": momentum},
         "train": {"batch_size": batch, "goal_error": goal, "seed": trial_id, "max_steps": 1000, "eval_every": 10},
     })
-    path = root / optimizer / f"s{sparsity:g}" / f"b{batch}" / f"trial-{trial_id:03d}.h5"
+    path = root / optimizer / "-".join(map(str, (prune or {}).values())) / f"s{sparsity:g}" / f"b{batch}" / f"trial-{trial_id:03d}.h5"
     attrs = {"config": cfg.to_json(), "run_hash": cfg.run_hash(), "world_size": 2, "mask_sha256": MASK.sha256(),
              "mask_density": MASK.density, "hvd_sparse_version": "t", "torch_version": "t", "horovod_version": "t",
              "trial_id": trial_id, "study_name": study[0], **({"study_hash": study[1]} if study[1] else {})}
@@ -291,3 +291,22 @@ def test_two_studies_are_never_merged(tmp_path, second, message):
     write_log(tmp_path / "c", "sgd", 0.5, 16, 1, "COMPLETE", 300, study=("", ""))
     (tmp_path / "b").rename(tmp_path.parent / f"{tmp_path.name}-moved")
     assert len(read_trials(tmp_path)[0]) == 2
+
+
+def test_pruning_methods_are_curves_of_their_own_with_a_figure_that_sets_them_side_by_side(tmp_path):
+    """The pruning (method, and scope, rounds, structure off their defaults) is part of the workload: a
+    curve per method, a line per method in the methods figure; SNIP keeps the names of every earlier table."""
+    methods = {"snip": {}, "random/layerwise": {"prune_method": "random", "prune_scope": "layerwise"},
+               "synflow 2:4": {"prune_method": "synflow", "prune_structure": "2:4"}}
+    for i, prune in enumerate(methods.values()):
+        for batch, steps in CURVE_9.items():
+            write_log(tmp_path / "runs", "nesterov", 0.9, batch, 0, "COMPLETE", steps * (i + 1), prune=prune)
+    out = tmp_path / "out"
+    trials, studies, curves, _ = aggregate(tmp_path / "runs", out)
+    assert sorted(curves.pruning) == sorted(methods) and len(studies) == 3 * len(CURVE_9)
+    by = curves.set_index("pruning")
+    assert by.loc["snip", "critical_batch_size"] == by.loc["synflow 2:4", "critical_batch_size"]  # steps x3, same shape
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert "methods_synthetic_mlp-tiny_nesterov_constant_goal0.1_s0.9.png" in figures
+    assert "steps_synthetic_mlp-tiny_constant_goal0.1.png" in figures  # SNIP's, named as before
+    assert "steps_synthetic_mlp-tiny_synflow-2-4_constant_goal0.1.png" in figures

@@ -233,3 +233,25 @@ def test_layerwise_scope_keeps_each_tensors_density_and_ties_by_position():
     mask = threshold(scores, 0.7, scope="layerwise")
     assert mask["a"].tolist() == [True] * 3 + [False] * 7  # ties: the first positions
     assert mask["b"].nonzero().reshape(-1).tolist() == [14, 15, 16, 17, 18, 19]
+
+
+@pytest.mark.launches
+def test_every_rank_holds_rank_0s_mask_on_both_engines(tmp_path):
+    """np=1, np=2 on Horovod and np=2 on torch.distributed: the same mask (rank 0 scores, every rank checks
+    the checksum of what it received; any method goes through the same broadcast); 2:4 holds in the logged mask."""
+    method, extra = "synflow", ["--prune-structure", "2:4", "--prune-scope", "layerwise"]
+    from hvd_sparse.log import read_log
+    from conftest import describe, mpirun, run_train, torchrun
+
+    flags = ["--dataset", "synthetic", "--model", "simple-cnn", "--sparsity", "0.5", "--prune-method", method,
+             "--snip-batches", "2", "--batch-size", "32", "--max-steps", "1", "--eval-every", "1", *extra]
+    masks = {}
+    for name, np_, launcher in (("one", 1, mpirun), ("horovod", 2, mpirun), ("torch", 2, torchrun)):
+        proc = run_train(np_, *flags, "--out", str(tmp_path / name), launcher=launcher)
+        assert proc.returncode == 0, describe(proc)
+        (log,) = (tmp_path / name).glob("*.h5")
+        masks[name] = read_log(log)
+        assert masks[name].config["prune"]["prune_method"] == method
+    assert len({m.attrs["mask_sha256"] for m in masks.values()}) == 1
+    fc = masks["one"].mask["fc.weight"]
+    assert int(fc.reshape(fc.shape[0], -1, 4).sum(dim=2).max()) <= 2

@@ -125,7 +125,27 @@ def test_specs_without_the_newer_keys_keep_their_hash():
     assert "lr_scaling" not in mini.to_dict() and mini.study_hash() == "d0e0da17959c"
 
 
+def test_pruning_methods_are_a_grid_axis_like_sparsities():
+    plain, methods = spec(), spec(prune_methods=["snip", "synflow"])
+    assert "prune_methods" not in plain.to_dict() and plain.study_hash() != methods.study_hash()
+    trials = grid(methods)
+    assert len(trials) == 2 * len(grid(plain))
+    synflow = [t for t in trials if t.method == "synflow"]
+    assert all(t.config.prune.prune_method == "synflow" for t in synflow) and len(synflow) == len(grid(plain))
+    assert str(synflow[0].relpath()) == "synthetic/mlp-tiny/sgd/synflow/sparsity-0/batch-16/trial-000.h5"
+    assert str(grid(plain)[0].relpath()) == "synthetic/mlp-tiny/sgd/sparsity-0/batch-16/trial-000.h5"  # as before
+    assert len({t.cell() for t in trials}) == 2 * len({t.cell() for t in grid(plain)})  # capping never mixes methods
+    assert "synflow" in synflow[0].label()
+    # the run hash: SNIP from the axis is the trial without it; another method, another trial
+    snip = [t for t in trials if t.method == "snip"]
+    assert [t.config.run_hash() for t in snip] == [t.config.run_hash() for t in grid(plain)]
+    assert synflow[0].config.run_hash() != snip[0].config.run_hash()
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"prune_methods": ["snip", "snip"]}, "prune_methods lists a value twice"),
+    ({"prune_methods": ["snip"], "config": {"prune": {"prune_method": "random"}}}, "may not set prune_method"),
+    ({"prune_methods": "snip"}, "prune_methods must be a list"),
     ({"epochs": 3}, "unknown key"),
     ({"sobol": {"skip": 1, "scramble": True}}, "sobol must look like"),
     ({"config": {"train": {"batch_size": 8}}}, "may not set batch_size"),
