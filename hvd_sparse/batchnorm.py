@@ -15,10 +15,26 @@ statistics, no collective). The running variance is the unbiased one of the glob
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from hvd_sparse import dist
+
+_local = [False]  # True inside ``local_statistics()``
+
+
+@contextmanager
+def local_statistics() -> Iterator[None]:
+    """Inside: a SyncedBatchNorm in training mode uses the statistics of the batch it sees, with no
+    collective (for work that one rank does alone, such as a pruning score on rank 0)."""
+    _local.append(True)
+    try:
+        yield
+    finally:
+        _local.pop()
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -27,11 +43,12 @@ class SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's own signature
-        return dist.allreduce_sum(t.detach().cpu(), "batchnorm.statistics").to(t.device) if dist.size() > 1 else t.clone()
+        ctx.alone = _local[-1] or dist.size() == 1
+        return t.clone() if ctx.alone else dist.allreduce_sum(t.detach().cpu(), "batchnorm.statistics").to(t.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        if dist.size() == 1:
+        if ctx.alone:
             return grad
         return dist.allreduce_sum(grad.detach().contiguous().cpu(), "batchnorm.gradient").to(grad.device)
 
@@ -49,13 +66,14 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()  # statistics in float32, under autocast too (as torch's own batch_norm)
-        count_here = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float32, device=x.device)
-        summed = SumOverRanks.apply(torch.cat([xf.sum(dims), count_here]))
+        xf = x.float()  # float32 activations under autocast too (as torch's own batch_norm)
+        # the sums over ranks in float64: the count exact at any size, the mean as sound as one rank's
+        count_here = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
+        summed = SumOverRanks.apply(torch.cat([xf.sum(dims).double(), count_here]))
         count = summed[-1].detach()
-        mean = summed[:-1] / count
+        mean = (summed[:-1] / count).float()
         centered = xf - mean.reshape(shape)
-        var = SumOverRanks.apply((centered * centered).sum(dims)) / count
+        var = (SumOverRanks.apply((centered * centered).sum(dims).double()) / count).float()
         y = centered * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
@@ -72,12 +90,13 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
 
 
-PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # replaced; other kinds are refused at np > 1
 
 
 def synced(model: nn.Module) -> nn.Module:
-    """``model`` with each of its BatchNorm layers replaced (in place) by a SyncedBatchNorm holding the
-    very same parameters and buffers; the model itself when it has none."""
+    """``model`` with each of its BatchNorm layers of torch's own kinds replaced (in place) by a
+    SyncedBatchNorm holding the very same parameters and buffers; the model itself when it has none.
+    A subclass (its own forward) or a lazy BatchNorm is left as it is (``unsynced`` names them)."""
     for name, child in model.named_children():
         if type(child) in PLAIN:
             setattr(model, name, _replacement(child))
@@ -99,3 +118,10 @@ def _replacement(norm: nn.modules.batchnorm._BatchNorm) -> SyncedBatchNorm:
 def batch_statistics(model: nn.Module) -> list[str]:
     """The names of the layers of ``model`` that normalize by batch statistics in training mode."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def unsynced(model: nn.Module) -> list[str]:
+    """The layers that would normalize by one rank's statistics: BatchNorm kinds ``synced`` does not
+    replace, and those without running statistics (their evaluation uses the batch's statistics too)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (not isinstance(m, SyncedBatchNorm) or not m.track_running_stats)]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import hvd_sparse
 from hvd_sparse import dist, gradsync, registry
 from hvd_sparse import fused as fused_ops
-from hvd_sparse.batchnorm import batch_statistics, synced
+from hvd_sparse.batchnorm import batch_statistics, local_statistics, synced, unsynced
 from hvd_sparse.capping import Bound, capped_at, tightest
 from hvd_sparse.checkpoint import Checkpoint, Progress, checkpoint_path, plan_start, save_checkpoint
 from hvd_sparse.config import Config, ConfigError, seed_for
@@ -495,8 +495,9 @@ def evaluate_slots(slots: Sequence[Slot], split: Examples, fused: bool) -> torch
         return torch.stack([slot.evaluator(split, batch_size) for slot in slots])
     part = eval_slice(len(split), dist.rank(), dist.size())
     totals = torch.zeros(len(slots), 3, dtype=torch.float64, device=split.device)
-    for start in range(part.start, part.stop, EVAL_ROWS):  # a lazy split is never read whole
-        x, y = split.rows(start, min(start + EVAL_ROWS, part.stop))
+    rows = max(1, EVAL_ROWS // batch_size) * batch_size  # whole evaluation batches: a lazy split is never read whole
+    for start in range(part.start, part.stop, rows):
+        x, y = split.rows(start, min(start + rows, part.stop))
         with autocast(slots[0].cfg, split.device):
             totals += fused_ops.evaluate([slot.state.model for slot in slots], x, y, batch_size, slots[0].evaluator.loss_sum)
     return totals
@@ -711,19 +712,24 @@ class Engine:
 
 
 def prepare_mask(cfg: Config, model: nn.Module, data: Datasets, known: Mask | None) -> Mask:
-    """Rank 0's mask on every rank, checksum-verified: ``known`` (a resumed run's) or SNIP's.
+    """Rank 0's mask on every rank, checksum-verified: ``known`` (a resumed run's, on rank 0) or the
+    pruning method's.
 
-    SNIP runs on rank 0 only; the other ranks do not touch the data for it.
+    The method scores a copy of the model on rank 0 only (its BatchNorm layers, if any, by that rank's
+    batches: no collective); the other ranks do not touch the data for it. A resumed mask keeps the
+    parameters it names (a run begun by an older version may have pruned others).
     """
-    names = prunable_names(model, cfg.prune.prune_biases)
+    resumed = dist.broadcast_object(list(known) if known is not None and dist.is_root() else None, name="mask.names")
+    names = resumed or prunable_names(model, cfg.prune.prune_biases)
     ones = Mask.ones(model, names)
-    kept_count(ones.num_total, cfg.prune.sparsity)  # on every rank, before rank 0's SNIP: the same error everywhere
+    kept_count(ones.num_total, cfg.prune.sparsity)  # on every rank, before rank 0's scores: the same error everywhere
 
     def compute() -> Mask:
         if known is not None:
             return known.to(next(model.parameters()).device)
         seed = cfg.train.seed if cfg.prune.snip_seed is None else cfg.prune.snip_seed
-        return prune(ScoreInput(model, names, data.train, loss_for(cfg.model.model), cfg.prune, seed))
+        with local_statistics():
+            return prune(ScoreInput(copy.deepcopy(model), names, data.train, loss_for(cfg.model.model), cfg.prune, seed))
 
     return dist.broadcast_mask(dist.on_root(compute, "pruning at initialization"), ones)
 
@@ -734,9 +740,9 @@ def build(cfg: Config, data: Datasets, ckpt: Checkpoint | None, own_sync: bool
     (rank 0's state on every rank) and, with ``own_sync``, the gradient synchronization it is trained
     through alone (Horovod's optimizer wraps it first: the state is loaded into the wrapper)."""
     device = data.device
-    model = build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init"))
-    check_batch_statistics(model, cfg, fused=not own_sync)
-    model = synced(model).to(device)  # BatchNorm over the global batch (the same arithmetic at np=1)
+    model = synced(build_model(cfg.model.model, data.input_shape, data.num_classes, seed_for(cfg.train.seed, "init")))
+    check_batch_statistics(model, cfg, fused=not own_sync)  # BatchNorm over the global batch (also at np=1)
+    model = model.to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
     dist.broadcast_parameters(model)
@@ -765,6 +771,11 @@ def check_batch_statistics(model: nn.Module, cfg: Config, fused: bool) -> None:
     if not norms:
         return
     where = f"{cfg.model.model} normalizes by batch statistics ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''})"
+    alone = unsynced(model)
+    if alone and dist.size() > 1:
+        raise ConfigError(f"{cfg.model.model}: {', '.join(alone[:3])}{', ...' if len(alone) > 3 else ''} would normalize by "
+                          f"each rank's own statistics at {dist.size()} ranks (the toolkit synchronizes torch's "
+                          "BatchNorm1d/2d/3d with running statistics, not subclasses or lazy ones): use those, or np=1")
     if fused:
         raise ConfigError(f"{where}: fused trials stack parameters, not buffers: fuse 1")
     check_measurements(cfg, dist.size(), fused, normalizes=where)

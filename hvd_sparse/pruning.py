@@ -249,6 +249,9 @@ def prune(given: ScoreInput) -> Mask:
         if mask is not None:  # what an earlier round pruned stays pruned
             scores = {name: s.double().masked_fill(~mask[name].to(s.device), -math.inf) for name, s in scores.items()}
         sparsity = cfg.sparsity if k == n else 1.0 - (1.0 - cfg.sparsity) ** (k / n)
+        if cfg.prune_structure and k < n:  # an early round keeps at most what the structure allows
+            keep_n, of_m = parse_structure(cfg.prune_structure)
+            sparsity = max(sparsity, 1.0 - keep_n / of_m)
         mask = threshold(scores, sparsity, cfg.prune_scope, cfg.prune_structure)
     assert mask is not None
     return mask

@@ -535,10 +535,10 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
     everything = grid(spec)
     for optimizer, method in itertools.product(spec.optimizers, spec.methods()):  # registries; the data folder
         validate(next(t.config for t in everything if (t.optimizer, t.method) == (optimizer, method)))
-    if spec.fuse > 1:
-        check_fusable(everything[0].config)
     trials = shard(everything, *shard_of)
     dist.init(pack, backend)
+    if spec.fuse > 1:  # after init: the checks that depend on the world size see this one
+        check_fusable(everything[0].config)
     group, groups = dist.group()
     configure_logging("info" if verbose else "warning", dist.is_root())
     for t in everything:

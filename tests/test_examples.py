@@ -70,3 +70,26 @@ def test_a_torchvision_model_trains_by_name_with_synchronized_batchnorm(tmp_path
     trial = read_log(log)
     assert trial.attrs["status"] == "INCOMPLETE" and trial.measurements["step"][-1] == 2
     assert "net.bn1.weight" not in list(trial.mask) and "net.conv1.weight" in list(trial.mask)
+
+
+TRAINING_MODE_SCORE = """
+import torch
+import hvd_sparse
+
+
+@hvd_sparse.register_pruning("gradient")
+def gradient(given):  # runs the model in training mode: its BatchNorm sees rank 0's batch alone
+    x, y = given.train.batch(torch.arange(100))
+    params = dict(given.model.named_parameters())
+    grads = torch.autograd.grad(given.loss_fn(given.model(x), y), [params[n] for n in given.names])
+    return {n: g.abs() for n, g in zip(given.names, grads)}
+"""
+
+
+def test_a_score_that_runs_batchnorm_in_training_mode_on_rank_0_alone_does_not_wait_for_the_others(tmp_path, shards):
+    score = tmp_path / "score.py"
+    score.write_text(TRAINING_MODE_SCORE)
+    proc = run_train(2, "--plugin", str(EXAMPLES / "batchnorm_lazy.py"), "--plugin", str(score), "--model", "bn-cnn",
+                     "--dataset", "npy-shards", "--data-dir", str(shards), "--prune-method", "gradient", "--sparsity", "0.5",
+                     "--batch-size", "64", "--max-steps", "2", "--eval-every", "2", "--out", str(tmp_path / "o"), timeout=120)
+    assert proc.returncode == 0, describe(proc)

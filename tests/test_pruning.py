@@ -255,3 +255,33 @@ def test_every_rank_holds_rank_0s_mask_on_both_engines(tmp_path):
     assert len({m.attrs["mask_sha256"] for m in masks.values()}) == 1
     fc = masks["one"].mask["fc.weight"]
     assert int(fc.reshape(fc.shape[0], -1, 4).sum(dim=2).max()) <= 2
+
+
+def test_rounds_with_a_structure_keep_what_it_allows_until_the_last():
+    model = build_model("simple-cnn", (1, 28, 28), 10, seed=0)
+    split = Split(torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,)))
+    cfg = PruneConfig(sparsity=0.8, prune_method="magnitude", prune_structure="2:4", prune_iterations=3)
+    mask = prune(ScoreInput(model, prunable_names(model, False), split, cross_entropy, cfg, seed=0))
+    assert mask.num_kept == round(mask.num_total * 0.2)
+    fc = mask["fc.weight"].reshape(10, -1, 4)
+    assert int(fc.sum(dim=2).max()) <= 2
+
+
+def test_a_resumed_mask_keeps_the_parameters_it_names():
+    """A mask from an older version may name other parameters (0.4.0 pruned BatchNorm scales): a resume
+    takes the checkpoint's names, not today's rule."""
+    from hvd_sparse import dist
+    from hvd_sparse.config import Config
+    from hvd_sparse.data import Datasets
+    from hvd_sparse.engine import prepare_mask
+    from hvd_sparse.mask import Mask
+
+    dist.init()
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    known = Mask({"0.weight": torch.ones(2, 1, 3, 3, dtype=torch.bool), "1.weight": torch.tensor([True, False])})
+    split = data()
+    cfg = Config.from_dict({"prune": {"sparsity": 0.1}})
+    got = prepare_mask(cfg, model, Datasets(split, split, None, 3), known)
+    assert list(got) == ["0.weight", "1.weight"] and got.sha256() == known.sha256()
+    fresh = prepare_mask(cfg, model, Datasets(split, split, None, 3), None)
+    assert list(fresh) == ["0.weight", "0.bias", "3.weight", "3.bias"]  # today's rule: never a normalization layer

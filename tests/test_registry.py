@@ -230,16 +230,32 @@ def test_the_plugins_loss_is_what_is_trained_and_measured(tmp_path):
     assert logs["doubled"]["train_loss"][-1] == pytest.approx(2 * logs["plain"]["train_loss"][-1], rel=1e-6)
 
 
+OWN_NORM = """
+
+class MyNorm(nn.BatchNorm2d):  # a subclass: its own forward, which the toolkit cannot synchronize
+    pass
+
+
+@hvd_sparse.register_model("own-norm-net")
+def own_norm(input_shape, num_classes):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, 4, 3), MyNorm(4), nn.Flatten(), nn.Linear(4 * (h - 2) * (w - 2), num_classes))
+"""
+
+
 @pytest.mark.launches
-def test_batch_statistics_with_the_noise_scale_are_refused_on_every_rank(tmp_path):
-    plugin = write_plugin(tmp_path, "normed", model="unused-net", dataset="normed-data", extra=LOSS_AND_NORM)
-    flags = ["--plugin", str(plugin), "--model", "normed-net", "--dataset", "normed-data", "--batch-size", "32",
-             "--max-steps", "20", "--noise-scale-every", "5"]
-    two = run_train(2, *flags, "--out", str(tmp_path / "np2"), timeout=60)
+@pytest.mark.parametrize("model, flags, message", [
+    ("normed-net", ["--noise-scale-every", "5"], "normed-net normalizes by batch statistics (1): the noise scale"),
+    ("own-norm-net", [], "own-norm-net: 1 would normalize by each rank's own statistics at 2 ranks"),
+])
+def test_batch_statistics_that_cannot_be_kept_exact_are_refused_on_every_rank(tmp_path, model, flags, message):
+    plugin = write_plugin(tmp_path, "normed", model="unused-net", dataset="normed-data", extra=LOSS_AND_NORM + OWN_NORM)
+    two = run_train(2, "--plugin", str(plugin), "--model", model, "--dataset", "normed-data", "--batch-size", "32",
+                    "--max-steps", "20", *flags, "--out", str(tmp_path / "np2"), timeout=60)
     assert two.returncode == 2, describe(two)
     for rank in (0, 1):
         errors = [line for line in rank_lines(two.stdout + two.stderr, rank) if "error:" in line]
-        assert len(errors) == 1 and "normed-net normalizes by batch statistics (1): the noise scale" in errors[0], describe(two)
+        assert len(errors) == 1 and message in errors[0], describe(two)
 
 
 MAGNITUDE = """
