@@ -70,9 +70,17 @@ def _figures(table: pd.DataFrame, width: float, height: float) -> Iterator[tuple
     """One figure per FIGURE_KEYS group of ``table``, one panel (width x height inches) per optimizer:
     yields (key, figure, [(axes, optimizer, that optimizer's rows)])."""
     for key, group in table.groupby(FIGURE_KEYS, sort=True):
+        if not _anything(group):
+            continue
         optimizers = sorted(group.optimizer.unique())
         fig, axes = plt.subplots(1, len(optimizers), figsize=(width * len(optimizers), height), squeeze=False)
         yield key, fig, [(ax, o, group[group.optimizer == o]) for ax, o in zip(axes[0], optimizers)]
+
+
+def _anything(rows: pd.DataFrame) -> bool:
+    """Whether a figure of these rows has a point to draw: a workload none of whose trials reached the
+    goal (a pruning method that never trains to it) gets no figure, only its rows in the tables."""
+    return "steps_to_result" not in rows or bool((np.isfinite(rows.steps_to_result) & (rows.steps_to_result > 0)).any())
 
 
 def _bounds(rows: pd.DataFrame) -> tuple[float, float]:
@@ -116,6 +124,8 @@ def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
 def plot_metaparams(points: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
+        if not _anything(fig_group):
+            continue
         optimizers = sorted(fig_group.optimizer.unique())
         has_momentum = bool(np.isfinite(fig_group.best_momentum).any())
         rows_n = 2 if has_momentum else 1

@@ -301,12 +301,16 @@ def test_pruning_methods_are_curves_of_their_own_with_a_figure_that_sets_them_si
     for i, prune in enumerate(methods.values()):
         for batch, steps in CURVE_9.items():
             write_log(tmp_path / "runs", "nesterov", 0.9, batch, 0, "COMPLETE", steps * (i + 1), prune=prune)
+    for batch in (16, 32):  # a method none of whose trials reaches the goal: rows in the tables, no figure
+        write_log(tmp_path / "runs", "nesterov", 0.9, batch, 0, "INCOMPLETE", None, prune={"prune_method": "grasp"})
     out = tmp_path / "out"
     trials, studies, curves, _ = aggregate(tmp_path / "runs", out)
-    assert sorted(curves.pruning) == sorted(methods) and len(studies) == 3 * len(CURVE_9)
+    assert sorted(curves.pruning) == sorted([*methods, "grasp"]) and len(studies) == 3 * len(CURVE_9) + 2
+    assert set(studies[studies.pruning == "grasp"].complete) == {0}
     by = curves.set_index("pruning")
     assert by.loc["snip", "critical_batch_size"] == by.loc["synflow 2:4", "critical_batch_size"]  # steps x3, same shape
     figures = sorted(p.name for p in out.glob("*.png"))
     assert "methods_synthetic_mlp-tiny_nesterov_constant_goal0.1_s0.9.png" in figures
     assert "steps_synthetic_mlp-tiny_constant_goal0.1.png" in figures  # SNIP's, named as before
     assert "steps_synthetic_mlp-tiny_synflow-2-4_constant_goal0.1.png" in figures
+    assert not any("grasp" in f for f in figures)
