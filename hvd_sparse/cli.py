@@ -124,4 +124,4 @@ def guarded(body: Callable[[], int], prog: str) -> int:
     except dist.PeerFailure:
         return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1, prog)
     dist.finish()
-    return code
+    return dist.leave(code)

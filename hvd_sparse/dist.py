@@ -6,6 +6,7 @@ rank into the same exception on every rank, so no rank is ever left waiting in a
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -281,6 +282,21 @@ def finish() -> None:
             _e.finish()
     except Exception:  # noqa: BLE001 - a rank already gone: it said why itself
         pass
+
+
+def leave(code: int) -> int:
+    """The exit of a command that every rank completed (after ``finish``): a rank of a torch.distributed
+    job leaves at once (``os._exit``, its output flushed), without the interpreter's teardown, where a
+    library thread's destructor was seen to abort rank 0 of a torchrun job that had written and printed
+    everything ("terminate called without an active exception", exit -6, in CI under load, after
+    ``finish`` had closed the process group). Horovod's ranks exit normally: its atexit hook shuts MPI
+    down, which the launcher expects."""
+    if _e is not None and _e.name == "torch" and engines.has_rendezvous():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def rank() -> int:
