@@ -42,3 +42,5 @@ Engine(data, fuse, lambda: next(jobs, None), lambda job, result: results.append(
 if dist.is_root():
     (out / "results.json").write_text(json.dumps([
         {"trial": job.path.stem, "status": r.status, "steps": r.steps_done, "mask": r.mask_sha256} for job, r in results]))
+dist.finish()
+dist.leave(0)  # as the commands end (cli.guarded): a torchrun rank skips the interpreter's teardown
