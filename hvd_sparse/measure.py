@@ -107,23 +107,23 @@ class Measurement:
 MEASUREMENTS: Registry[type[Measurement]] = Registry("measurement")
 
 
-def measurements_for(trial: Trial) -> list[Measurement]:
-    """The measurements a trial of ``trial.cfg`` takes, in the order of their names."""
+def wanted(cfg: Config) -> list[type[Measurement]]:
+    """The measurement classes a trial of ``cfg`` takes, in the order of their names."""
     import hvd_sparse.lipschitz  # noqa: F401 - the built-in measurements register on import
     import hvd_sparse.noise  # noqa: F401
 
-    return [cls(trial) for cls in (MEASUREMENTS[name] for name in MEASUREMENTS) if cls.wants(trial.cfg)]
+    return [cls for cls in (MEASUREMENTS[name] for name in MEASUREMENTS) if cls.wants(cfg)]
+
+
+def measurements_for(trial: Trial) -> list[Measurement]:
+    """The measurements a trial of ``trial.cfg`` takes."""
+    return [cls(trial) for cls in wanted(trial.cfg)]
 
 
 def check_measurements(cfg: Config, world: int, fused: bool, normalizes: str = "") -> None:
     """Every measurement ``cfg`` asks for can be taken exactly here (``Measurement.check``)."""
-    import hvd_sparse.lipschitz  # noqa: F401
-    import hvd_sparse.noise  # noqa: F401
-
-    for name in MEASUREMENTS:
-        cls = MEASUREMENTS[name]
-        if cls.wants(cfg):
-            cls.check(cfg, world, fused, normalizes)
+    for cls in wanted(cfg):
+        cls.check(cfg, world, fused, normalizes)
 
 
 def average_contributions(contributions: list[tuple[Measurement, torch.Tensor]],
