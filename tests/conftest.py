@@ -168,3 +168,19 @@ def fill_disk(folder: Path, leave_pages: int = 0) -> Path:
     if leave_pages:
         os.truncate(filler, max(0, filler.stat().st_size - leave_pages * 4096))
     return filler
+
+
+def spec_slice(spec: Path, folder: Path, name: str, **grid) -> Path:
+    """A copy of a study spec cut to the given grid entries (e.g. sparsities=[0.0], batch_sizes=[64],
+    trials=1), its per-batch budgets and evaluation intervals cut with it; everything else as in the
+    spec. Returns the new spec's path."""
+    import yaml
+
+    content = yaml.safe_load(spec.read_text())
+    content.update(name=name, **grid)
+    for key in ("max_steps", "eval_every"):
+        if isinstance(content.get(key), dict):
+            content[key] = {b: content[key][b] for b in content["batch_sizes"]}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path

@@ -6,7 +6,7 @@ import pytest
 from hvd_sparse.data import SYSTEM_DATA_DIRS
 from hvd_sparse.log import read_log
 from hvd_sparse.study import StudySpec, grid
-from conftest import REPO, describe, mpirun
+from conftest import REPO, describe, mpirun, spec_slice
 
 STUDIES = REPO / "studies"
 FIGURES = REPO / "docs" / "fashion-study"
@@ -52,15 +52,8 @@ def test_the_lipschitz_study_is_main_trial_1_at_batch_128_measured():
 def two_cell_slice(tmp_path):
     """studies/fashion-mnist-nesterov.yaml cut to two cells (sparsity 0, batch sizes 64 and 128) and
     their first trial; everything else as in the spec."""
-    import yaml
-
-    spec = yaml.safe_load((STUDIES / "fashion-mnist-nesterov.yaml").read_text())
-    cells = [64, 128]
-    spec.update(name="fashion-slice", sparsities=[0.0], batch_sizes=cells, trials=1,
-                max_steps={b: spec["max_steps"][b] for b in cells}, eval_every={b: spec["eval_every"][b] for b in cells})
-    path = tmp_path / "slice.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return spec_slice(STUDIES / "fashion-mnist-nesterov.yaml", tmp_path, "fashion-slice", sparsities=[0.0],
+                      batch_sizes=[64, 128], trials=1)
 
 
 @pytest.mark.launches

@@ -1,0 +1,49 @@
+"""hvd_sparse.compare: workloads side by side from the aggregator's tables, no logs needed."""
+import shutil
+
+import pandas as pd
+import pytest
+
+from hvd_sparse.compare import comparison, main, step_ratios
+from conftest import REPO
+
+FASHION = REPO / "docs" / "fashion-study"
+
+
+def test_the_sparse_over_dense_ratios_are_taken_at_equal_batch_sizes_where_both_reached():
+    studies = pd.DataFrame({
+        "dataset": "d", "model": "m", "optimizer": "sgd", "schedule": "constant", "goal_error": 0.1,
+        "sparsity": [0.0, 0.0, 0.0, 0.9, 0.9, 0.9],
+        "batch_size": [8, 16, 32, 8, 16, 64],
+        "steps_to_result": [100, 50, None, 300, 100, 40],
+    })
+    (row,) = step_ratios(studies).itertuples()
+    # batch 8: 3.0, batch 16: 2.0; 32 (dense missed the goal) and 64 (no dense study) are left out
+    assert (row.sparsity, row.ratio_median, row.ratio_min, row.ratio_max, row.ratio_batches) == (0.9, 2.5, 2.0, 3.0, 2)
+
+
+def test_the_committed_fashion_tables_compare_to_what_their_readme_summary_says():
+    table = comparison([FASHION]).set_index(["optimizer", "sparsity"])
+    assert table.loc[("nesterov", 0.0)].critical_batch_size == 64
+    assert table.loc[("sgd", 0.9)].diminishing_batch_size == 512
+    # the README's finding 2: Nesterov at 0.9 needs 1.4 to 3.4 times the dense steps
+    row = table.loc[("nesterov", 0.9)]
+    assert (round(row.ratio_min, 1), round(row.ratio_max, 1), row.ratio_batches) == (1.4, 3.4, 9)
+
+
+def test_a_folder_without_the_tables_or_twice_the_same_workload_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"hvd_sparse.compare: error: {tmp_path}: no studies.csv, curves.csv, noise_scale.csv "
+        "(a folder hvd_sparse.aggregate wrote)")
+    copy = tmp_path / "copy"
+    shutil.copytree(FASHION, copy, ignore=shutil.ignore_patterns("*.png", "*.pdf", "*-*"))
+    assert main([str(FASHION), str(copy)]) == 2
+    assert "appear in two folders" in capsys.readouterr().err
+
+
+def test_the_table_is_printed_and_written(tmp_path, capsys):
+    assert main([str(FASHION), "--out", str(tmp_path / "c.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["optimizer", "sparsity", "workload"] and len(lines) == 1 + 6
+    assert len(pd.read_csv(tmp_path / "c.csv")) == 6
