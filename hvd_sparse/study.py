@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,12 +31,12 @@ import hvd_sparse
 from hvd_sparse import dist
 from hvd_sparse.aggregate import config_columns, curve_table, format_studies, study_table
 from hvd_sparse.capping import CellRecord, best_first
-from hvd_sparse.checkpoint import RunLock
+from hvd_sparse.checkpoint import RunLock, checkpoint_path
 from hvd_sparse.cli import PLUGIN_HELP, ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, load_data_everywhere,
                                select_device, stop_requested, validate)
-from hvd_sparse.log import LogError, check_writable, copy_log, read_log
+from hvd_sparse.log import LogData, LogError, check_writable, copy_log, read_log, write_atomically
 from hvd_sparse.registry import load_plugins, plugin_digest
 from hvd_sparse.search import SearchSpace, reference_space
 
@@ -466,9 +467,27 @@ def adoptable(source: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> 
     a = log.attrs
     same = (a.get("study_name") == spec.name and a.get("trial_id") == trial.trial_id
             and a.get("run_hash") == trial.config.run_hash() and a.get("data_fingerprint", fingerprint) == fingerprint)
-    if not same or log.status in ("RUNNING", "CAPPED"):  # a capped trial resumes only from its own checkpoint
+    if not same or log.status == "RUNNING" or (log.status == "CAPPED" and not still_capped(source, log, trial, spec)):
         return None
     return log.status, log.steps_to_result, float(a.get("best_val_error", math.nan))
+
+
+def still_capped(source: Path, log: LogData, trial: Trial, spec: StudySpec) -> bool:
+    """Whether an earlier version's CAPPED log is this study's result too: this study runs capped, and
+    the trial that set the bound is in it as the same training and ended COMPLETE at that bound in the
+    earlier version (so it is adopted too, and bounds this trial the same way). Otherwise the trial
+    runs here again."""
+    by, bound = int(log.attrs.get("capped_by", -1)), log.attrs.get("capping_bound")
+    if not spec.capping or not 0 <= by < spec.trials:
+        return False
+    point = spec.points(trial.optimizer)[by]
+    run_hash = spec.trial_config(trial.optimizer, trial.sparsity, trial.batch_size, by, point, trial.method).run_hash()
+    try:
+        capper = read_log(source.with_name(f"trial-{by:03d}.h5"), with_mask=False)
+    except (LogError, OSError):
+        return False
+    return (capper.attrs.get("run_hash") == run_hash and capper.status == "COMPLETE"
+            and capper.steps_to_result == bound)
 
 
 def adopt(directory: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> tuple[str, int | None, float] | None:
@@ -479,7 +498,12 @@ def adopt(directory: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> t
         source = earlier / trial.relpath()
         ended = adoptable(source, trial, spec, fingerprint)
         if ended is not None:
-            copy_log(source, directory / trial.relpath(), {**trial.attrs(spec), "adopted_from": str(source)})
+            target = directory / trial.relpath()
+            if checkpoint_path(source).exists():  # a CAPPED trial's: --no-capping resumes it (before the log appears)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(checkpoint_path(target), lambda tmp: shutil.copyfile(checkpoint_path(source), tmp),
+                                 "the adopted checkpoint")
+            copy_log(source, target, {**trial.attrs(spec), "adopted_from": str(source)})
             return ended
     return None
 

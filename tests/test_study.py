@@ -670,6 +670,35 @@ def test_a_grown_spec_adopts_the_ended_trials_it_shares_with_its_earlier_version
     assert not any((new_dir / by_cell[k].relpath()).exists() for k in by_cell if k not in expected)
 
 
+def test_a_capped_trial_is_adopted_with_its_checkpoint_only_where_its_bound_holds_in_the_grown_study(tmp_path):
+    """Trial 1 CAPPED at trial 0's 10 steps: adopted (with its checkpoint, which --no-capping resumes)
+    when trial 0 ended COMPLETE at that bound; run again when trial 0 has not ended, ended at other
+    steps, or the grown study runs without capping."""
+    from hvd_sparse.checkpoint import checkpoint_path
+    from hvd_sparse.study import adopt
+
+    grown = dict(batch_sizes=[16, 32, 64, 128], max_steps={16: 40, 32: 40, 64: 40, 128: 40})
+
+    def adopt_capped(capper="COMPLETE", bound=10, **changes):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        old, new = spec(), spec(**grown, **changes)
+        old_dir, new_dir = study_dir(old, root), study_dir(new, root)
+        prepare_dir(old, old_dir)
+        prepare_dir(new, new_dir)
+        cell = [t for t in grid(old) if (t.optimizer, t.sparsity, t.batch_size) == ("sgd", 0.0, 16)]
+        _ended_log(old_dir / cell[0].relpath(), cell[0], old, status=capper)  # COMPLETE: at step 10
+        _ended_log(old_dir / cell[1].relpath(), cell[1], old, status="CAPPED", capped_by=0, capping_bound=bound)
+        checkpoint_path(old_dir / cell[1].relpath()).write_bytes(b"state")
+        return adopt(new_dir, cell[1], new, "f" * 64), new_dir / cell[1].relpath()
+
+    result, path = adopt_capped()
+    assert result == ("CAPPED", None, 0.1) and read_log(path).status == "CAPPED"
+    assert checkpoint_path(path).read_bytes() == b"state"
+    for case in (dict(capper="RUNNING"), dict(bound=12), dict(capping=False)):
+        result, path = adopt_capped(**case)
+        assert result is None and not path.exists() and not checkpoint_path(path).exists(), case
+
+
 @pytest.mark.launches
 def test_a_grown_study_runs_only_its_new_trials_and_aggregates_alone(uninterrupted, tmp_path):
     """The uninterrupted study (batch 16 and 32) grown by batch 64: the rerun adopts the 4 ended trials
