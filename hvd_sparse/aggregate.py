@@ -107,6 +107,7 @@ def trial_row(path: Path, root: Path) -> dict:
         "path": str(path.relative_to(root)),
         "study": log.attrs.get("study_name", ""),
         "study_hash": log.attrs.get("study_hash", ""),
+        "run_hash": str(log.attrs.get("run_hash", "")),
         **columns,
         "status": log.status,
         "steps_to_result": math.nan if log.steps_to_result is None else log.steps_to_result,
@@ -170,6 +171,8 @@ def read_trials(roots: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame,
     table = pd.DataFrame(rows)
     if table.empty:
         raise AggregateError(f"{root}: none of the {len(paths)} *.h5 files is a readable trial log")
+    table, copies = without_copies(table)
+    problems += copies
     check_one_study_per_cell(table, root)
     running = table[table.status == "RUNNING"]
     if len(running):
@@ -184,6 +187,24 @@ def read_trials(roots: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame,
         problems.append(f"logs with {len(goals)} goal errors ({', '.join(f'{g:g}' for g in goals)}): "
                         "their studies and curves are kept apart")
     return table.sort_values(STUDY + ["trial_id", "seed", "path"]).reset_index(drop=True), problems
+
+
+def without_copies(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Each trial once: logs of the same study, trial id and training (run hash) are copies of one trial
+    (a backup of a study folder inside the folder aggregated, a log copied by hand). The copy kept is
+    the furthest along (an ended one before a RUNNING one, then the most steps), then the one nearest the
+    top of the folder; one line says how many were skipped and shows one."""
+    key = ["study_hash", "trial_id", "run_hash"]
+    ranked = table.assign(_ended=table.status != "RUNNING", _depth=table.path.map(lambda p: len(Path(p).parts)))
+    ranked = ranked.sort_values(["_ended", "steps_done", "_depth", "path"], ascending=[False, False, True, True])
+    copy = ranked.duplicated(key, keep="first")
+    if not copy.any():
+        return table, []
+    example = ranked[copy].iloc[0]
+    kept = ranked[~copy].set_index(key).path[tuple(example[key])]
+    line = (f"skipped {int(copy.sum())} log(s) that are copies of trials already counted (same study, trial id and "
+            f"run hash), e.g. {example.path} (a copy of {kept})")
+    return table.loc[ranked.index[~copy]].sort_index(), [line]
 
 
 # -- aggregation: pure functions of the trials table -----------------------------------------------

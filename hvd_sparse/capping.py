@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from hvd_sparse.log import regular_bytes
+
 logger = logging.getLogger("hvd_sparse")
 
 CELL_FILE = "cell.json"
@@ -84,7 +86,7 @@ class CellRecord:
     def read(self) -> dict[int, Ended]:
         """The file's believable entries ({} when it is missing or damaged)."""
         try:
-            record = json.loads(self.path.read_text())
+            record = json.loads(regular_bytes(self.path))
             body = record["trials"]
             if record.get("sha256") != _digest(body):
                 raise ValueError("checksum")

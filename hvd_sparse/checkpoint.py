@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hvd_sparse.log import LogError, read_log, write_atomically
+from hvd_sparse.log import LogError, read_log, regular_bytes, write_atomically
 from hvd_sparse.mask import Mask
 
 
@@ -77,7 +77,7 @@ CHECKPOINT_MAGIC = b"hvd_sparse checkpoint sha256 "
 def load_checkpoint_state(path: Path) -> dict[str, Any]:
     """The verified state of a checkpoint file; LogError (never the state) if any byte is off."""
     try:
-        data = path.read_bytes()
+        data = regular_bytes(path)
     except OSError as e:
         raise LogError(f"{path}: unreadable checkpoint ({e.strerror or e}); {START_OVER}") from None
     if data.startswith(CHECKPOINT_MAGIC):

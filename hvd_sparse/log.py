@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -124,10 +125,27 @@ def _stamp(image: bytes) -> bytes:
     return head.ljust(USERBLOCK, b" ") + image[USERBLOCK:]
 
 
+def regular_bytes(path: str | Path) -> bytes:
+    """The bytes of the regular file at ``path``. A FIFO, a device or a socket named like one of this
+    toolkit's files is an OSError ("not a regular file"), never a read that waits for ever: the file is
+    opened without blocking and checked before anything is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)", str(path))
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 1 << 22):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def verified_bytes(path: Path) -> bytes:
     """The log file's bytes, its checksum verified (LogError if off); logs written before 0.3.0 have
     no user block and are returned as they are."""
-    data = path.read_bytes()
+    data = regular_bytes(path)
     if data.startswith(HDF5_SIGNATURE):
         return data  # no user block: a log from before the checksum
     digest = data[len(LOG_MAGIC):len(LOG_MAGIC) + 64]
@@ -395,7 +413,8 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
     except LogError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError, MemoryError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = e.strerror if isinstance(e, OSError) and e.strerror else (
+            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise LogError(f"{path}: unreadable or corrupt HDF5 log: {first}") from None
     return LogData(path, attrs, columns, mask, tables)
 

@@ -36,7 +36,7 @@ from hvd_sparse.cli import PLUGIN_HELP, ArgumentParser, configure_logging, guard
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, load_data_everywhere,
                                select_device, stop_requested, validate)
-from hvd_sparse.log import LogData, LogError, check_writable, copy_log, read_log, write_atomically
+from hvd_sparse.log import LogData, LogError, check_writable, copy_log, read_log, regular_bytes, write_atomically
 from hvd_sparse.registry import load_plugins, plugin_digest
 from hvd_sparse.search import SearchSpace, reference_space
 
@@ -204,9 +204,9 @@ class StudySpec:
     def load(cls, path: str | Path) -> "StudySpec":
         path = Path(path)
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the study spec: {e.strerror or e}") from None
+            text = regular_bytes(path).decode()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the study spec: {getattr(e, 'strerror', None) or e}") from None
         try:
             d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as e:
@@ -401,7 +401,7 @@ def prepare_dir(spec: StudySpec, directory: Path) -> None:
         except OSError as e:
             raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
     try:
-        saved = json.loads(saved_path.read_text())["spec"]
+        saved = json.loads(regular_bytes(saved_path))["spec"]
         for operational in OPERATIONAL:
             saved.pop(operational, None)
     except (OSError, ValueError, KeyError, TypeError) as e:

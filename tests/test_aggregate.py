@@ -96,6 +96,28 @@ def test_study_steps_is_the_min_over_complete_trials_with_its_metaparameters(run
     assert (row.trials, row.running) == (1, 1)  # trial 9 is past the first 2 only by id, not by status
 
 
+def test_copies_of_a_study_folder_inside_it_count_each_trial_once_and_are_said(runs, tmp_path):
+    """Backup copies of the study inside it (the probe found 25), and one taken while a trial was
+    still running: every study counts what the original does, --max-trials sees distinct trials, and
+    one line says what was skipped."""
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs, root)
+    for k in range(3):
+        shutil.copytree(runs, root / "backups" / f"copy-{k}", ignore=shutil.ignore_patterns("backups"))
+    write_log(root / "backups" / "mid-run", "sgd", 0.0, 32, 0, "RUNNING", None)  # a copy taken mid-run
+    trials, problems = read_trials(root)
+    original, _ = read_trials(runs)
+    assert len(trials) == len(original)
+    assert sorted(trials.path) == sorted(original.path)  # the copies nearest the top: the originals
+    (line,) = [p for p in problems if "that are copies of trials" in p]
+    assert line.startswith(f"skipped {3 * len(original) + 1} log(s) that are copies of trials already counted")
+    assert "backups" in line.split("(a copy of ")[0] and "backups" not in line.split("(a copy of ")[1]
+    for max_trials in (None, 2):
+        pd.testing.assert_frame_equal(study_table(trials, max_trials), study_table(original, max_trials))
+
+
 def test_regime_rule_by_hand():
     rules = Rules(tolerance=0.25, min_saving=0.10)
     # perfect to 64; 160 at 128 is 1.6x perfect (100) -> critical 64; savings 50%, 50%, 20%, 11.25%, 1.4%

@@ -75,6 +75,22 @@ def test_truncated_and_foreign_files_are_log_errors(tmp_path):
         read_log(tmp_path / "other.h5")
 
 
+@pytest.mark.timeout(20)  # the defect was a read that waited for a writer for ever
+def test_a_fifo_named_like_a_log_checkpoint_or_cell_record_is_refused_without_waiting(tmp_path):
+    import os
+
+    from hvd_sparse.capping import CellRecord
+    from hvd_sparse.checkpoint import load_checkpoint_state
+
+    for name in ("x.h5", "x.ckpt.pt", "cell.json"):
+        os.mkfifo(tmp_path / name)
+    with pytest.raises(LogError, match=r"x.h5: unreadable or corrupt HDF5 log: not a regular file \(a FIFO"):
+        read_log(tmp_path / "x.h5")
+    with pytest.raises(LogError, match=r"x.ckpt.pt: unreadable checkpoint \(not a regular file"):
+        load_checkpoint_state(tmp_path / "x.ckpt.pt")
+    assert CellRecord(tmp_path, {0: "abc"}).read() == {}  # a record that cannot be read bounds nothing
+
+
 def test_final_status_is_checked(tmp_path):
     log = TrialLog.create(tmp_path / "t.h5", ATTRS, mask())
     with pytest.raises(LogError):
