@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
 
+from hvd_sparse import settings
 from hvd_sparse.config import Config, ConfigError, add_config_arguments, config_from_namespace
 
 if TYPE_CHECKING:
@@ -73,8 +74,14 @@ def configure_logging(level: str, is_root: bool) -> None:
     )
 
 
+ERROR_CHARACTERS = 2000  # a value quoted in a message (a huge list in a spec) is cut, not printed whole
+
+
 def error_line(error: Exception, prog: str) -> None:
-    say(f"{prog}: error: {error}", sys.stderr)
+    text = str(error)
+    if len(text) > ERROR_CHARACTERS:
+        text = f"{text[:ERROR_CHARACTERS]} ... ({len(text) - ERROR_CHARACTERS} more characters)"
+    say(f"{prog}: error: {text}", sys.stderr)
 
 
 # The distributed commands' part below imports the engine and Horovod when called, not when this
@@ -111,9 +118,10 @@ def guarded(body: Callable[[], int], prog: str) -> int:
     from hvd_sparse.engine import Interrupted, install_stop_handlers
     from hvd_sparse.log import StorageError
 
-    install_stop_handlers(prog)
     dist.program = prog
     try:
+        settings.check()  # the environment's values, before anything reads them
+        install_stop_handlers(prog)
         code = body()
     except Interrupted as e:
         return report_interrupted(e)

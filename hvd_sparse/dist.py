@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from hvd_sparse import engines
+from hvd_sparse import engines, settings
 from hvd_sparse.beacon import Beacon
 from hvd_sparse.mask import Mask
 
@@ -58,7 +58,7 @@ LAUNCH_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 def apply_launch_defaults() -> dict[str, str]:
     """Put LAUNCH_DEFAULTS into this process's environment (before MPI starts); returns what it set."""
-    if os.environ.get("HVD_SPARSE_HOROVOD_DEFAULTS", "1") == "0":
+    if not settings.horovod_defaults():
         return {}
     missing = {k: v for k, v in LAUNCH_DEFAULTS.items() if k not in os.environ}
     os.environ.update(missing)
@@ -143,7 +143,7 @@ def world_verify_same(value: str, what: str) -> None:
 # counts, never computing, so long evaluations or a slow first step never trip it. The line names the
 # ranks that did not arrive, from heartbeats sent outside MPI (``beacon``).
 
-COLLECTIVE_TIMEOUT = float(os.environ.get("HVD_SPARSE_COLLECTIVE_TIMEOUT", "300"))  # seconds; 0: never
+_timeout: float | None = None  # HVD_SPARSE_COLLECTIVE_TIMEOUT, read once (settings.collective_timeout); 0: never
 program = "hvd_sparse"  # the command's name in the watchdog's line (cli.guarded sets it)
 _waiting: list[tuple[str, float, float]] = []  # the collective this rank waits in, since when (monotonic), its limit
 _watchdog: threading.Thread | None = None
@@ -153,6 +153,13 @@ AGREE_PATIENCE = 4.0  # ``agree`` waits for one rank's work (SNIP on rank 0 can 
 
 _beacon: Beacon | None = None
 _entered = 0  # collectives this rank has entered (every rank enters the same ones, in the same order)
+
+
+def collective_timeout() -> float:
+    global _timeout
+    if _timeout is None:
+        _timeout = settings.collective_timeout()
+    return _timeout
 
 
 def _poll(timeout: float) -> float:
@@ -165,7 +172,7 @@ def _start_beacon() -> None:
     global _beacon
     if size() == 1:
         return
-    _beacon = Beacon(rank(), size(), _poll(COLLECTIVE_TIMEOUT or 300.0))
+    _beacon = Beacon(rank(), size(), _poll(collective_timeout() or 300.0))
     _beacon.connect(broadcast_object(_beacon.listen_at() if rank() == 0 else None, "hvd_sparse.beacon"))
     # one round now, so that every rank has heard from rank 0 before any long wait (where UDP passes):
     # the others send, rank 0 takes them in and answers, the others read the answer
@@ -211,12 +218,13 @@ def waiting(name: str, patience: float = 1.0) -> Iterator[None]:
     """Time this rank's wait in a collective for the watchdog (started on first use); the wait may
     last ``patience`` times the timeout."""
     global _watchdog, _entered
-    if COLLECTIVE_TIMEOUT > 0 and _watchdog is None and size() > 1:
-        _watchdog = threading.Thread(target=_watch, args=(COLLECTIVE_TIMEOUT,), name="hvd_sparse-watchdog", daemon=True)
+    timeout = collective_timeout()
+    if timeout > 0 and _watchdog is None and size() > 1:
+        _watchdog = threading.Thread(target=_watch, args=(timeout,), name="hvd_sparse-watchdog", daemon=True)
         _watchdog.start()
     with _waiting_lock:
         _entered += 1
-        _waiting.append((name, time.monotonic(), COLLECTIVE_TIMEOUT * patience))
+        _waiting.append((name, time.monotonic(), timeout * patience))
     try:
         yield
     except Exception as e:  # noqa: BLE001 - the engine's word for a peer that left, in ours

@@ -110,7 +110,7 @@ class StudySpec:
     prune_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+        if not isinstance(self.name, str) or not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"study spec: name must be letters, digits, '-', '_' or '.', got {self.name!r}")
         if not isinstance(self.fuse, int) or isinstance(self.fuse, bool) or self.fuse < 1:
             raise ConfigError(f"study spec: fuse must be a positive number of trials, got {self.fuse!r}")
@@ -208,7 +208,7 @@ class StudySpec:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the study spec: {getattr(e, 'strerror', None) or e}") from None
         try:
-            d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            d = json.loads(text) if path.suffix == ".json" else bounded_yaml(text)
         except (ValueError, yaml.YAMLError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix == '.json' else 'YAML'} study spec: {first}") from None
@@ -336,6 +336,39 @@ class Trial:
     def attrs(self, spec: StudySpec) -> dict[str, Any]:
         return {"study_name": spec.name, "study_hash": spec.study_hash(), "trial_id": self.trial_id,
                 "search_params": json.dumps(self.params, sort_keys=True)}
+
+
+SPEC_MAX_BYTES = 1 << 20
+SPEC_MAX_NODES = 10_000  # values in the spec with its YAML aliases expanded (a real spec has about a hundred)
+
+
+def bounded_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of a study spec, refusing (ValueError) a text over 1 MiB or one whose aliases
+    would expand to more than SPEC_MAX_NODES values: anchors nested in anchors ("billion laughs")
+    grow exponentially, and everything downstream (validation, hashing, error messages) walks the
+    expanded value. The size is counted on the composed nodes, before anything is expanded."""
+    if len(text) > SPEC_MAX_BYTES:
+        raise ValueError(f"{len(text)} characters, over the {SPEC_MAX_BYTES} a spec may have")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, float] = {}
+
+        def size(n: yaml.Node) -> float:
+            if id(n) not in sizes:
+                sizes[id(n)] = math.inf  # a node that contains itself expands for ever
+                children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else (
+                    n.value if isinstance(n, yaml.SequenceNode) else [])
+                sizes[id(n)] = 1 + sum(size(c) for c in children)
+            return sizes[id(n)]
+
+        if size(node) > SPEC_MAX_NODES:
+            raise ValueError(f"its YAML aliases (*name) expand to over {SPEC_MAX_NODES} values; write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def grid(spec: StudySpec) -> list[Trial]:

@@ -21,8 +21,9 @@ from typing import Callable
 
 import psutil
 
+from hvd_sparse import settings
+
 LAUNCHERS = frozenset({"horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun", "slurmstepd", "torchrun"})
-GRACE_SECONDS = float(os.environ.get("HVD_SPARSE_LAUNCHER_GRACE", "10"))
 POLL_SECONDS = 0.5
 
 
@@ -85,8 +86,10 @@ def describe(process: psutil.Process) -> str:
     return f"{name} (pid {process.pid})"
 
 
-def watch_launcher(on_lost: Callable[[str], None], prog: str, grace: float = GRACE_SECONDS) -> threading.Thread | None:
-    """Start the watcher thread (a daemon); None when no launcher is above this process."""
+def watch_launcher(on_lost: Callable[[str], None], prog: str, grace: float | None = None) -> threading.Thread | None:
+    """Start the watcher thread (a daemon); None when no launcher is above this process. ``grace``:
+    HVD_SPARSE_LAUNCHER_GRACE unless given (checked here, before the thread starts)."""
+    grace = settings.launcher_grace() if grace is None else grace
     me = psutil.Process()
     chain = launcher_chain(me)
     if not chain:

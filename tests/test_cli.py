@@ -41,3 +41,11 @@ def test_a_gradient_compression_renamed_in_0_2_0_names_its_new_name_on_the_comma
         parse_config(["--grad-compression", "mask"], "prog", "")
     with pytest.raises(ConfigError, match="must be one of none, fp16, kept, kept-fp16"):
         parse_config(["--grad-compression", "topk"], "prog", "")
+
+
+def test_an_error_quoting_a_huge_value_is_cut_to_one_readable_line(capsys):
+    from hvd_sparse.cli import error_line
+
+    error_line(ValueError(f"--noise-scale-every must be an integer, got {[1] * 20000!r}"), "hvd_sparse.study")
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and len(line) < 2100 and line.rstrip().endswith(" more characters)")

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import yaml
 
 from hvd_sparse.config import ConfigError
 from hvd_sparse.log import read_log
@@ -158,6 +159,8 @@ def test_pruning_methods_are_a_grid_axis_like_sparsities():
     ({"batch_sizes": [16, 16]}, "twice"),
     ({"trials": 0}, "trials must be"),
     ({"name": "a/b"}, "name must be"),
+    ({"name": [1, 2]}, r"name must be letters, digits, '-', '_' or '.', got \[1, 2\]"),
+    ({"name": 12}, "name must be letters, digits, '-', '_' or '.', got 12"),
     ({"schedule": "cosine"}, "schedule must be"),
     ({"max_steps": {16: 40, 32: 20}}, r"max_steps must give exactly the batch sizes \[16, 32, 64\]; missing \[64\]"),
     ({"eval_every": {16: 1, 32: 1, 64: 1, 128: 1}}, r"not in the grid \[128\]"),
@@ -187,6 +190,27 @@ def test_missing_key_and_malformed_files(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(SPEC))
     assert StudySpec.load(good) == spec()
+
+
+@pytest.mark.timeout(60)  # the defect: 95 s and 16 GB
+def test_yaml_aliases_that_would_expand_beyond_a_spec_are_refused_before_they_expand(tmp_path):
+    """Anchors nested in anchors (9 levels of 9: 9^9 values under a known key), and an alias inside its
+    own anchor, are one line; a spec that uses aliases modestly loads as if written out."""
+    nested = "&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for level in range(1, 9):
+        nested = f"&l{level} [{nested}" + f", *l{level - 1}" * 8 + "]"
+    head = yaml.safe_dump({k: v for k, v in SPEC.items() if k != "config"})
+    for name, text in (("laughs", f"{head}config:\n  train:\n    noise_scale_every: {nested}\n"),
+                       ("recursive", f"{head}config:\n  train:\n    noise_scale_every: &me [*me]\n")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="aliases .* expand to over 10000 values; write the values out") as e:
+            StudySpec.load(path)
+        assert len(str(e.value)) < 300
+    modest = tmp_path / "modest.yaml"
+    modest.write_text(yaml.safe_dump({k: v for k, v in SPEC.items() if k not in ("max_steps", "eval_every")})
+                      + "max_steps: &n 10\neval_every: *n\n")
+    assert StudySpec.load(modest) == spec(max_steps=10, eval_every=10)
 
 
 def test_shipped_mini_spec_is_valid():

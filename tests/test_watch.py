@@ -9,10 +9,11 @@ import psutil
 import pytest
 
 from hvd_sparse.log import read_log
-from hvd_sparse.watch import GRACE_SECONDS, is_launcher
+from hvd_sparse.settings import launcher_grace
+from hvd_sparse.watch import is_launcher
 from conftest import REPO, horovodrun_cmd, launch_env
 
-LIMIT = GRACE_SECONDS + 10  # seconds from the launcher's death to the exit of every rank and of mpirun
+LIMIT = launcher_grace() + 10  # seconds from the launcher's death to the exit of every rank and of mpirun
 
 
 @pytest.mark.parametrize("name, cmdline, launcher", [
