@@ -204,6 +204,9 @@ def _free_space(folder: Path) -> str:
 def check_writable(folder: Path, what: str) -> None:
     """Create ``folder`` if needed and create a file in it: a read-only or misnamed output folder
     is a one-line LogError before any training, not a failure after the first evaluation."""
+    for link in (folder, *folder.parents):
+        if link.is_symlink() and not link.exists():
+            raise LogError(f"{what} {folder}: {link} is a symbolic link to {os.readlink(link)}, which does not exist")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".hvd-sparse-write-test-")

@@ -82,7 +82,9 @@ def describe(process: psutil.Process) -> str:
     if name.startswith("python") and len(words) > 1:
         name = os.path.basename(words[1])
     elif name in ("sh", "bash", "dash") and len(words) > 2:
-        name = os.path.basename(words[2].split()[0])
+        # horovodrun execs into `sh -c 'mpirun ...'`: the pid is the one horovodrun was started with, and
+        # mpirun itself is this shell's child (its own link of the chain)
+        name = f"horovodrun/{name} -c {os.path.basename(words[2].split()[0])}"
     return f"{name} (pid {process.pid})"
 
 

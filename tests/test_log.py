@@ -62,6 +62,17 @@ def test_unwritable_folder_is_a_storage_error(tmp_path):
         TrialLog.create(folder / "file" / "t.h5", ATTRS, mask())  # a file where a folder should be
 
 
+def test_an_output_folder_that_is_a_dangling_link_says_so(tmp_path):
+    from hvd_sparse.log import check_writable
+
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    for folder in (tmp_path / "out", tmp_path / "out" / "study"):  # the link itself, or above the folder
+        with pytest.raises(LogError) as e:
+            check_writable(folder, "--out")
+        assert str(e.value) == (f"--out {folder}: {tmp_path / 'out'} is a symbolic link to {tmp_path / 'gone'}, "
+                                "which does not exist")
+
+
 def test_truncated_and_foreign_files_are_log_errors(tmp_path):
     path = tmp_path / "t.h5"
     TrialLog.create(path, ATTRS, mask()).append(row(0))

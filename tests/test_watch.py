@@ -32,6 +32,24 @@ def test_what_counts_as_a_launcher(name, cmdline, launcher):
     assert is_launcher(name, cmdline) == launcher
 
 
+def test_a_launcher_is_named_as_the_user_started_it():
+    """The pid horovodrun was started with runs `sh -c 'mpirun ...'` after its exec: named as both,
+    never as mpirun (whose own process is the next link of the chain)."""
+    from hvd_sparse.watch import describe
+
+    class Fake:
+        def __init__(self, pid, cmdline):
+            self.pid, self._cmdline = pid, cmdline
+
+        def cmdline(self):
+            return self._cmdline
+
+    assert describe(Fake(7, ["/bin/sh", "-c", "mpirun --allow-run-as-root -np 2 python"])) == \
+        "horovodrun/sh -c mpirun (pid 7)"
+    assert describe(Fake(8, ["mpirun", "-np", "2"])) == "mpirun (pid 8)"
+    assert describe(Fake(9, ["/usr/bin/python3", "/venv/bin/horovodrun", "-np", "2"])) == "horovodrun (pid 9)"
+
+
 def train_cmd(out):
     return [*horovodrun_cmd(2), sys.executable, "-m", "hvd_sparse.train", "--no-progress",
             "--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "32", "--max-steps", "30000",
