@@ -22,6 +22,7 @@ Aggregation is a pure function of the trials table; ``hvd_sparse.plots`` draws w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -118,6 +119,8 @@ def trial_row(path: Path, root: Path) -> dict:
         "steps_done": int(m["step"][-1]) if len(m.get("step", [])) else 0,
         "wall_time": float(m["wall_time"][-1]) if len(m.get("wall_time", [])) else math.nan,
         "world_size": int(log.attrs["world_size"]),
+        # every world size the trial ran at, in order ("2 1": interrupted at 2, resumed at 1)
+        "world_sizes": " ".join(map(str, json.loads(log.attrs.get("world_sizes", f"[{int(log.attrs['world_size'])}]")))),
         "density": float(log.attrs.get("mask_density", math.nan)),
         "grad_compression": cfg.get("dist", {}).get("grad_compression", "none"),
         "noise_at_result": noise_at(m, reached) if reached is not None else math.nan,
@@ -174,6 +177,11 @@ def read_trials(roots: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame,
     table, copies = without_copies(table)
     problems += copies
     check_one_study_per_cell(table, root)
+    resized = table[table.world_sizes.map(lambda s: len(set(s.split())) > 1)]
+    if len(resized):
+        problems.append(f"{len(resized)} trial(s) resumed at another world size than they were interrupted at (the same "
+                        "optimization only up to float summation order; column world_sizes): "
+                        + ", ".join(resized.path.head(3)) + (" ..." if len(resized) > 3 else ""))
     running = table[table.status == "RUNNING"]
     if len(running):
         problems.append(f"{len(running)} trial(s) still running or interrupted (status RUNNING), not counted: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 
 from hvd_sparse.log import LogError, read_log, regular_bytes, write_atomically
 from hvd_sparse.mask import Mask
+
+logger = logging.getLogger("hvd_sparse")
 
 
 # studies have no --overwrite: a study starts a trial over when its log and checkpoint are removed
@@ -93,12 +96,14 @@ def load_checkpoint_state(path: Path) -> dict[str, Any]:
 
 
 def plan_start(log: Path, run_hash: str, overwrite: bool, data_fingerprint: str = "",
-               reopen_capped: bool = False) -> Checkpoint | None:
+               reopen_capped: bool = False, world_size: int | None = None, strict_world_size: bool = False
+               ) -> Checkpoint | None:
     """The checkpoint to resume from, or None to start fresh; LogError if the run already ended.
 
     No log, ``overwrite``, or a RUNNING log without a checkpoint (killed before its first one):
     fresh. A RUNNING log with a checkpoint of the same run: resume. A finished log: refuse; but a
-    CAPPED one with ``reopen_capped`` (a study without capping) resumes like a RUNNING one.
+    CAPPED one with ``reopen_capped`` (a study without capping) resumes like a RUNNING one. A resume
+    at another ``world_size`` than the log's is said (a warning), or refused with ``strict_world_size``.
     """
     if overwrite or not log.exists():
         return None
@@ -116,12 +121,26 @@ def plan_start(log: Path, run_hash: str, overwrite: bool, data_fingerprint: str 
     if state.get("run_hash") != run_hash or state.get("mask_sha256") != data.attrs["mask_sha256"] or (
             state.get("data_fingerprint") and data_fingerprint and state["data_fingerprint"] != data_fingerprint):
         raise LogError(f"{path}: checkpoint of another run or mask; {START_OVER}")
+    check_world_size(log, int(data.attrs["world_size"]), world_size, strict_world_size)
     assert data.mask is not None
     train_loss = tuple((float(a), float(b)) for a, b in state.get("train_loss", []))
     measures = state.get("measures", {"noise_scale": state.get("noise", [])})  # before 0.5.0: the noise scale's alone
     progress = Progress(int(state["step"]), float(state["best_val_error"]), float(state["wall_time"]), train_loss=train_loss,
                         measures={name: tuple(float(v) for v in values) for name, values in measures.items()})
     return Checkpoint(progress, state["model"], state["optimizer"], data.mask)
+
+
+def check_world_size(log: Path, was: int, now: int | None, strict: bool) -> None:
+    """np=k is np=1's optimization up to float summation order; a trial resumed at another world size
+    changes that order from the resume on, and the difference compounds over hundreds of steps."""
+    if now is None or now == was:
+        return
+    if strict:
+        raise LogError(f"{log}: interrupted at world size {was}; --strict-world-size refuses to resume it at {now} "
+                       f"(rerun with {was} ranks, or without --strict-world-size)")
+    logger.warning("%s: resuming at world size %d a trial interrupted at %d: the same optimization only up to float "
+                   "summation order, which compounds over hundreds of steps (the log's world_sizes records it; "
+                   "--strict-world-size refuses)", log, now, was)
 
 
 class RunLock:

@@ -255,6 +255,10 @@ class RunConfig:
         True, "checkpoint after every evaluation; a rerun of an interrupted run resumes from it", identity=False
     )
     save_model: bool = _field(False, "also save the final parameters next to the log (<log>.final.pt)", identity=False)
+    strict_world_size: bool = _field(
+        False, "refuse to resume a run at another world size than it was interrupted at (a resume at another is the "
+        "same optimization only up to float summation order, which compounds over hundreds of steps; by default it "
+        "is said and recorded in the log's world_sizes)", identity=False)
     progress: bool = _field(True, "tqdm progress bar on rank 0", identity=False)
     log_level: str = _field("info", "logging level on rank 0 (other ranks log warnings only)", identity=False,
                             choices=("debug", "info", "warning", "error"))

@@ -592,7 +592,8 @@ class Engine:
         if self.fused:
             check_fusable(cfg)
         ckpt = dist.on_root(lambda: plan_start(path, cfg.run_hash(), cfg.run.overwrite, self.data.fingerprint,
-                                               reopen_capped=job.reopen_capped), "reading the earlier log")
+                                               reopen_capped=job.reopen_capped, world_size=dist.size(),
+                                               strict_world_size=cfg.run.strict_world_size), "reading the earlier log")
         resumed: Progress | None = dist.broadcast_object(ckpt.progress if ckpt else None, name="progress")
         model, mask, optimizer, sync = build(cfg, self.data, ckpt, own_sync=not self.fused)
         trial = Trial(cfg, model, mask, self.data.train, summed(loss_for(cfg.model.model)), dist.rank(), dist.size(),

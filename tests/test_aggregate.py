@@ -118,6 +118,20 @@ def test_copies_of_a_study_folder_inside_it_count_each_trial_once_and_are_said(r
         pd.testing.assert_frame_equal(study_table(trials, max_trials), study_table(original, max_trials))
 
 
+def test_a_trial_resumed_at_another_world_size_is_marked_and_said(tmp_path):
+    import json
+
+    from hvd_sparse.log import write_hdf5
+
+    write_log(tmp_path, "sgd", 0.0, 16, 0, "COMPLETE", 100)
+    resized = write_log(tmp_path, "sgd", 0.0, 16, 1, "COMPLETE", 120)
+    write_hdf5(resized, lambda f: f.attrs.__setitem__("world_sizes", json.dumps([2, 1])))
+    trials, problems = read_trials(tmp_path)
+    assert sorted(trials.world_sizes) == ["2", "2 1"]
+    (line,) = [p for p in problems if "another world size" in p]
+    assert line.startswith("1 trial(s) resumed at another world size than they were interrupted at") and "b16/trial-001.h5" in line
+
+
 def test_regime_rule_by_hand():
     rules = Rules(tolerance=0.25, min_saving=0.10)
     # perfect to 64; 160 at 128 is 1.6x perfect (100) -> critical 64; savings 50%, 50%, 20%, 11.25%, 1.4%

@@ -75,6 +75,13 @@ def test_killed_run_resumes_with_identical_measurements(tmp_path, np_, record_pr
         kill_rank_and_wait(victim, ranks[-1], record_property)
     interrupted = read_log(log)
     assert interrupted.status == "RUNNING" and checkpoint_path(log).exists()
+    if np_ > 1:  # a strict rerun at another world size is refused on the spot, the log and checkpoint left alone
+        before = log.read_bytes(), checkpoint_path(log).read_bytes()
+        proc = run(1, cut, "--strict-world-size")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            f"hvd_sparse.train: error: {log}: interrupted at world size {np_}; --strict-world-size refuses to resume it "
+            f"at 1 (rerun with {np_} ranks, or without --strict-world-size)"), describe(proc)
+        assert (log.read_bytes(), checkpoint_path(log).read_bytes()) == before
 
     proc = run(np_, cut)
     assert proc.returncode == 0, describe(proc)
@@ -161,6 +168,32 @@ def test_a_resume_onto_other_data_is_refused(tmp_path):
     assert plan_start(log_path, "r", False, "a" * 64).progress.step == 10
     with pytest.raises(LogError, match=r"t\.h5: this run was trained on other data \(SHA-256 aaaaaaaaaaaa, now bbbbbbbbbbbb\)"):
         plan_start(log_path, "r", False, "b" * 64)
+
+
+def test_a_resume_at_another_world_size_is_said_or_refused_when_strict(tmp_path, caplog):
+    import json as json_
+    from hvd_sparse.checkpoint import Progress, plan_start, save_checkpoint
+    from hvd_sparse.log import LogError, TrialLog
+    from hvd_sparse.mask import Mask
+
+    mask = Mask({"weight": torch.ones(5, 20, dtype=torch.bool)})
+    log_path = tmp_path / "t.h5"
+    attrs = {"config": "{}", "run_hash": "r", "world_size": 2, "mask_sha256": mask.sha256(), "hvd_sparse_version": "0",
+             "torch_version": "0", "horovod_version": "0", "world_sizes": json_.dumps([2])}
+    TrialLog.create(log_path, attrs, mask)
+    model = torch.nn.Linear(20, 5, bias=False)
+    save_checkpoint(log_path, Progress(step=10), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", mask.sha256())
+    with caplog.at_level("WARNING", logger="hvd_sparse"):
+        assert plan_start(log_path, "r", False, world_size=2).progress.step == 10
+        assert not caplog.records
+        assert plan_start(log_path, "r", False, world_size=1).progress.step == 10
+    (record,) = caplog.records
+    assert "resuming at world size 1 a trial interrupted at 2: the same optimization only up to float summation " \
+           "order" in record.getMessage()
+    with pytest.raises(LogError, match=r"t\.h5: interrupted at world size 2; --strict-world-size refuses to resume it "
+                                       r"at 1 \(rerun with 2 ranks, or without --strict-world-size\)"):
+        plan_start(log_path, "r", False, world_size=1, strict_world_size=True)
+    assert plan_start(log_path, "r", False, world_size=2, strict_world_size=True).progress.step == 10
 
 
 def test_measurement_states_survive_a_checkpoint_and_an_older_ones_noise_state_is_read(tmp_path):
