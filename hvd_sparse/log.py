@@ -216,9 +216,45 @@ def check_writable(folder: Path, what: str) -> None:
         raise LogError(f"{what} {folder}: cannot write there: {_reason(e)}") from None
 
 
-def _open(path: Path) -> h5py.File:
-    """Open for reading, from the verified bytes. Writers never modify the file in place, so no lock is needed."""
-    return h5py.File(io.BytesIO(verified_bytes(path)), "r")
+def _open(path: Path) -> tuple[h5py.File, bool]:
+    """Open for reading, from the verified bytes, and whether they carried a checksum. Writers never
+    modify the file in place, so no lock is needed."""
+    data = verified_bytes(path)
+    return h5py.File(io.BytesIO(data), "r"), not data.startswith(HDF5_SIGNATURE)
+
+
+CHECKSUM_VERSION = (0, 3, 0)  # every log written since carries a checksum in its user block
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in text.split("+")[0].split("."))
+    except ValueError:
+        return None
+
+
+def check_unchecksummed(path: Path, attrs: Mapping[str, Any], columns: Mapping[str, np.ndarray]) -> None:
+    """A log without a checksum is believed only as what it says it is, a log from before 0.3.0, and
+    only if its result agrees with its measurements: removing the user block of a newer log (then
+    editing its attributes) must not make it readable. LogError otherwise."""
+    version = _version(str(attrs.get("hvd_sparse_version", "")))
+    if version is None or version >= CHECKSUM_VERSION:
+        raise LogError(f"{path}: no checksum, but written by hvd_sparse {attrs.get('hvd_sparse_version')!r}, whose logs "
+                       "all carry one: its user block was removed, so nothing in it is believed")
+    if attrs.get("status") == "RUNNING":
+        return  # no result to check
+    try:
+        goal = float(json.loads(str(attrs["config"]))["train"]["goal_error"])
+    except (ValueError, KeyError, TypeError):
+        return  # no goal to check the result against
+    steps, errors = columns.get("step", np.array([])), columns.get("val_error", np.array([]))
+    reached = steps[: len(errors)][errors[: len(steps)] <= goal]
+    first = int(reached[0]) if len(reached) else None
+    claimed = int(attrs.get("steps_to_result", -1))
+    if (attrs.get("status") == "COMPLETE") != (first is not None) or (first is not None and claimed != first):
+        raise LogError(f"{path}: no checksum, and its result (status {attrs.get('status')}, steps_to_result {claimed}) "
+                       f"disagrees with its measurements (goal {goal:g} first reached at step {first}), so nothing in "
+                       "it is believed")
 
 
 def _plain(value: Any) -> Any:
@@ -395,7 +431,8 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
     """Read a log (also one still being written); LogError if it is not a valid trial log."""
     path = Path(path)
     try:
-        with _open(path) as f:
+        opened, checksummed = _open(path)
+        with opened as f:
             _check_extents(f, path)
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
             missing = [a for a in REQUIRED_ATTRS if a not in attrs]
@@ -419,6 +456,8 @@ def read_log(path: str | Path, with_mask: bool = True) -> LogData:
         first = e.strerror if isinstance(e, OSError) and e.strerror else (
             str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise LogError(f"{path}: unreadable or corrupt HDF5 log: {first}") from None
+    if not checksummed:
+        check_unchecksummed(path, attrs, columns)
     return LogData(path, attrs, columns, mask, tables)
 
 

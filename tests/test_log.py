@@ -102,6 +102,35 @@ def test_a_fifo_named_like_a_log_checkpoint_or_cell_record_is_refused_without_wa
     assert CellRecord(tmp_path, {0: "abc"}).read() == {}  # a record that cannot be read bounds nothing
 
 
+def test_a_log_without_its_checksum_is_believed_only_as_an_old_log_whose_result_agrees(tmp_path):
+    """Cutting a log's user block off (its checksum) leaves a readable HDF5 file, as logs were before
+    0.3.0: it is read only if its version says it is that old and its attributes agree with its
+    measurements, so an edited result is never believed."""
+    from hvd_sparse.log import USERBLOCK
+
+    def stripped(name, version, edit=None):
+        path = tmp_path / f"{name}.h5"
+        cfg = json.dumps({"train": {"seed": 0, "goal_error": 0.1}})
+        log = TrialLog.create(path, {**ATTRS, "config": cfg, "hvd_sparse_version": version}, mask())
+        for step, error in ((0, 0.5), (10, 0.3), (20, 0.1)):
+            log.append({**row(step), "val_error": error})
+        log.finish("COMPLETE", 20)
+        path.write_bytes(path.read_bytes()[USERBLOCK:])
+        if edit:
+            with h5py.File(path, "r+") as f:
+                f.attrs.update(edit)
+        return path
+
+    assert read_log(stripped("old", "0.2.0")).steps_to_result == 20
+    with pytest.raises(LogError, match="no checksum, but written by hvd_sparse '0.5.0', whose logs all carry one"):
+        read_log(stripped("new", "0.5.0"))
+    with pytest.raises(LogError, match=r"no checksum, and its result \(status COMPLETE, steps_to_result 5\) disagrees "
+                                       r"with its measurements \(goal 0.1 first reached at step 20\)"):
+        read_log(stripped("edited", "0.2.0", {"steps_to_result": 5}))
+    with pytest.raises(LogError, match="disagrees with its measurements"):
+        read_log(stripped("promoted", "0.2.0", {"status": "INCOMPLETE", "steps_to_result": -1}))
+
+
 def test_final_status_is_checked(tmp_path):
     log = TrialLog.create(tmp_path / "t.h5", ATTRS, mask())
     with pytest.raises(LogError):
