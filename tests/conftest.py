@@ -87,12 +87,20 @@ def torchrun(np: int, args: list[str], timeout: float = 240, cwd: Path | None = 
     return launched([*torchrun_cmd(np), *args], timeout, cwd)
 
 
+def default_signals() -> None:
+    """In a child before it execs: the default action for the signals a test sends that a shell may
+    have told this test run to ignore (`nohup make test` ignores SIGHUP, a background job of a script
+    SIGINT); an ignored signal stays ignored across exec, and the job under test would live on."""
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @contextmanager
 def job_in_own_session(cmd: list[str]) -> Iterator[subprocess.Popen]:
     """A job (launcher and ranks) in a session of its own, output discarded; whatever is left of it is
     killed when the block ends."""
     job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+                           start_new_session=True, preexec_fn=default_signals)
     try:
         yield job
     finally:

@@ -1,7 +1,9 @@
 """launch/setup.sh for a user without root: MPI and compilers found on the PATH (as a cluster's
 `module load` puts them) are used as they are; where they are missing, one line says what to load."""
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,12 +15,26 @@ from conftest import REPO
 MPI = ("mpicxx", "mpirun")
 
 
+def traversable_by_all(folder: Path) -> bool:
+    return all(p.stat().st_mode & stat.S_IXOTH for p in (folder, *folder.parents))
+
+
 @pytest.fixture
 def bin_dirs():
-    """Two folders a non-root user can read: the system's commands without MPI, and a 'module' of MPI's."""
+    """Two folders a non-root user can read (the system's commands without MPI, and a 'module' of MPI's),
+    and a copy of launch/setup.sh beside them: the checkout itself may be private (a home directory,
+    mktemp -d), which nobody cannot read."""
     if os.geteuid() != 0 or not shutil.which("runuser") or not all(shutil.which(t) for t in MPI):
         pytest.skip("needs root (to run as nobody), runuser and an MPI on this machine")
-    top = Path(tempfile.mkdtemp(prefix="hvd-sparse-setup-"))
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine to run set-up as")
+    base = next((Path(d) for d in (tempfile.gettempdir(), "/tmp", "/var/tmp") if Path(d).is_dir()
+                 and traversable_by_all(Path(d))), None)
+    if base is None:
+        pytest.skip("no temporary folder that the user nobody may enter")
+    top = Path(tempfile.mkdtemp(prefix="hvd-sparse-setup-", dir=base))
     top.chmod(0o755)
     system, module = top / "system", top / "openmpi-module"
     system.mkdir()
@@ -28,26 +44,29 @@ def bin_dirs():
             (system / entry.name).symlink_to(entry)
     for tool in MPI:
         (module / tool).symlink_to(shutil.which(tool))
-    yield system, module
+    (top / "launch").mkdir()
+    shutil.copy(REPO / "launch" / "setup.sh", top / "launch" / "setup.sh")
+    os.chmod(top / "launch" / "setup.sh", 0o644)
+    yield system, module, top / "launch" / "setup.sh"
     shutil.rmtree(top)
 
 
-def as_nobody(path, command):
+def as_nobody(path, script, command):
     return subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/env", "-i", f"PATH={path}", "HOME=/nonexistent",
-                           "/bin/bash", "-c", f"source {REPO}/launch/setup.sh && {command}"],
+                           "/bin/bash", "-c", f"source {script} && {command}"],
                           capture_output=True, text=True, timeout=60)
 
 
 def test_a_user_without_root_and_without_mpi_is_told_what_to_load(bin_dirs):
-    system, _ = bin_dirs
-    proc = as_nobody(system, "ensure_build_tools")
+    system, _, script = bin_dirs
+    proc = as_nobody(system, script, "ensure_build_tools")
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("[setup] error: mpicxx mpirun not found on the PATH: load your site's MPI") and "apt-get" in line
 
 
 def test_a_user_without_root_uses_the_mpi_on_the_path(bin_dirs):
-    system, module = bin_dirs
-    proc = as_nobody(f"{module}:{system}", "ensure_build_tools && ensure_fashion_mnist && echo ready")
+    system, module, script = bin_dirs
+    proc = as_nobody(f"{module}:{system}", script, "ensure_build_tools && ensure_fashion_mnist && echo ready")
     assert proc.returncode == 0 and proc.stdout.strip() == "ready", proc.stderr
     assert "apt-get install libopenmpi" not in proc.stderr  # nothing was installed, nothing asked for

@@ -11,7 +11,7 @@ import pytest
 from hvd_sparse.log import read_log
 from hvd_sparse.settings import launcher_grace
 from hvd_sparse.watch import is_launcher
-from conftest import REPO, horovodrun_cmd, launch_env
+from conftest import REPO, default_signals, horovodrun_cmd, launch_env
 
 LIMIT = launcher_grace() + 10  # seconds from the launcher's death to the exit of every rank and of mpirun
 
@@ -67,7 +67,7 @@ def job_processes(out):
 
 def start_and_wait_for_a_checkpoint(out, output_file):
     job = subprocess.Popen(train_cmd(out), env=launch_env(), cwd=REPO, stdout=output_file,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+                           stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_signals)
     deadline = time.time() + 120
     while not list(out.glob("*.ckpt.pt")) and time.time() < deadline:
         assert job.poll() is None, "the run ended before the launcher was killed"
