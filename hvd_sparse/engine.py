@@ -39,14 +39,13 @@ from hvd_sparse.mask import Mask
 from hvd_sparse.models import Loss, build_model, get_factory, loss_for, prunable_names, summed
 from hvd_sparse.measure import Measurement, Trial, average_contributions, check_measurements, measurements_for
 from hvd_sparse.noise import local_gradients
-from hvd_sparse.watch import watch_launcher
+from hvd_sparse.watch import PACE, STOP_CHECK_EVERY, watch_launcher
 from hvd_sparse.optim import OPTIMIZERS, build_optimizer, learning_rate, set_learning_rate
 from hvd_sparse.pruning import PRUNING, ScoreInput, kept_count, prune
 
 logger = logging.getLogger("hvd_sparse")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-STOP_CHECK_EVERY = 10  # steps between the collective checks for a stop signal
 _received: list[str] = []  # the stop signals this process received (their names), or why it stops
 
 
@@ -270,8 +269,10 @@ class Recorder:
 
     def _checkpoint(self, state: TrialState, progress: Progress) -> None:
         if self.cfg.run.checkpoint:
+            started = time.perf_counter()
             save_checkpoint(self.path, progress, state.model, state.optimizer, self.cfg.run_hash(), self.mask_sha256,
                             self.data_fingerprint)
+            PACE.note("checkpoint", time.perf_counter() - started)
 
     def evaluation(self, row: Mapping[str, float], state: TrialState | None) -> None:
         """One evaluation into the log; then a checkpoint of ``state`` unless the trial ends here (None)."""
@@ -552,7 +553,11 @@ class Engine:
     def loop(self) -> None:
         self.fill()
         while self.slots:
-            done = [(slot, outcome) for slot, outcome in self.evaluate() if outcome is not None]
+            started = time.perf_counter()
+            evaluated = self.evaluate()
+            if evaluated:  # with the checkpoint rank 0 writes after it (the others wait for it)
+                PACE.note("evaluation", time.perf_counter() - started)
+            done = [(slot, outcome) for slot, outcome in evaluated if outcome is not None]
             done += [(slot, ("CAPPED", None) if slot.capped else ("INCOMPLETE", None)) for slot in self.slots
                      if (slot.capped or slot.state.step == slot.cfg.train.max_steps)
                      and all(slot is not evaluated for evaluated, _ in done)]
@@ -561,7 +566,10 @@ class Engine:
                 continue  # the trials that took the free slots are evaluated at their start first
             if any(s.state.step % STOP_CHECK_EVERY == 0 for s in self.slots) and dist.any_rank(stop_requested(), "stop.check"):
                 self.stop()
-            failed = [slot for slot, finite in zip(list(self.slots), self.step()) if not finite]
+            started = time.perf_counter()
+            finite = self.step()
+            PACE.note("step", time.perf_counter() - started)
+            failed = [slot for slot, ok in zip(list(self.slots), finite) if not ok]
             if failed:
                 self.end([(slot, ("INFEASIBLE", None)) for slot in failed])
 

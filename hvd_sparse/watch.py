@@ -8,11 +8,18 @@ is gone (exited, a zombie, or the rank re-parented), the rank treats it as a sto
 checkpoints at the next agreed step as it does on SIGTERM; if the rank is still alive ``grace``
 seconds later (it was inside an evaluation, or a peer is gone too), it exits with one line.
 
+The grace follows the pace of the run: the engine reports how long its steps, evaluations and
+checkpoints take (``PACE``), and a rank waits for as long as reaching the next agreed step
+(``STOP_CHECK_EVERY`` steps away at most) and checkpointing takes at the slowest pace seen lately,
+HVD_SPARSE_LAUNCHER_GRACE at least and ``GRACE_BOUND`` at most; where that is not enough it says so
+when the launcher goes.
+
 A rank started by hand (``python -m hvd_sparse.train``, even under ``nohup``) has no launcher above
 it and is not watched.
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -22,6 +29,37 @@ from typing import Callable
 import psutil
 
 from hvd_sparse import settings
+
+STOP_CHECK_EVERY = 10  # steps between the engine's collective checks for a stop signal: the agreed step is this near
+GRACE_BOUND = 900.0  # seconds: the longest a rank waits, however slow its steps, once its launcher is gone
+
+
+class Pace:
+    """The recent durations of this rank's steps, evaluations and checkpoints (the engine reports
+    them; the launcher watch reads them from its thread)."""
+
+    def __init__(self, keep: int = 2 * STOP_CHECK_EVERY):
+        self.recent: dict[str, collections.deque[float]] = {
+            kind: collections.deque(maxlen=keep) for kind in ("step", "evaluation", "checkpoint")}
+
+    def note(self, kind: str, seconds: float) -> None:
+        self.recent[kind].append(seconds)
+
+    def needed(self) -> float:
+        """Seconds to reach the next agreed step and checkpoint there, at the slowest recent pace: up to
+        STOP_CHECK_EVERY steps, an evaluation due on the way, the checkpoint, and 2 s to spare."""
+        slowest = {kind: max(values, default=0.0) for kind, values in self.recent.items()}
+        return STOP_CHECK_EVERY * slowest["step"] + slowest["evaluation"] + slowest["checkpoint"] + 2.0
+
+
+PACE = Pace()
+
+
+def grace_for(configured: float, pace: Pace) -> tuple[float, float]:
+    """(the seconds to wait after the launcher is gone, the seconds the run needs)."""
+    needed = pace.needed()
+    return max(configured, min(needed, GRACE_BOUND)), needed
+
 
 LAUNCHERS = frozenset({"horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun", "slurmstepd", "torchrun"})
 POLL_SECONDS = 0.5
@@ -103,8 +141,13 @@ def watch_launcher(on_lost: Callable[[str], None], prog: str, grace: float | Non
             time.sleep(POLL_SECONDS)
         what = names[chain.index(lost)]
         on_lost(f"the exit of its launcher {what}")
-        time.sleep(grace)
-        print(f"{prog}: error: the launcher {what} exited {grace:g} s ago and this rank did not stop by "
+        wait, needed = grace_for(grace, PACE)
+        if needed > wait:
+            print(f"{prog}: warning: the launcher {what} exited; reaching the next agreed step and checkpointing "
+                  f"takes about {needed:.0f} s at this run's pace, over the {wait:g} s a rank waits: it may exit "
+                  "without that checkpoint (a rerun resumes from the one before)", file=sys.stderr, flush=True)
+        time.sleep(wait)
+        print(f"{prog}: error: the launcher {what} exited {wait:g} s ago and this rank did not stop by "
               f"itself; exiting (a rerun resumes from the last checkpoint)", file=sys.stderr, flush=True)
         os._exit(1)
 

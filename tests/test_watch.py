@@ -120,6 +120,85 @@ def test_no_rank_outlives_its_launcher(tmp_path, record_property, target, sig):
         assert read_log(log_path, with_mask=False).attrs["interruptions"] == 2, (tmp_path / "rerun.txt").read_text()
 
 
+def test_the_grace_follows_the_pace_of_the_run_within_its_bound():
+    from hvd_sparse.watch import GRACE_BOUND, STOP_CHECK_EVERY, Pace, grace_for
+
+    pace = Pace()
+    assert grace_for(10.0, pace) == (10.0, 2.0)  # nothing measured yet: the configured grace
+    for seconds in (0.05, 3.0, 0.05):  # the slowest recent step counts
+        pace.note("step", seconds)
+    pace.note("evaluation", 4.0)
+    pace.note("checkpoint", 1.0)
+    needed = STOP_CHECK_EVERY * 3.0 + 4.0 + 1.0 + 2.0
+    assert grace_for(10.0, pace) == (needed, needed)
+    assert grace_for(60.0, pace) == (60.0, needed)
+    pace.note("step", 1000.0)
+    assert grace_for(10.0, pace) == (GRACE_BOUND, STOP_CHECK_EVERY * 1000.0 + 7.0)  # bounded, and the need is said
+    for _ in range(2 * STOP_CHECK_EVERY):
+        pace.note("step", 0.05)  # only the recent steps count
+    assert grace_for(10.0, pace)[1] == pytest.approx(STOP_CHECK_EVERY * 0.05 + 7.0)
+
+
+SLOW_STEPS = '''
+import time
+
+import hvd_sparse
+from hvd_sparse.measure import Measurement
+
+
+@hvd_sparse.register_measurement("slow_steps")
+class SlowSteps(Measurement):
+    """Every step takes 0.6 s longer: steps as slow as a large batch on shared cores."""
+
+    name = "slow_steps"
+
+    @classmethod
+    def wants(cls, cfg):
+        return True
+
+    def due(self, step):
+        return True
+
+    def after_step(self):
+        time.sleep(0.6)
+        return None
+'''
+
+
+@pytest.mark.launches
+def test_steps_slower_than_the_grace_still_reach_the_agreed_step_and_checkpoint(tmp_path, monkeypatch, record_property):
+    """Steps of 0.6 s, a launcher grace of 2 s: the agreed step is up to 10 steps (6 s) away when
+    horovodrun is killed. The ranks wait for it at their measured pace, checkpoint there, and leave."""
+    monkeypatch.setenv("HVD_SPARSE_LAUNCHER_GRACE", "2")
+    plugin = tmp_path / "slow_steps.py"
+    plugin.write_text(SLOW_STEPS)
+    out = tmp_path / "runs"
+    cmd = [*train_cmd(out), "--eval-every", "5", "--plugin", str(plugin)]
+    with open(tmp_path / "output.txt", "w") as output:
+        job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=default_signals)
+        deadline = time.time() + 120
+        while not list(out.glob("*.ckpt.pt")) and time.time() < deadline:
+            assert job.poll() is None, (tmp_path / "output.txt").read_text()
+            time.sleep(0.05)
+        time.sleep(1.5)  # a few steps past a stop check, so the agreed step is several steps away
+        psutil.Process(job.pid).kill()
+        killed = time.time()
+        job.wait(timeout=30)
+        while job_processes(out) and time.time() - killed < 60:
+            time.sleep(0.2)
+        left = job_processes(out)
+        for p in left:
+            p.kill()
+    record_property("time_to_exit_s", round(time.time() - killed, 1))
+    text = (tmp_path / "output.txt").read_text()
+    assert not left, text[-3000:]
+    (log_path,) = out.glob("*.h5")
+    log = read_log(log_path, with_mask=False)
+    assert log.status == "RUNNING" and log.attrs.get("interruptions") == 1, text[-3000:]  # checkpointed at the agreed step
+    assert "did not stop by itself" not in text, text[-3000:]
+
+
 @pytest.mark.launches
 @pytest.mark.parametrize("frozen", [0, 1])
 def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(tmp_path, monkeypatch, record_property, frozen):
