@@ -583,6 +583,25 @@ def summary_table(outcomes: Sequence[Outcome]) -> str:
 # -- running -----------------------------------------------------------------------------------
 
 
+DATA_FILE = "data.json"
+
+
+def check_study_data(directory: Path, fingerprint: str) -> None:
+    """The study's trials all train on one dataset: the first run records the data's SHA-256 in the
+    study directory, and a later run on other data (its data_dir changed, a file replaced) is refused
+    before any trial, as its new trials would sit beside the ended ones in one table."""
+    path = directory / DATA_FILE
+    if not path.exists():
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps({"data_fingerprint": fingerprint})), "data record")
+    try:
+        recorded = str(json.loads(regular_bytes(path))["data_fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable data record ({type(e).__name__}); not touching this directory") from None
+    if recorded != fingerprint:
+        raise ConfigError(f"{directory}: this study's trials were trained on other data (SHA-256 {recorded[:12]}, now "
+                          f"{fingerprint[:12]}); point data_dir back to that data, or give this study another --out")
+
+
 def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 1), verbose: bool = False,
               pack: int = 1, backend: str = "auto") -> list[Outcome]:
     """Run this shard's trials of the study inside the current Horovod job; rank 0 prints progress.
@@ -606,6 +625,7 @@ def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 
                            f"plug-ins {plugin_digest()}", "study spec, shard, --pack, --fuse, --capping and plug-ins")
     dist.on_root(lambda: prepare_dir(spec, directory), "preparing the study directory")
     data = load_data_everywhere(everything[0].config, select_device())
+    dist.on_root(lambda: check_study_data(directory, data.fingerprint), "checking the study's data")
     if dist.world_is_root():
         packing = "" if groups == 1 else f" as {groups} groups of {dist.size()} running trials side by side"
         packing += f", {spec.fuse} trials of a cell fused" if spec.fuse > 1 else ""

@@ -752,3 +752,18 @@ def test_a_grown_study_runs_only_its_new_trials_and_aggregates_alone(uninterrupt
     assert sorted(named_twice.path) == sorted(trials.path)  # each log once, relative to the common parent
     with pytest.raises(AggregateError, match="with 2 different specs"):
         aggregate(root, tmp_path / "agg2", plots=False)
+
+
+def test_a_study_refuses_to_go_on_with_other_data_than_its_trials_were_trained_on(tmp_path):
+    """The first run records the data's SHA-256; a later run whose data changed (a file replaced
+    mid-study, data_dir pointed elsewhere) is refused before any trial; a damaged record too."""
+    from hvd_sparse.study import DATA_FILE, check_study_data
+
+    check_study_data(tmp_path, "a" * 64)
+    check_study_data(tmp_path, "a" * 64)  # the same data: nothing to say
+    with pytest.raises(ConfigError, match=r"this study's trials were trained on other data \(SHA-256 aaaaaaaaaaaa, now "
+                                          r"bbbbbbbbbbbb\); point data_dir back"):
+        check_study_data(tmp_path, "b" * 64)
+    (tmp_path / DATA_FILE).write_text("{")
+    with pytest.raises(ConfigError, match="unreadable data record"):
+        check_study_data(tmp_path, "a" * 64)
