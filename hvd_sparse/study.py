@@ -42,7 +42,7 @@ from hvd_sparse.search import SearchSpace, reference_space
 
 PROG = "hvd_sparse.study"
 SPEC_FILE = "study.json"
-OPERATIONAL = ("data_dir", "fuse", "capping", "plugins", "strict_world_size")  # spec keys that say how or where, never what: out of the hash
+OPERATIONAL = ("data_dir", "fuse", "capping", "plugins", "strict_world_size", "save_model")  # spec keys that say how or where, never what: out of the hash
 
 # config fields the grid sets itself; a spec's ``config`` section may not override them
 GRID_FIELDS = {
@@ -104,6 +104,8 @@ class StudySpec:
     capping: bool = True
     # refuse to resume a trial at another world size than it was interrupted at (--strict-world-size)
     strict_world_size: bool = False
+    # each trial's final parameters beside its log (<log>.final.pt), as hvd_sparse.train --save-model
+    save_model: bool = False
     # plug-ins imported before the grid's names are looked up (paths relative to the spec's folder): where the
     # code is, not what it does (each log records each plug-in's source and its SHA-256); out of the hash
     plugins: tuple[str, ...] = ()
@@ -306,7 +308,7 @@ class StudySpec:
         put("train", batch_size=batch_size, max_steps=self.per_batch("max_steps", batch_size),
             eval_every=self.per_batch("eval_every", batch_size),
             goal_error=self.goal_error, seed=self.seed + trial_id)
-        put("run", progress=False, checkpoint=True, strict_world_size=self.strict_world_size)
+        put("run", progress=False, checkpoint=True, strict_world_size=self.strict_world_size, save_model=self.save_model)
         return Config.from_dict(sections)
 
 
@@ -777,6 +779,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="refuse to resume a trial at another world size than it was interrupted at (a resume at "
                              "another is the same optimization only up to float summation order; by default it is "
                              "said and recorded in the log's world_sizes)")
+    parser.add_argument("--save-model", action="store_true", default=None,
+                        help="save each trial's final parameters beside its log (<log>.final.pt)")
     parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch"),
                         help="distributed engine (default: from the launch: torchrun -> torch, horovodrun/mpirun/srun -> horovod)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
@@ -801,6 +805,8 @@ def study_main(argv: Sequence[str] | None) -> int:
         spec = dataclasses.replace(spec, capping=args.capping)
     if args.strict_world_size:
         spec = dataclasses.replace(spec, strict_world_size=True)
+    if args.save_model:
+        spec = dataclasses.replace(spec, save_model=True)
     directory = Path(args.study_dir) if args.study_dir else study_dir(spec, args.out)
     shard_of = parse_shard(args.shard)
     if args.print_dir:
