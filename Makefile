@@ -25,8 +25,10 @@ MNIST_SPECS ?= studies/mnist-sgd.yaml studies/mnist-nesterov.yaml studies/mnist-
 MNIST_OUT ?= runs/mnist
 MNIST_FIGURES ?= docs/mnist-study
 MNIST_ARGS ?=
+CHAOS_FAULTS ?= 100
+CHAOS_SEED ?= 0
 
-.PHONY: setup demo replicate replicate-fashion replicate-pruning replicate-mnist failure-times test test-fast clean
+.PHONY: setup demo replicate replicate-fashion replicate-pruning replicate-mnist failure-times chaos test test-fast clean
 
 setup:
 	@bash launch/setup.sh
@@ -70,6 +72,11 @@ replicate-mnist: setup
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup
 	python benchmarks/failure_times.py
+
+## make chaos: set up, then the chaos campaign: CHAOS_FAULTS random faults (seed CHAOS_SEED) on a running study,
+## rerun until it completes, compared bit for bit with the undisturbed study (about 20 minutes for 100)
+chaos: setup
+	python benchmarks/chaos.py --faults $(CHAOS_FAULTS) --seed $(CHAOS_SEED)
 
 ## make test: set up, then the whole test suite (what CI runs)
 test: setup
