@@ -201,7 +201,7 @@ class Campaign:
             files = sorted(study.rglob(pattern)) if study.exists() else []
             if not files:
                 return False
-            target = self.rng.choice(files)
+            target = files[self.rng.randrange(len(files))]
             try:
                 data = bytearray(target.read_bytes())
             except OSError:
@@ -272,7 +272,8 @@ class Campaign:
             done: list[tuple[str, float]] = []
             if injected < budget:
                 delay = self.rng.uniform(0.3, 2.0) if self.rng.random() < 0.25 else self.rng.uniform(2.0, 12.0)
-                kinds = [self.rng.choice(KINDS)] + ([self.rng.choice(KINDS)] if self.rng.random() < 0.125 else [])
+                kinds = [self.rng.choice(KINDS), self.rng.choice(KINDS)][:2 if self.rng.random() < 0.125 else 1]
+                kinds = kinds[:budget - injected]
                 time.sleep(delay)
                 for i, kind in enumerate(kinds):
                     if job.poll() is not None:
@@ -297,6 +298,7 @@ class Campaign:
                     raise SystemExit(f"a run was refused and nothing says why:\n{text[-3000:]}")
             for p in self.processes(out):  # a SIGSTOPped rank the launcher did not take down
                 p.kill()
+        self.restore_data()  # replaced while the last trials ended: the next round starts on the real data
         return injected
 
     def compare(self, out: Path, reference: Path, capped: bool) -> None:

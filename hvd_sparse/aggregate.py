@@ -119,14 +119,21 @@ def trial_row(path: Path, root: Path) -> dict:
         "steps_done": int(m["step"][-1]) if len(m.get("step", [])) else 0,
         "wall_time": float(m["wall_time"][-1]) if len(m.get("wall_time", [])) else math.nan,
         "world_size": int(log.attrs["world_size"]),
-        # every world size the trial ran at, in order ("2 1": interrupted at 2, resumed at 1)
-        "world_sizes": " ".join(map(str, json.loads(log.attrs.get("world_sizes", f"[{int(log.attrs['world_size'])}]")))),
+        "world_sizes": world_sizes(path, log.attrs),
         "density": float(log.attrs.get("mask_density", math.nan)),
         "grad_compression": cfg.get("dist", {}).get("grad_compression", "none"),
         "noise_at_result": noise_at(m, reached) if reached is not None else math.nan,
         "lipschitz_at_result": lipschitz_near(log.lipschitz, reached) if reached is not None else math.nan,
         "lipschitz_last": float(log.lipschitz["value"][-1]) if len(log.lipschitz.get("value", [])) else math.nan,
     }
+
+
+def world_sizes(path: Path, attrs: Mapping[str, Any]) -> str:
+    """Every world size the trial ran at, in order ("2 1": interrupted at 2, resumed at 1)."""
+    try:
+        return " ".join(str(int(n)) for n in json.loads(attrs.get("world_sizes", f"[{int(attrs['world_size'])}]")))
+    except (ValueError, TypeError):
+        raise LogError(f"{path}: its world_sizes attribute is not a list of world sizes") from None
 
 
 def noise_at(measurements: Mapping[str, np.ndarray], step: int) -> float:
@@ -198,14 +205,16 @@ def read_trials(roots: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame,
 
 
 def without_copies(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Each trial once: logs of the same study, trial id and training (run hash) are copies of one trial
-    (a backup of a study folder inside the folder aggregated, a log copied by hand). The copy kept is
+    """Each trial once: logs of the same study, trial id, training (run hash) and world sizes are copies
+    of one trial (a backup of a study folder inside the folder aggregated, a log copied by hand). Logs
+    of single runs (no study) are never merged: the same configuration run at np=1 and np=4 is two
+    measurements. The copy kept is
     the furthest along (an ended one before a RUNNING one, then the most steps), then the one nearest the
     top of the folder; one line says how many were skipped and shows one."""
-    key = ["study_hash", "trial_id", "run_hash"]
+    key = ["study_hash", "trial_id", "run_hash", "world_sizes"]
     ranked = table.assign(_ended=table.status != "RUNNING", _depth=table.path.map(lambda p: len(Path(p).parts)))
     ranked = ranked.sort_values(["_ended", "steps_done", "_depth", "path"], ascending=[False, False, True, True])
-    copy = ranked.duplicated(key, keep="first")
+    copy = ranked.duplicated(key, keep="first") & (ranked.study_hash != "")  # single runs: each log its own
     if not copy.any():
         return table, []
     example = ranked[copy].iloc[0]

@@ -2,9 +2,9 @@
 
     python -m hvd_sparse.compare docs/fashion-study docs/mnist-study [--out comparison.csv]
 
-Each folder is what ``hvd_sparse.aggregate`` wrote (``studies.csv``, ``curves.csv``,
-``noise_scale.csv``), so the comparison needs no trial logs. One row per workload, optimizer and
-sparsity: the measured critical batch size and maximal useful batch size (the aggregator's, read off
+Each folder is what ``hvd_sparse.aggregate`` wrote (``studies.csv``, ``curves.csv`` and, where the
+noise scale was measured, ``noise_scale.csv``), so the comparison needs no trial logs. One row per workload, optimizer and
+sparsity (and pruning method): the measured critical batch size and maximal useful batch size (the aggregator's, read off
 its fitted curve), the steps at the smallest batch size, the sparse network's steps over the dense
 network's at the same batch size (median and range over the batch sizes both reached), and the
 gradient noise scale B_simple at the goal against the critical batch size. Printed as one table with
@@ -22,8 +22,8 @@ import pandas as pd
 from hvd_sparse.cli import ArgumentParser, error_line, say
 
 PROG = "hvd_sparse.compare"
-KEY = ["dataset", "model", "optimizer", "schedule", "goal_error"]
-TABLES = ("studies.csv", "curves.csv", "noise_scale.csv")
+KEY = ["dataset", "model", "optimizer", "pruning", "schedule", "goal_error"]
+TABLES = ("studies.csv", "curves.csv")  # and noise_scale.csv where the noise scale was measured
 
 
 class CompareError(ValueError):
@@ -34,8 +34,16 @@ def read_folder(folder: str | Path) -> dict[str, pd.DataFrame]:
     folder = Path(folder)
     missing = [name for name in TABLES if not (folder / name).is_file()]
     if missing:
-        raise CompareError(f"{folder}: no {', '.join(missing)} (a folder hvd_sparse.aggregate wrote)")
-    return {name.removesuffix(".csv"): pd.read_csv(folder / name) for name in TABLES}
+        raise CompareError(f"{folder}: no {' or '.join(missing)} (a folder hvd_sparse.aggregate wrote)")
+    tables = {name.removesuffix(".csv"): pd.read_csv(folder / name) for name in TABLES}
+    noise = folder / "noise_scale.csv"
+    tables["noise_scale"] = pd.read_csv(noise) if noise.is_file() else pd.DataFrame(
+        columns=KEY + ["sparsity", "noise_scale_at_goal", "predicted_over_measured"])
+    for table in tables.values():  # tables of a grid without a pruning axis: SNIP, unnamed
+        if "pruning" not in table:
+            table["pruning"] = ""
+        table["pruning"] = table["pruning"].fillna("")
+    return tables
 
 
 def step_ratios(studies: pd.DataFrame) -> pd.DataFrame:
@@ -43,6 +51,8 @@ def step_ratios(studies: pd.DataFrame) -> pd.DataFrame:
     and optimizer), where both reached the goal: median, lowest and highest over the batch sizes."""
     reached = studies.dropna(subset=["steps_to_result"])
     dense = reached[reached.sparsity == 0].set_index(KEY + ["batch_size"]).steps_to_result
+    if not dense.index.is_unique:
+        raise CompareError("two dense studies of one workload and batch size in one folder")
     rows = []
     for key, group in reached[reached.sparsity > 0].groupby(KEY + ["sparsity"]):
         ratios = [row.steps_to_result / dense[(*key[:-1], row.batch_size)] for row in group.itertuples()
@@ -67,8 +77,8 @@ def comparison(folders: Sequence[str | Path]) -> pd.DataFrame:
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     if table.duplicated(KEY + ["sparsity"]).any():
-        raise CompareError("the same workload, optimizer and sparsity appear in two folders")
-    return table.sort_values(["optimizer", "sparsity", "dataset"], ignore_index=True)
+        raise CompareError("the same workload, optimizer, pruning method and sparsity appear in two folders")
+    return table.sort_values(["optimizer", "pruning", "sparsity", "dataset"], ignore_index=True)
 
 
 def _batch(value: float) -> str:
@@ -84,15 +94,15 @@ def _ratio(row) -> str:
 
 
 def format_comparison(table: pd.DataFrame) -> str:
-    header = (f"{'optimizer':<10}{'sparsity':>9}  {'workload':<30}{'critical':>9}{'maximal':>9}{'steps at smallest':>19}"
+    header = (f"{'optimizer':<10}{'sparsity':>9}  {'workload':<36}{'critical':>9}{'maximal':>9}{'steps at smallest':>19}"
               f"  {'sparse/dense steps: median (range)':<36}{'B_simple':>9}{'/critical':>10}")
     lines = [header]
     for row in table.itertuples():
-        workload = f"{row.dataset} goal {row.goal_error:g}"
-        smallest = f"{int(row.steps_at_smallest)} at B={int(row.smallest_batch)}"
+        workload = f"{row.dataset}{f' {row.pruning}' if row.pruning else ''} goal {row.goal_error:g}"
+        smallest = "-" if pd.isna(row.steps_at_smallest) else f"{int(row.steps_at_smallest)} at B={int(row.smallest_batch)}"
         noise = "-" if pd.isna(row.noise_scale_at_goal) else f"{row.noise_scale_at_goal:.0f}"
         over = "-" if pd.isna(row.predicted_over_measured) else f"{row.predicted_over_measured:.1f}"
-        lines.append(f"{row.optimizer:<10}{row.sparsity:>9g}  {workload:<30}{_batch(row.critical_batch_size):>9}"
+        lines.append(f"{row.optimizer:<10}{row.sparsity:>9g}  {workload:<36}{_batch(row.critical_batch_size):>9}"
                      f"{_batch(row.diminishing_batch_size):>9}{smallest:>19}  {_ratio(row):<36}{noise:>9}{over:>10}")
     return "\n".join(lines)
 
@@ -109,12 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         table = comparison(args.folders)
+        text = format_comparison(table)
+        if args.out:
+            table.to_csv(args.out, index=False)
     except (ValueError, KeyError, OSError) as e:  # CompareError, ConfigError, a CSV without a column, unreadable
         error_line(e, PROG)
         return 2
-    if args.out:
-        table.to_csv(args.out, index=False)
-    say(format_comparison(table))
+    say(text)
     return 0
 
 

@@ -86,7 +86,7 @@ def init(groups: int = 1, backend: str = "auto") -> None:
     _e = engines.make(name)
     _node, _group = _e.init(groups)
     _start_beacon()
-    if "OMP_NUM_THREADS" not in os.environ:
+    if settings.omp_threads() is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // _node[1]))
 

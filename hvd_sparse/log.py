@@ -131,8 +131,11 @@ def regular_bytes(path: str | Path) -> bytes:
     opened without blocking and checked before anything is read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)", str(path))
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a socket" if stat.S_ISSOCK(mode) else "a device")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
         os.set_blocking(fd, True)
         chunks = []
         while chunk := os.read(fd, 1 << 22):
@@ -204,10 +207,10 @@ def _free_space(folder: Path) -> str:
 def check_writable(folder: Path, what: str) -> None:
     """Create ``folder`` if needed and create a file in it: a read-only or misnamed output folder
     is a one-line LogError before any training, not a failure after the first evaluation."""
-    for link in (folder, *folder.parents):
-        if link.is_symlink() and not link.exists():
-            raise LogError(f"{what} {folder}: {link} is a symbolic link to {os.readlink(link)}, which does not exist")
     try:
+        for link in (folder, *folder.parents):
+            if os.path.islink(link) and not os.path.exists(link):
+                raise LogError(f"{what} {folder}: {link} is a symbolic link to {os.readlink(link)}, which does not exist")
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".hvd-sparse-write-test-")
         os.close(fd)
@@ -248,7 +251,10 @@ def check_unchecksummed(path: Path, attrs: Mapping[str, Any], columns: Mapping[s
     except (ValueError, KeyError, TypeError):
         return  # no goal to check the result against
     steps, errors = columns.get("step", np.array([])), columns.get("val_error", np.array([]))
-    reached = steps[: len(errors)][errors[: len(steps)] <= goal]
+    n = min(len(steps), len(errors))
+    losses = columns.get("val_loss", np.zeros(n))[:n]
+    # before 0.3.0 a non-finite loss ended a trial INFEASIBLE even where its error met the goal
+    reached = steps[:n][(errors[:n] <= goal) & np.isfinite(losses)]
     first = int(reached[0]) if len(reached) else None
     claimed = int(attrs.get("steps_to_result", -1))
     if (attrs.get("status") == "COMPLETE") != (first is not None) or (first is not None and claimed != first):

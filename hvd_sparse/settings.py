@@ -52,10 +52,10 @@ def omp_threads() -> int | None:
     """OMP_NUM_THREADS's first level, None when unset. torch ignores a value it cannot parse, and a rank
     then runs on every core of the node, as many times over as the node has ranks."""
     text = os.environ.get("OMP_NUM_THREADS")
-    if text is None:
+    if text is None or text == "":
         return None
-    levels = text.split(",")
-    if not all(level.strip().isdigit() and int(level) > 0 for level in levels):
+    levels = [level.strip() for level in text.split(",")]
+    if not all(level.isascii() and level.isdigit() and int(level) > 0 for level in levels):
         raise ConfigError(f"OMP_NUM_THREADS={text!r}: must be a positive integer (threads per rank), or unset")
     return int(levels[0])
 

@@ -34,8 +34,8 @@ from hvd_sparse.capping import CellRecord, best_first
 from hvd_sparse.checkpoint import RunLock, checkpoint_path
 from hvd_sparse.cli import PLUGIN_HELP, ArgumentParser, configure_logging, guarded, say
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
-from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, load_data_everywhere,
-                               select_device, stop_requested, validate)
+from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, final_model_path,
+                               load_data_everywhere, select_device, stop_requested, validate)
 from hvd_sparse.log import LogData, LogError, check_writable, copy_log, read_log, regular_bytes, write_atomically
 from hvd_sparse.registry import load_plugins, plugin_digest
 from hvd_sparse.search import SearchSpace, reference_space
@@ -207,14 +207,16 @@ class StudySpec:
     @classmethod
     def load(cls, path: str | Path) -> "StudySpec":
         path = Path(path)
-        try:
-            text = regular_bytes(path).decode()
+        try:  # the file the user names may be a pipe (study <(make-spec)): read as it comes, at most 1 MiB
+            with open(path, "rb") as f:
+                text = f.read(SPEC_MAX_BYTES + 1).decode()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the study spec: {getattr(e, 'strerror', None) or e}") from None
         try:
             d = json.loads(text) if path.suffix == ".json" else bounded_yaml(text)
-        except (ValueError, yaml.YAMLError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except (ValueError, yaml.YAMLError, RecursionError) as e:
+            first = "nested too deeply" if isinstance(e, RecursionError) else (
+                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             raise ConfigError(f"{path}: not a valid {'JSON' if path.suffix == '.json' else 'YAML'} study spec: {first}") from None
         try:
             spec = cls.from_dict(d)
@@ -352,7 +354,7 @@ def bounded_yaml(text: str) -> Any:
     grow exponentially, and everything downstream (validation, hashing, error messages) walks the
     expanded value. The size is counted on the composed nodes, before anything is expanded."""
     if len(text) > SPEC_MAX_BYTES:
-        raise ValueError(f"{len(text)} characters, over the {SPEC_MAX_BYTES} a spec may have")
+        raise ValueError(f"over the {SPEC_MAX_BYTES} characters a spec may have")
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -536,10 +538,13 @@ def adopt(directory: Path, trial: Trial, spec: StudySpec, fingerprint: str) -> t
         ended = adoptable(source, trial, spec, fingerprint)
         if ended is not None:
             target = directory / trial.relpath()
-            if checkpoint_path(source).exists():  # a CAPPED trial's: --no-capping resumes it (before the log appears)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(checkpoint_path(target), lambda tmp: shutil.copyfile(checkpoint_path(source), tmp),
-                                 "the adopted checkpoint")
+            # a CAPPED trial's checkpoint (--no-capping resumes it) and the final weights (--save-model), before
+            # the log that says the trial ended appears
+            for companion in (checkpoint_path, final_model_path):
+                if companion(source).exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomically(companion(target), lambda tmp: shutil.copyfile(companion(source), tmp),
+                                     "an adopted trial's file")
             copy_log(source, target, {**trial.attrs(spec), "adopted_from": str(source)})
             return ended
     return None
@@ -593,8 +598,16 @@ def check_study_data(directory: Path, fingerprint: str) -> None:
     study directory, and a later run on other data (its data_dir changed, a file replaced) is refused
     before any trial, as its new trials would sit beside the ended ones in one table."""
     path = directory / DATA_FILE
-    if not path.exists():
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps({"data_fingerprint": fingerprint})), "data record")
+    if not path.exists():  # a study from before the record: its trials' logs say what they were trained on
+        logged = next((str(a) for a in (_logged_fingerprint(p) for p in directory.rglob("trial-*.h5")) if a), fingerprint)
+        tmp = directory / f".{DATA_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps({"data_fingerprint": logged}))
+        try:
+            os.link(tmp, path)  # whoever is first (shards start together) sets the record; the others read it
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
     try:
         recorded = str(json.loads(regular_bytes(path))["data_fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -602,6 +615,13 @@ def check_study_data(directory: Path, fingerprint: str) -> None:
     if recorded != fingerprint:
         raise ConfigError(f"{directory}: this study's trials were trained on other data (SHA-256 {recorded[:12]}, now "
                           f"{fingerprint[:12]}); point data_dir back to that data, or give this study another --out")
+
+
+def _logged_fingerprint(log: Path) -> str:
+    try:
+        return str(read_log(log, with_mask=False).attrs.get("data_fingerprint", ""))
+    except LogError:
+        return ""
 
 
 def run_study(spec: StudySpec, directory: Path, shard_of: tuple[int, int] = (0, 1), verbose: bool = False,

@@ -41,14 +41,17 @@ class Pace:
     def __init__(self, keep: int = 2 * STOP_CHECK_EVERY):
         self.recent: dict[str, collections.deque[float]] = {
             kind: collections.deque(maxlen=keep) for kind in ("step", "evaluation", "checkpoint")}
+        self.lock = threading.Lock()
 
     def note(self, kind: str, seconds: float) -> None:
-        self.recent[kind].append(seconds)
+        with self.lock:
+            self.recent[kind].append(seconds)
 
     def needed(self) -> float:
         """Seconds to reach the next agreed step and checkpoint there, at the slowest recent pace: up to
         STOP_CHECK_EVERY steps, an evaluation due on the way, the checkpoint, and 2 s to spare."""
-        slowest = {kind: max(values, default=0.0) for kind, values in self.recent.items()}
+        with self.lock:
+            slowest = {kind: max(values, default=0.0) for kind, values in self.recent.items()}
         return STOP_CHECK_EVERY * slowest["step"] + slowest["evaluation"] + slowest["checkpoint"] + 2.0
 
 
@@ -122,7 +125,8 @@ def describe(process: psutil.Process) -> str:
     elif name in ("sh", "bash", "dash") and len(words) > 2:
         # horovodrun execs into `sh -c 'mpirun ...'`: the pid is the one horovodrun was started with, and
         # mpirun itself is this shell's child (its own link of the chain)
-        name = f"horovodrun/{name} -c {os.path.basename(words[2].split()[0])}"
+        launcher = os.path.basename(words[2].split()[0]) if words[2].split() else "?"
+        name = f"{'horovodrun/' if launcher == 'mpirun' else ''}{name} -c {launcher}"
     return f"{name} (pid {process.pid})"
 
 

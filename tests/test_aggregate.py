@@ -96,26 +96,35 @@ def test_study_steps_is_the_min_over_complete_trials_with_its_metaparameters(run
     assert (row.trials, row.running) == (1, 1)  # trial 9 is past the first 2 only by id, not by status
 
 
-def test_copies_of_a_study_folder_inside_it_count_each_trial_once_and_are_said(runs, tmp_path):
-    """Backup copies of the study inside it (the probe found 25), and one taken while a trial was
-    still running: every study counts what the original does, --max-trials sees distinct trials, and
-    one line says what was skipped."""
+def test_copies_of_a_study_folder_inside_it_count_each_trial_once_and_are_said(tmp_path):
+    """Backup copies of a study inside it (the probe found 25), and one taken while a trial was still
+    running: every cell counts what the original does, --max-trials sees distinct trials, and one
+    line says what was skipped. Single runs of one configuration (no study) are never merged."""
     import shutil
 
+    original = tmp_path / "study"
+    for batch, steps in ((16, (200, 160, None)), (32, (100, 90, 120))):
+        for trial_id, reached in enumerate(steps):
+            write_log(original, "sgd", 0.0, batch, trial_id, "COMPLETE" if reached else "INCOMPLETE", reached,
+                      study=("known", "0123456789ab"))
     root = tmp_path / "runs"
-    shutil.copytree(runs, root)
+    shutil.copytree(original, root)
     for k in range(3):
-        shutil.copytree(runs, root / "backups" / f"copy-{k}", ignore=shutil.ignore_patterns("backups"))
-    write_log(root / "backups" / "mid-run", "sgd", 0.0, 32, 0, "RUNNING", None)  # a copy taken mid-run
+        shutil.copytree(original, root / "backups" / f"copy-{k}")
+    write_log(root / "backups" / "mid-run", "sgd", 0.0, 32, 1, "RUNNING", None, study=("known", "0123456789ab"))
     trials, problems = read_trials(root)
-    original, _ = read_trials(runs)
-    assert len(trials) == len(original)
-    assert sorted(trials.path) == sorted(original.path)  # the copies nearest the top: the originals
+    alone, _ = read_trials(original)
+    assert len(trials) == len(alone) == 6 and not any("backups" in p for p in trials.path)
     (line,) = [p for p in problems if "that are copies of trials" in p]
-    assert line.startswith(f"skipped {3 * len(original) + 1} log(s) that are copies of trials already counted")
+    assert line.startswith("skipped 19 log(s) that are copies of trials already counted")
     assert "backups" in line.split("(a copy of ")[0] and "backups" not in line.split("(a copy of ")[1]
     for max_trials in (None, 2):
-        pd.testing.assert_frame_equal(study_table(trials, max_trials), study_table(original, max_trials))
+        pd.testing.assert_frame_equal(study_table(trials, max_trials), study_table(alone, max_trials))
+    single = tmp_path / "single"
+    write_log(single / "np1", "sgd", 0.0, 16, 0, "COMPLETE", 200)
+    write_log(single / "np4", "sgd", 0.0, 16, 0, "COMPLETE", 200)
+    trials, problems = read_trials(single)
+    assert len(trials) == 2 and not any("copies" in p for p in problems)
 
 
 def test_a_trial_resumed_at_another_world_size_is_marked_and_said(tmp_path):

@@ -12,7 +12,7 @@ FASHION = REPO / "docs" / "fashion-study"
 
 def test_the_sparse_over_dense_ratios_are_taken_at_equal_batch_sizes_where_both_reached():
     studies = pd.DataFrame({
-        "dataset": "d", "model": "m", "optimizer": "sgd", "schedule": "constant", "goal_error": 0.1,
+        "dataset": "d", "model": "m", "optimizer": "sgd", "pruning": "", "schedule": "constant", "goal_error": 0.1,
         "sparsity": [0.0, 0.0, 0.0, 0.9, 0.9, 0.9],
         "batch_size": [8, 16, 32, 8, 16, 64],
         "steps_to_result": [100, 50, None, 300, 100, 40],
@@ -34,8 +34,7 @@ def test_the_committed_fashion_tables_compare_to_what_their_readme_summary_says(
 def test_a_folder_without_the_tables_or_twice_the_same_workload_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"hvd_sparse.compare: error: {tmp_path}: no studies.csv, curves.csv, noise_scale.csv "
-        "(a folder hvd_sparse.aggregate wrote)")
+        f"hvd_sparse.compare: error: {tmp_path}: no studies.csv or curves.csv (a folder hvd_sparse.aggregate wrote)")
     copy = tmp_path / "copy"
     shutil.copytree(FASHION, copy, ignore=shutil.ignore_patterns("*.png", "*.pdf", "*-*"))
     assert main([str(FASHION), str(copy)]) == 2
@@ -47,3 +46,17 @@ def test_the_table_is_printed_and_written(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["optimizer", "sparsity", "workload"] and len(lines) == 1 + 6
     assert len(pd.read_csv(tmp_path / "c.csv")) == 6
+
+
+def test_pruning_methods_are_rows_of_their_own_a_curve_that_never_reached_the_goal_a_dash(tmp_path, capsys):
+    """The pruning-methods tables: one row per method (GraSP never reached its goal); and a folder
+    aggregated without the noise scale has no noise_scale.csv."""
+    folder = tmp_path / "methods"
+    shutil.copytree(REPO / "docs" / "fashion-study" / "pruning-methods", folder,
+                    ignore=shutil.ignore_patterns("*.png", "*.pdf", "noise_scale.csv"))
+    assert main([str(folder)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[3] for row in rows] == ["grasp", "magnitude", "random", "snip", "synflow"]
+    assert rows[0].split()[6:] == ["-"] * 6  # critical, maximal, steps, ratio, B_simple, its ratio
+    grasp = comparison([folder]).set_index("pruning").loc["grasp"]
+    assert pd.isna(grasp.steps_at_smallest) and pd.isna(grasp.noise_scale_at_goal)

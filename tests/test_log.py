@@ -129,6 +129,14 @@ def test_a_log_without_its_checksum_is_believed_only_as_an_old_log_whose_result_
         read_log(stripped("edited", "0.2.0", {"steps_to_result": 5}))
     with pytest.raises(LogError, match="disagrees with its measurements"):
         read_log(stripped("promoted", "0.2.0", {"status": "INCOMPLETE", "steps_to_result": -1}))
+    # before 0.3.0 a non-finite loss ended a trial INFEASIBLE even at an error within the goal
+    infeasible = tmp_path / "infeasible.h5"
+    log = TrialLog.create(infeasible, {**ATTRS, "config": json.dumps({"train": {"goal_error": 0.1}}),
+                                       "hvd_sparse_version": "0.2.0"}, mask())
+    log.append({**row(0), "val_error": 0.05, "val_loss": float("nan")})
+    log.finish("INFEASIBLE", None)
+    infeasible.write_bytes(infeasible.read_bytes()[USERBLOCK:])
+    assert read_log(infeasible).status == "INFEASIBLE"
 
 
 def test_final_status_is_checked(tmp_path):

@@ -767,3 +767,8 @@ def test_a_study_refuses_to_go_on_with_other_data_than_its_trials_were_trained_o
     (tmp_path / DATA_FILE).write_text("{")
     with pytest.raises(ConfigError, match="unreadable data record"):
         check_study_data(tmp_path, "a" * 64)
+    older = tmp_path / "from-0.5.0"  # a study from before the record: its logs say what its data was
+    t = grid(spec())[0]
+    _ended_log(older / t.relpath(), t, spec(), data_fingerprint="c" * 64)
+    with pytest.raises(ConfigError, match=r"trained on other data \(SHA-256 cccccccccccc, now aaaaaaaaaaaa\)"):
+        check_study_data(older, "a" * 64)
