@@ -18,6 +18,7 @@ from conftest import describe, rank_lines, run_train
     ("OMP_NUM_THREADS", "abc", "must be a positive integer"),  # torch ignored it: all cores per rank
     ("OMP_NUM_THREADS", "-2", "must be a positive integer"),
     ("OMP_NUM_THREADS", "0", "must be a positive integer"),
+    ("OMP_NUM_THREADS", "\u00b2", "must be a positive integer"),  # a digit to str.isdigit, not to int()
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -30,6 +31,7 @@ def test_good_values_and_defaults(monkeypatch):
     for name in ("HVD_SPARSE_COLLECTIVE_TIMEOUT", "HVD_SPARSE_LAUNCHER_GRACE", "HVD_SPARSE_HOROVOD_DEFAULTS",
                  "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # set but empty, as `export OMP_NUM_THREADS=$UNSET` leaves it: unset
     assert (settings.collective_timeout(), settings.launcher_grace(), settings.horovod_defaults(),
             settings.omp_threads()) == (300.0, 10.0, True, None)
     for name, value in (("HVD_SPARSE_COLLECTIVE_TIMEOUT", "0"), ("HVD_SPARSE_LAUNCHER_GRACE", "2.5"),
