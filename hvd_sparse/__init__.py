@@ -1,5 +1,5 @@
 """hvd_sparse: data parallelism in training sparse neural networks, measured on real ranks."""
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def register_model(name: str):  # noqa: ANN201 - the decorator of hvd_sparse.registry.Registry.register
