@@ -150,39 +150,41 @@ def test_a_checkpoint_with_a_flipped_byte_is_never_used(tmp_path):
     assert load_checkpoint_state(path)["step"] == 40
 
 
-def test_a_resume_onto_other_data_is_refused(tmp_path):
-    """The log and the checkpoint hold the data's SHA-256; a rerun whose --data-dir holds other data
-    (labels changed, another dataset) is refused instead of continuing silently."""
+def interrupted_log(tmp_path, world_size=1, measures=None, **attrs):
+    """A RUNNING log and its checkpoint at step 10 (a Linear model, run hash "r"), as a killed run leaves them."""
     import json as json_
-    from hvd_sparse.checkpoint import Progress, plan_start, save_checkpoint
-    from hvd_sparse.log import LogError, TrialLog
+    from hvd_sparse.checkpoint import Progress, save_checkpoint
+    from hvd_sparse.log import TrialLog
     from hvd_sparse.mask import Mask
 
     mask = Mask({"weight": torch.ones(5, 20, dtype=torch.bool)})
     log_path = tmp_path / "t.h5"
-    attrs = {"config": "{}", "run_hash": "r", "world_size": 1, "mask_sha256": mask.sha256(), "hvd_sparse_version": "0",
-             "torch_version": "0", "horovod_version": "0", "data_fingerprint": "a" * 64, "world_sizes": json_.dumps([1])}
-    TrialLog.create(log_path, attrs, mask)
+    TrialLog.create(log_path, {"config": "{}", "run_hash": "r", "world_size": world_size, "mask_sha256": mask.sha256(),
+                               "hvd_sparse_version": "0", "torch_version": "0", "horovod_version": "0",
+                               "world_sizes": json_.dumps([world_size]), **attrs}, mask)
     model = torch.nn.Linear(20, 5, bias=False)
-    save_checkpoint(log_path, Progress(step=10), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", mask.sha256(), "a" * 64)
+    save_checkpoint(log_path, Progress(step=10, measures=measures or {}), model,
+                    torch.optim.SGD(model.parameters(), lr=0.1), "r", mask.sha256(), attrs.get("data_fingerprint", ""))
+    return log_path
+
+
+def test_a_resume_onto_other_data_is_refused(tmp_path):
+    """The log and the checkpoint hold the data's SHA-256; a rerun whose --data-dir holds other data
+    (labels changed, another dataset) is refused instead of continuing silently."""
+    from hvd_sparse.checkpoint import plan_start
+    from hvd_sparse.log import LogError
+
+    log_path = interrupted_log(tmp_path, data_fingerprint="a" * 64)
     assert plan_start(log_path, "r", False, "a" * 64).progress.step == 10
     with pytest.raises(LogError, match=r"t\.h5: this run was trained on other data \(SHA-256 aaaaaaaaaaaa, now bbbbbbbbbbbb\)"):
         plan_start(log_path, "r", False, "b" * 64)
 
 
 def test_a_resume_at_another_world_size_is_said_or_refused_when_strict(tmp_path, caplog):
-    import json as json_
-    from hvd_sparse.checkpoint import Progress, plan_start, save_checkpoint
-    from hvd_sparse.log import LogError, TrialLog
-    from hvd_sparse.mask import Mask
+    from hvd_sparse.checkpoint import plan_start
+    from hvd_sparse.log import LogError
 
-    mask = Mask({"weight": torch.ones(5, 20, dtype=torch.bool)})
-    log_path = tmp_path / "t.h5"
-    attrs = {"config": "{}", "run_hash": "r", "world_size": 2, "mask_sha256": mask.sha256(), "hvd_sparse_version": "0",
-             "torch_version": "0", "horovod_version": "0", "world_sizes": json_.dumps([2])}
-    TrialLog.create(log_path, attrs, mask)
-    model = torch.nn.Linear(20, 5, bias=False)
-    save_checkpoint(log_path, Progress(step=10), model, torch.optim.SGD(model.parameters(), lr=0.1), "r", mask.sha256())
+    log_path = interrupted_log(tmp_path, world_size=2)
     with caplog.at_level("WARNING", logger="hvd_sparse"):
         assert plan_start(log_path, "r", False, world_size=2).progress.step == 10
         assert not caplog.records
@@ -200,20 +202,10 @@ def test_measurement_states_survive_a_checkpoint_and_an_older_ones_noise_state_i
     """Every measurement's state goes into the checkpoint by name; a checkpoint written before 0.5.0
     kept the noise scale's alone, under ``noise``, and resumes with it."""
     import io
-    import json as json_
-    from hvd_sparse.checkpoint import Progress, checkpoint_path, load_checkpoint_state, plan_start, save_checkpoint
-    from hvd_sparse.log import TrialLog
-    from hvd_sparse.mask import Mask
+    from hvd_sparse.checkpoint import checkpoint_path, load_checkpoint_state, plan_start
 
-    mask = Mask({"weight": torch.ones(5, 20, dtype=torch.bool)})
-    log_path = tmp_path / "t.h5"
-    attrs = {"config": "{}", "run_hash": "r", "world_size": 1, "mask_sha256": mask.sha256(), "hvd_sparse_version": "0",
-             "torch_version": "0", "horovod_version": "0", "world_sizes": json_.dumps([1])}
-    TrialLog.create(log_path, attrs, mask)
-    model = torch.nn.Linear(20, 5, bias=False)
     states = {"noise_scale": (1.5, 2.5, 0.25), "grad_norm": (3.0,)}
-    save_checkpoint(log_path, Progress(step=10, measures=states), model, torch.optim.SGD(model.parameters(), lr=0.1),
-                    "r", mask.sha256())
+    log_path = interrupted_log(tmp_path, measures=states)
     assert plan_start(log_path, "r", False).progress.measures == states
     old = load_checkpoint_state(checkpoint_path(log_path))
     old["noise"] = list(old.pop("measures")["noise_scale"])
