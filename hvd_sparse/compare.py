@@ -39,10 +39,8 @@ def read_folder(folder: str | Path) -> dict[str, pd.DataFrame]:
     noise = folder / "noise_scale.csv"
     tables["noise_scale"] = pd.read_csv(noise) if noise.is_file() else pd.DataFrame(
         columns=KEY + ["sparsity", "noise_scale_at_goal", "predicted_over_measured"])
-    for table in tables.values():  # tables of a grid without a pruning axis: SNIP, unnamed
-        if "pruning" not in table:
-            table["pruning"] = ""
-        table["pruning"] = table["pruning"].fillna("")
+    for table in tables.values():  # tables written before the aggregator named the pruning method: SNIP
+        table["pruning"] = table["pruning"].fillna("snip") if "pruning" in table else "snip"
     return tables
 
 
@@ -98,7 +96,7 @@ def format_comparison(table: pd.DataFrame) -> str:
               f"  {'sparse/dense steps: median (range)':<36}{'B_simple':>9}{'/critical':>10}")
     lines = [header]
     for row in table.itertuples():
-        workload = f"{row.dataset}{f' {row.pruning}' if row.pruning else ''} goal {row.goal_error:g}"
+        workload = f"{row.dataset}{f' {row.pruning}' if row.pruning != 'snip' else ''} goal {row.goal_error:g}"
         smallest = "-" if pd.isna(row.steps_at_smallest) else f"{int(row.steps_at_smallest)} at B={int(row.smallest_batch)}"
         noise = "-" if pd.isna(row.noise_scale_at_goal) else f"{row.noise_scale_at_goal:.0f}"
         over = "-" if pd.isna(row.predicted_over_measured) else f"{row.predicted_over_measured:.1f}"
