@@ -11,7 +11,7 @@ def count(model):
 
 
 def test_simple_cnn_has_the_papers_parameter_count():
-    # conv 5x5x1x32 + 32, conv 5x5x32x64 + 64, fc 1024x10 + 10  (PAPER.md)
+    # conv 5x5x1x32 + 32, conv 5x5x32x64 + 64, fc 1024x10 + 10  (the paper)
     assert count(build_model("simple-cnn", (1, 28, 28), 10, seed=0)) == 832 + 51_264 + 10_250 == 62_346
 
 
