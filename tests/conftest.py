@@ -192,3 +192,16 @@ def spec_slice(spec: Path, folder: Path, name: str, **grid) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(content))
     return path
+
+
+def traversable_tmp() -> Path | None:
+    """A temporary folder every user may enter (for daemons that drop to their own user: munged, or
+    set-up run as nobody): TMPDIR's own if its path allows it, else /tmp or /var/tmp; None if none does.
+    A TMPDIR inside a private (0700) folder is where `make test` may well be started from."""
+    import stat
+    import tempfile
+
+    def open_to_all(folder: Path) -> bool:
+        return folder.is_dir() and all(p.stat().st_mode & stat.S_IXOTH for p in (folder, *folder.parents))
+
+    return next((Path(d) for d in (tempfile.gettempdir(), "/tmp", "/var/tmp") if open_to_all(Path(d))), None)

@@ -3,20 +3,15 @@
 import os
 import pwd
 import shutil
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, traversable_tmp
 
 MPI = ("mpicxx", "mpirun")
-
-
-def traversable_by_all(folder: Path) -> bool:
-    return all(p.stat().st_mode & stat.S_IXOTH for p in (folder, *folder.parents))
 
 
 @pytest.fixture
@@ -30,8 +25,7 @@ def bin_dirs():
         pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user 'nobody' on this machine to run set-up as")
-    base = next((Path(d) for d in (tempfile.gettempdir(), "/tmp", "/var/tmp") if Path(d).is_dir()
-                 and traversable_by_all(Path(d))), None)
+    base = traversable_tmp()
     if base is None:
         pytest.skip("no temporary folder that the user nobody may enter")
     top = Path(tempfile.mkdtemp(prefix="hvd-sparse-setup-", dir=base))
