@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the schedule's seed (default: %(default)s)")
     parser.add_argument("--np", type=int, default=2, help="ranks of each job (default: %(default)s)")
     parser.add_argument("--small", action="store_true", help="a study of 4 trials instead of 16 (the test suite's)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="the study's modes, taken in turn (default: all)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hvd-sparse-chaos-"))
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         references = {}
-        for mode in MODES:
+        for mode in args.modes:
             reference = campaign.disk / f"reference-{mode}"
             job = campaign.launch(reference, mode, root / f"reference-{mode}.txt")
             code, _ = campaign.wait(job, reference, time.time())
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             references[mode] = reference
         injected, rounds = 0, 0
         while injected < args.faults:
-            mode = list(MODES)[rounds % len(MODES)]
+            mode = args.modes[rounds % len(args.modes)]
             out = campaign.disk / f"round-{rounds}"
             injected += campaign.round(out, mode, args.faults - injected)
             campaign.compare(out, references[mode], capped=mode == "capped")
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(c: Campaign, rounds: int, seconds: float, args: argparse.Namespace) -> str:
     lines = [f"chaos campaign: seed {args.seed}, {sum(len(v) for v in c.faults.values())} faults over {rounds} studies "
-             f"of {c.size} trials (np={args.np}; modes {', '.join(MODES)}), {c.runs} runs, {seconds / 60:.1f} min",
+             f"of {c.size} trials (np={args.np}; modes {', '.join(args.modes)}), {c.runs} runs, {seconds / 60:.1f} min",
              f"{'fault':<20}{'injected':>9}{'worst time to exit (s)':>24}"]
     for kind in sorted(c.faults):
         times = c.faults[kind]

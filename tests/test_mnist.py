@@ -13,7 +13,7 @@ STUDIES = REPO / "studies"
 FIGURES = REPO / "docs" / "mnist-study"
 # two cells of the grid whose first trial ended COMPLETE in the committed run (a trial alone in its
 # cell is never capped, so the rerun must reach the goal at the same step)
-SLICE = {"spec": "mnist-sgd", "optimizer": "sgd", "sparsity": 0.9, "batch_sizes": [32, 64]}
+SLICE = {"spec": "mnist-sgd", "optimizer": "sgd", "sparsity": 0.0, "batch_sizes": [16, 32]}
 
 
 def load(name):
