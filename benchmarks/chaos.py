@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=100, help="faults to inject in all (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the schedule's seed (default: %(default)s)")
     parser.add_argument("--np", type=int, default=2, help="ranks of each job (default: %(default)s)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no new study after this many minutes, even short of --faults")
     parser.add_argument("--small", action="store_true", help="a study of 4 trials instead of 16 (the test suite's)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="the study's modes, taken in turn (default: all)")
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the undisturbed {mode} run failed:\n{(root / f'reference-{mode}.txt').read_text()[-3000:]}")
             references[mode] = reference
         injected, rounds = 0, 0
-        while injected < args.faults:
+        while injected < args.faults and (args.minutes is None or time.time() - started < 60 * args.minutes):
             mode = args.modes[rounds % len(args.modes)]
             out = campaign.disk / f"round-{rounds}"
             injected += campaign.round(out, mode, args.faults - injected)
