@@ -421,22 +421,28 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     return [k for k in keys if saved.get(k) != current.get(k)]
 
 
+def create_once(path: Path, text: str) -> None:
+    """Write ``path`` whole unless it exists: through a temporary file linked into place, so it appears
+    complete and never replaces what another job (array jobs and shards start together) wrote first."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def prepare_dir(spec: StudySpec, directory: Path) -> None:
     """Create the study directory with its spec, or check that it holds this very spec."""
     saved_path = directory / SPEC_FILE
     if not saved_path.exists():
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            tmp = saved_path.with_name(f"{SPEC_FILE}.{os.getpid()}.tmp")  # jobs of an array start together
             record = {"spec": spec.to_dict(), "study_hash": spec.study_hash(),
                       "hvd_sparse_version": hvd_sparse.__version__, "created": time.time()}
-            tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            try:
-                os.link(tmp, saved_path)  # appears whole, and never replaces another job's spec
-            except FileExistsError:
-                pass  # another job was first: check its spec below
-            finally:
-                tmp.unlink(missing_ok=True)
+            create_once(saved_path, json.dumps(record, indent=2, sort_keys=True) + "\n")  # else: check its spec below
         except OSError as e:
             raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
     try:
@@ -600,14 +606,10 @@ def check_study_data(directory: Path, fingerprint: str) -> None:
     path = directory / DATA_FILE
     if not path.exists():  # a study from before the record: its trials' logs say what they were trained on
         logged = next((str(a) for a in (_logged_fingerprint(p) for p in directory.rglob("trial-*.h5")) if a), fingerprint)
-        tmp = directory / f".{DATA_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps({"data_fingerprint": logged}))
         try:
-            os.link(tmp, path)  # whoever is first (shards start together) sets the record; the others read it
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+            create_once(path, json.dumps({"data_fingerprint": logged}))  # the first job's record; the others read it
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot write the data record: {e.strerror or e}") from None
     try:
         recorded = str(json.loads(regular_bytes(path))["data_fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as e:
