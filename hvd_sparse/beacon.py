@@ -76,6 +76,7 @@ class Beacon:
         self.table: dict[int, tuple[float, int, bool]] = {}  # rank 0: what each rank last said
         self.senders: dict[int, Any] = {}  # rank 0: the address each rank sends from
         self.reply: tuple[float, list, int] | None = None  # other ranks: when rank 0 last answered, its list, its count
+        self.quiet: list[tuple[int, float]] = []  # other ranks: the silent ranks in rank 0's last answer, and for how long
         self.lock = threading.Lock()
 
     def listen_at(self) -> list[tuple[str, int]]:
@@ -120,12 +121,14 @@ class Beacon:
                     self.table[rank] = (now, int(message.get("entered", 0)), bool(message.get("waits")))
                     self.senders[rank] = sender
             late = late_ranks(self.table, self.size, now, self.silent_after)
+            quiet = self._quiet(now, self.silent_after)[:MAX_NAMED + 1]
             for sender in self.senders.values():
-                self._send({"late": late[:MAX_NAMED + 1], "count": len(late)}, sender)
+                self._send({"late": late[:MAX_NAMED + 1], "count": len(late), "quiet": quiet}, sender)
             return
         for message, _ in self._drain():
             if isinstance(message.get("late"), list):
                 self.reply = (now, message["late"], int(message.get("count", len(message["late"]))))
+                self.quiet = [(int(r), float(age)) for r, age in message.get("quiet", [])]
         for address in self.root:
             self._send({"rank": self.rank, "entered": entered, "waits": waits}, address)
 
@@ -149,6 +152,26 @@ class Beacon:
         if self.rank == 0:
             return any(now - heard > self.silent_after for r, (heard, _, _) in self.table.items() if r != 0)
         return self.reply is not None and now - self.reply[0] > self.silent_after
+
+    def _quiet(self, now: float, longer_than: float) -> list[list]:
+        """[rank, seconds] for every rank heard from before and silent longer than ``longer_than`` (rank 0)."""
+        return [[r, now - heard] for r, (heard, _, _) in sorted(self.table.items()) if r != 0 and now - heard > longer_than]
+
+    def silent_for(self, seconds: float, now: float | None = None) -> str | None:
+        """The ranks silent for longer than ``seconds``, in words (rank 0 among them, seen from the
+        others); None if there is none, or nothing is known (UDP filtered)."""
+        now = time.monotonic() if now is None else now
+        if self.rank == 0:
+            quiet = self._quiet(now, seconds)
+        elif self.reply is None:
+            return None
+        elif now - self.reply[0] > seconds:
+            quiet = [(0, now - self.reply[0])]
+        else:  # rank 0's last word, aged by the time since
+            quiet = [(r, age + now - self.reply[0]) for r, age in self.quiet if age + now - self.reply[0] > seconds]
+        if not quiet:
+            return None
+        return "silent: " + describe([[r, f"silent for {age:.0f} s: frozen or lost"] for r, age in quiet], len(quiet))
 
     def pause(self, seconds: float) -> None:
         """This process was stopped itself for ``seconds``: what it heard before is not news of silence."""

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
@@ -94,7 +95,7 @@ def fail(error: Exception, code: int, prog: str) -> int:
 
     error_line(error, prog)
     dist.exit_barrier()
-    return code
+    return dist.leave_failed(code)
 
 
 def report_interrupted(error: Interrupted) -> int:
@@ -131,5 +132,8 @@ def guarded(body: Callable[[], int], prog: str) -> int:
         return fail(e, 1, prog)
     except dist.PeerFailure:
         return fail(RuntimeError(dist.PEER_FAILURE_MESSAGE), 1, prog)
+    except Exception:  # a bug: its traceback, and in a packed job an exit that does not hang (dist.leave_failed)
+        traceback.print_exc()
+        return dist.leave_failed(1)
     dist.finish()
     return dist.leave(code)

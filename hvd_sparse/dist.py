@@ -86,6 +86,8 @@ def init(groups: int = 1, backend: str = "auto") -> None:
     _e = engines.make(name)
     _node, _group = _e.init(groups)
     _start_beacon()
+    if _packed():
+        _start_world_watch()
     if settings.omp_threads() is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // _node[1]))
@@ -122,7 +124,7 @@ def world_allgather(obj: T, name: str) -> list[T]:
     allgather when not packed)."""
     if not _packed():
         return allgather_object(obj, name)
-    with waiting(name):
+    with waiting_for_the_world(name):
         return _engine().world_allgather(obj)
 
 
@@ -130,7 +132,8 @@ def world_verify_same(value: str, what: str) -> None:
     """``verify_same_everywhere`` across all groups of a packed job (the group's own when not packed)."""
     if not _packed():
         return verify_same_everywhere(value, what)
-    _require_same(_engine().world_allgather(value), what)
+    with waiting_for_the_world(what):
+        _require_same(_engine().world_allgather(value), what)
 
 
 # -- the collective watchdog ----------------------------------------------------------------------
@@ -172,14 +175,19 @@ def _start_beacon() -> None:
     global _beacon
     if size() == 1:
         return
-    _beacon = Beacon(rank(), size(), _poll(collective_timeout() or 300.0))
-    _beacon.connect(broadcast_object(_beacon.listen_at() if rank() == 0 else None, "hvd_sparse.beacon"))
+    _beacon = _connected_beacon(rank(), size(), lambda obj, step: allgather_object(obj, f"hvd_sparse.beacon.{step}"))
+
+
+def _connected_beacon(me: int, ranks: int, allgather: Callable[[Any, str], list[Any]]) -> Beacon:
+    beacon = Beacon(me, ranks, _poll(collective_timeout() or 300.0))
+    beacon.connect(allgather(beacon.listen_at() if me == 0 else None, "address")[0])
     # one round now, so that every rank has heard from rank 0 before any long wait (where UDP passes):
     # the others send, rank 0 takes them in and answers, the others read the answer
     for step in ("sent", "answered"):
-        _beacon.beat(_entered, False)
-        allgather_object(None, f"hvd_sparse.beacon.{step}")
-    _beacon.beat(_entered, False)
+        beacon.beat(_entered, False)
+        allgather(None, step)
+    beacon.beat(_entered, False)
+    return beacon
 
 
 def _watch(timeout: float) -> None:
@@ -248,7 +256,75 @@ def world_gather(obj: T, give_up: Callable[[], bool] = lambda: False, poll_s: fl
     """
     if not _packed():
         return [obj] if is_root() else None
-    return _engine().world_gather_when_all_arrive(obj, give_up, poll_s)
+    with waiting_for_the_world("the end of the study"):
+        return _engine().world_gather_when_all_arrive(obj, give_up, poll_s)
+
+
+# -- the world's watchdog, for packed jobs ---------------------------------------------------------
+#
+# The watchdog above works within a group, and a group of one rank has no collective to wait in: a
+# rank of a packed job that freezes while it trains is noticed by nobody, and the other groups, once
+# their trials are done, wait for it in the study's final gather for ever (found by the chaos
+# campaign). So every rank of a packed job also beats on a second beacon, across the whole world,
+# from a thread of its own (it trains meanwhile), and a rank that waits in a world collective longer
+# than the collective timeout while a rank of the world has been silent for as long ends the job with
+# one line naming it. A frozen group is thus found once the others have nothing left to do.
+
+_world_wait: tuple[str, float] | None = None  # the world collective this rank waits in, since when (monotonic)
+
+
+@contextmanager
+def waiting_for_the_world(name: str) -> Iterator[None]:
+    global _world_wait
+    _world_wait = (name, time.monotonic())
+    try:
+        yield
+    finally:
+        _world_wait = None
+
+
+def _start_world_watch() -> None:
+    world, me = size() * _group[1], _engine().world_rank()
+    beacon = _connected_beacon(me, world, lambda obj, step: _engine().world_allgather(obj))
+    threading.Thread(target=_watch_the_world, args=(beacon, collective_timeout()), name="hvd_sparse-world-watchdog",
+                     daemon=True).start()
+
+
+def _watch_the_world(beacon: Beacon, timeout: float) -> None:
+    global _world_wait
+    poll = _poll(timeout or 300.0)
+    last = time.monotonic()
+    while True:
+        time.sleep(poll)
+        now = time.monotonic()
+        current = _world_wait
+        if now - last > poll + 2.0:  # this process was stopped itself: neither a wait nor news of silence
+            beacon.pause(now - last - poll)
+            if current is not None:
+                current = _world_wait = (current[0], current[1] + now - last - poll)
+        last = now
+        beacon.beat(0, current is not None, now)
+        if current is None or timeout <= 0 or now - current[1] <= timeout:
+            continue
+        silent = beacon.silent_for(timeout, now)
+        if silent:
+            print(f"{program}: error: world rank {beacon.rank} of this packed job waited {timeout:g} s in "
+                  f"{current[0]!r} for the other groups; {silent}; ending the job, a rerun resumes from the last "
+                  "checkpoint (HVD_SPARSE_COLLECTIVE_TIMEOUT sets the limit)", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+def leave_failed(code: int) -> int:
+    """The exit of a rank that failed (its line printed). In a packed job it leaves at once, without
+    the interpreter's teardown: there MPI_Finalize waits for every rank of the world, and the other
+    groups, training or waiting in the study's final gather, would never come (the job hung, found by
+    the chaos campaign); a rank gone without it makes the launcher end the job."""
+    if _packed():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def exit_barrier(timeout: float = 10.0) -> None:

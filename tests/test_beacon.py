@@ -67,3 +67,27 @@ def test_late_ranks_and_their_description():
     many = [[r, "never heard from"] for r in range(20)]
     text = describe(many[:MAX_NAMED + 1], 20)
     assert text.count("rank ") == MAX_NAMED and text.endswith(f"and {20 - MAX_NAMED} more")
+
+
+def test_silent_for_names_only_the_ranks_quiet_longer_than_asked_on_every_rank():
+    """The world watchdog of a packed job (``dist._watch_the_world``) ends the job only for a rank
+    silent longer than the collective timeout; a rank that is merely busy, or was quiet briefly, is
+    not one."""
+    ranks = beacons(3)
+    try:
+        exchange(ranks, 100.0, entered=[0, 0, 0], waits=[True, False, False])
+        for b in ranks[:2]:  # rank 2 freezes at 100
+            b.beat(0, b.rank == 0, 104.0)
+        time.sleep(0.05)
+        ranks[0].beat(0, True, 104.0)
+        time.sleep(0.05)
+        ranks[1].beat(0, False, 104.0)
+        assert ranks[0].silent_for(5.0, 104.0) is None and ranks[1].silent_for(5.0, 104.0) is None  # 4 s: not yet
+        assert ranks[0].silent_for(5.0, 106.0) == "silent: rank 2 (silent for 6 s: frozen or lost)"
+        assert ranks[1].silent_for(5.0, 106.0) == "silent: rank 2 (silent for 6 s: frozen or lost)"  # from rank 0's word
+        assert ranks[1].silent_for(5.0, 110.0) == "silent: rank 0 (silent for 6 s: frozen or lost)"  # rank 0 unheard
+        ranks[1].pause(6.0)  # ... unless it was this rank that was stopped
+        assert "rank 0" not in (ranks[1].silent_for(5.0, 110.0) or "")
+    finally:
+        for b in ranks:
+            b.close()

@@ -291,3 +291,45 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, record_property):
     assert_every_rank_failed(proc, started, "the checkpoint fails its checksum (damaged bytes), so it is not used",
                              record_property)
     assert proc.returncode == 2
+
+
+# A plug-in model that fails in the group of world rank 1 only, on its first step: a bug or a bad
+# input in one group of a packed study, while the other group goes on training.
+FAILS_IN_GROUP_1 = '''
+import os
+from torch import nn
+import hvd_sparse
+
+
+class FailsOnWorldRank1(nn.Sequential):
+    def forward(self, x):
+        if os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+            raise ValueError("this group's model refuses its input")
+        return super().forward(x)
+
+
+@hvd_sparse.register_model("fails-in-group-1")
+def make(input_shape, num_classes):
+    c, h, w = input_shape
+    return FailsOnWorldRank1(nn.Flatten(), nn.Linear(c * h * w, 16), nn.ReLU(), nn.Linear(16, num_classes))
+'''
+
+
+@pytest.mark.launches
+def test_a_group_of_a_packed_study_that_fails_ends_the_job(tmp_path, record_property):
+    """np=2 --pack 2, the group of world rank 1 fails (exit 2, one line): the job ends within the limit,
+    non-zero. It hung: the failed rank waited in MPI_Finalize for the world, the other group ran every
+    trial and then waited for it in the study's final gather, for ever."""
+    plugin = tmp_path / "fails.py"
+    plugin.write_text(FAILS_IN_GROUP_1)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**TINY_STUDY, "model": "fails-in-group-1", "trials": 3, "max_steps": 200,
+                                "eval_every": 50}))
+    started = time.time()
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs"), "--pack", "2",
+                      "--plugin", str(plugin)], timeout=LIMIT * 3)
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    assert proc.returncode != 0 and elapsed < LIMIT, describe(proc)
+    (line,) = [line for line in rank_lines(proc.stdout + proc.stderr, 1) if "hvd_sparse.study: error:" in line]
+    assert "this group's model refuses its input" in line, describe(proc)

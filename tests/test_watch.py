@@ -270,3 +270,48 @@ def test_no_packed_group_outlives_its_launcher(tmp_path, record_property):
     for path in logs:
         log = read_log(path, with_mask=False)
         assert log.status == "RUNNING" and log.attrs["interruptions"] == 1, text[-3000:]  # each group checkpointed
+
+
+@pytest.mark.launches
+def test_a_frozen_group_of_a_packed_study_ends_the_job(tmp_path, monkeypatch, record_property):
+    """np=2 --pack 2, SIGSTOP on world rank 1 (a group of one, which has no collective to time out in)
+    while it trains: group 0 ends the other trials, waits for it in the study's final gather, and after
+    HVD_SPARSE_COLLECTIVE_TIMEOUT names it as silent and ends the job; the rerun completes the study.
+    It hung: nothing watched a group of one."""
+    import json
+
+    monkeypatch.setenv("HVD_SPARSE_COLLECTIVE_TIMEOUT", "5")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "name": "packed", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.8], "optimizers": ["sgd"],
+        "batch_sizes": [32], "trials": 3, "goal_error": 0.0, "max_steps": 400, "eval_every": 20,
+        "search": {"lr": {"range": [0.01, 0.1], "scale": "log"}}}))
+    out = tmp_path / "runs"
+    cmd = [*horovodrun_cmd(2), sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(out), "--pack", "2"]
+    with open(tmp_path / "output.txt", "w") as output:
+        job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=default_signals)
+        deadline = time.time() + 120
+        while len(list(out.rglob("*.ckpt.pt"))) < 2 and time.time() < deadline:
+            assert job.poll() is None, (tmp_path / "output.txt").read_text()
+            time.sleep(0.05)
+        ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
+        (victim,) = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
+        victim.suspend()
+        started = time.time()
+        try:
+            code = job.wait(timeout=120)
+        finally:
+            for p in job_processes(out):
+                p.kill()
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    text = (tmp_path / "output.txt").read_text()
+    assert code != 0 and elapsed < 60, f"{elapsed:.1f} s\n{text[-3000:]}"
+    lines = [line for line in text.splitlines() if "hvd_sparse.study: error:" in line]
+    assert len(lines) == 1 and "world rank 0 of this packed job waited 5 s in 'the end of the study'" in lines[0] \
+        and "rank 1 (silent for " in lines[0], text[-3000:]
+    rerun = subprocess.run(cmd, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    logs = sorted(out.rglob("trial-*.h5"))
+    assert len(logs) == 3 and all(read_log(p, with_mask=False).status != "RUNNING" for p in logs), rerun.stdout[-3000:]
