@@ -14,6 +14,14 @@ checkpoints take (``PACE``), and a rank waits for as long as reaching the next a
 HVD_SPARSE_LAUNCHER_GRACE at least and ``GRACE_BOUND`` at most; where that is not enough it says so
 when the launcher goes.
 
+A launcher can also be gone before the rank could see it: ``horovodrun`` killed in the seconds
+between its start of ``mpirun`` and the ranks' own start (they import torch first) leaves an
+``mpirun`` re-parented to init, the top of the chain the rank finds. Such an orphan whose process
+group's leader (the ``horovodrun`` that started it) no longer exists counts as a launcher gone. An
+``mpirun`` detached on purpose leads its own group (``nohup mpirun ... &`` in an interactive shell,
+``setsid mpirun``) and is watched as usual; a script that starts ``mpirun &`` in the background and
+exits without waiting makes its job stop at once, with a line that says to use ``setsid``.
+
 A rank started by hand (``python -m hvd_sparse.train``, even under ``nohup``) has no launcher above
 it and is not watched.
 """
@@ -114,6 +122,18 @@ def lost_link(me: psutil.Process, chain: list[psutil.Process]) -> psutil.Process
     return None
 
 
+def orphaned(top: psutil.Process) -> int | None:
+    """The pid of the gone process group leader of ``top`` (the outermost launcher above a rank) if
+    ``top`` was orphaned: re-parented to init, in a group whose leader exited; else None."""
+    try:
+        if top.ppid() != 1:
+            return None
+        group = os.getpgid(top.pid)
+    except (psutil.Error, OSError):
+        return None
+    return None if group == top.pid or psutil.pid_exists(group) else group
+
+
 def describe(process: psutil.Process) -> str:
     try:
         words = process.cmdline()
@@ -139,11 +159,17 @@ def watch_launcher(on_lost: Callable[[str], None], prog: str, grace: float | Non
     if not chain:
         return None
     names = [describe(p) for p in chain]  # now, while their command lines can still be read
+    gone = orphaned(chain[-1])
 
     def run() -> None:
-        while (lost := lost_link(me, chain)) is None:
-            time.sleep(POLL_SECONDS)
-        what = names[chain.index(lost)]
+        if gone is not None:
+            what = f"that started {names[-1]} (pid {gone}, its process group's leader)"
+            print(f"{prog}: warning: the launcher {what} exited before this rank started; stopping as if it had "
+                  "exited now (to detach a job on purpose, start mpirun under setsid)", file=sys.stderr, flush=True)
+        else:
+            while (lost := lost_link(me, chain)) is None:
+                time.sleep(POLL_SECONDS)
+            what = names[chain.index(lost)]
         on_lost(f"the exit of its launcher {what}")
         wait, needed = grace_for(grace, PACE)
         if needed > wait:

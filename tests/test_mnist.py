@@ -1,5 +1,6 @@
-"""The MNIST replication's specs (studies/mnist-*.yaml): they validate, they are the grid the README
-says, and a two-cell slice of it runs on the real data and measures exactly what the committed tables say."""
+"""The MNIST replication's specs (studies/mnist-*.yaml): they validate, they are the grid the results page
+(docs/mnist-study/index.md) says, and a two-cell slice of it runs on the real data and measures exactly
+what the committed tables say."""
 import pandas as pd
 import pytest
 import torch
@@ -29,9 +30,23 @@ def test_the_specs_validate_and_cover_the_papers_grid():
     for spec in specs:
         assert spec.dataset == "mnist" and spec.data_dir is None  # the files set-up writes
         assert spec.model == "simple-cnn"
-        assert sorted(spec.sparsities) == ([0.0, 0.9] if spec.name == "mnist-momentum" else [0.0, 0.5, 0.7, 0.9])
+        assert sorted(spec.sparsities) == [0.0, 0.5, 0.7, 0.9]
         assert spec.batch_sizes == tuple(2 ** k for k in range(3, 11))
         assert len(grid(spec)) == len(spec.sparsities) * 8 * 3
+
+
+def test_the_lipschitz_study_is_trial_0_of_the_nesterov_grid_at_batch_128():
+    """studies/mnist-lipschitz.yaml measures finding 5 on the very trial of the main grid it names: same
+    learning rate, seed, pruning and training settings, with the Lipschitz probe added."""
+    main = {(t.sparsity, t.trial_id): t for t in grid(load("mnist-nesterov")) if t.batch_size == 128}
+    probes = grid(load("mnist-lipschitz"))
+    assert sorted(t.sparsity for t in probes) == [0.0, 0.5, 0.7, 0.9]
+    for probe in probes:
+        cfg, twin = probe.config.to_dict(), main[(probe.sparsity, 0)].config.to_dict()
+        assert cfg["train"].pop("lipschitz_every") == 150 and twin["train"].pop("lipschitz_every") == 0
+        twin["train"]["max_steps"] = 1200  # the probe's own budget: it stops at the goal (step 175 or later)
+        for part in ("data", "model", "prune", "optim", "train"):  # the seed is train's
+            assert cfg[part] == twin[part], part
 
 
 def test_the_three_optimizers_share_goal_budgets_and_evaluations_and_the_momentum_methods_their_rates():
@@ -42,7 +57,7 @@ def test_the_three_optimizers_share_goal_budgets_and_evaluations_and_the_momentu
         cfg = t.config.to_dict()
         nesterov = trials[("nesterov", t.sparsity, t.batch_size, t.trial_id)]
         assert cfg["train"] == nesterov["train"] and cfg["prune"] == nesterov["prune"]
-    assert {key[1] for key in trials if key[0] == "momentum"} == {0.0, 0.9}
+    assert {key[1] for key in trials if key[0] == "momentum"} == {0.0, 0.5, 0.7, 0.9}
     for (optimizer, sparsity, batch, trial), cfg in trials.items():
         if optimizer == "momentum":
             twin = trials[("nesterov", sparsity, batch, trial)]

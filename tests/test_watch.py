@@ -120,6 +120,33 @@ def test_no_rank_outlives_its_launcher(tmp_path, record_property, target, sig):
         assert read_log(log_path, with_mask=False).attrs["interruptions"] == 2, (tmp_path / "rerun.txt").read_text()
 
 
+@pytest.mark.launches
+def test_a_launcher_killed_before_its_ranks_started_takes_them_with_it(tmp_path, record_property):
+    """SIGKILL to horovodrun the moment its mpirun appears, before the ranks have started (they import
+    torch first): mpirun, re-parented to init, is the top of the chain they find, and its process group's
+    leader is gone; they stop at once with a line saying so, and nothing is left. They trained on before."""
+    out = tmp_path / "runs"
+    with open(tmp_path / "output.txt", "w") as output:
+        job = subprocess.Popen(train_cmd(out), env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=default_signals)
+        deadline = time.time() + 60
+        while not [p for p in psutil.Process(job.pid).children() if p.name() == "mpirun"] and time.time() < deadline:
+            assert job.poll() is None
+            time.sleep(0.01)
+        job.kill()
+        started = time.time()
+        job.wait(timeout=30)
+        while job_processes(out) and time.time() - started < 60 + LIMIT:
+            time.sleep(0.2)
+        left, elapsed = job_processes(out), time.time() - started
+        for p in left:
+            p.kill()
+    record_property("time_to_exit_s", round(elapsed, 1))
+    text = (tmp_path / "output.txt").read_text()
+    assert not left, f"{len(left)} processes left after {elapsed:.1f} s\n{text[-3000:]}"
+    assert "exited before this rank started" in text and "Traceback" not in text, text[-3000:]
+
+
 def test_the_grace_follows_the_pace_of_the_run_within_its_bound():
     from hvd_sparse.watch import GRACE_BOUND, STOP_CHECK_EVERY, Pace, grace_for
 
