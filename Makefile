@@ -28,7 +28,7 @@ MNIST_ARGS ?=
 CHAOS_FAULTS ?= 100
 CHAOS_SEED ?= 0
 
-.PHONY: setup demo replicate replicate-fashion replicate-pruning replicate-mnist failure-times chaos test test-fast clean
+.PHONY: setup demo replicate replicate-fashion replicate-pruning replicate-mnist failure-times chaos test test-fast docs clean
 
 setup:
 	@bash launch/setup.sh
@@ -71,7 +71,7 @@ replicate-mnist: setup
 	python -m hvd_sparse.aggregate $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done) --out $(MNIST_FIGURES)
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --print-dir)" --out $(MNIST_FIGURES)/lipschitz
 
-## make failure-times: the tests behind README's failure table, with each case's measured time to exit
+## make failure-times: the tests behind the troubleshooting page (docs/troubleshooting.md), with each case's measured time to exit
 failure-times: setup
 	python benchmarks/failure_times.py
 
@@ -88,5 +88,10 @@ test: setup
 test-fast: setup
 	python -m pytest -m "not launches" $(PYTEST_ARGS)
 
+## make docs: set up (which installs the pinned tools of docs/requirements.txt), then build the documentation
+## site into site/ with --strict: any warning, broken link or unknown anchor fails it (tests/test_docs.py too)
+docs: setup
+	NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf .venv runs .pytest_cache
+	rm -rf .venv runs .pytest_cache site

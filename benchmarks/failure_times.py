@@ -1,4 +1,4 @@
-"""Time to exit of every failure case in README's "What happens when things go wrong" table.
+"""Time to exit of every failure case on the troubleshooting page (docs/troubleshooting.md).
 
 Runs the tests that back the table (real ranks, np=2) and prints, for each, the seconds from the
 launch (or from the fault, for faults injected into a running job) until every rank had exited, as

@@ -266,6 +266,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A trial's whole configuration: one frozen section per concern (data, model, prune, optim, dist,
+    train, run), each field one command-line option (``--field-name``), validated on construction."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -278,10 +281,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The configuration as JSON, as a log's ``config`` attribute holds it."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, Any]]) -> "Config":
+        """A Config from ``{section: {field: value}}`` (missing fields at their defaults), e.g.
+        ``Config.from_dict(json.loads(log.attrs["config"]))``; ConfigError names an unknown section or field."""
         unknown = set(d) - set(SECTIONS)
         _require(not unknown, f"unknown config section(s): {', '.join(sorted(unknown))}")
         built = {}
@@ -304,6 +310,9 @@ class Config:
         return out
 
     def run_hash(self) -> str:
+        """16 hex digits naming what changes the result (``identity``): the log's name and ``run_hash``,
+        and what a resume or a study's adoption must match. A field added from 0.4.0 on enters it only
+        when it is not at its default, so earlier hashes stay what they were."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 

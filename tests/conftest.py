@@ -49,7 +49,7 @@ def launch_env() -> dict[str, str]:
 def mpirun_cmd(np: int) -> list[str]:
     """The mpirun command horovodrun runs for ``-np N`` on this host (launch/mpirun's flags, rank-tagged
     output, horovodrun's transport), without horovodrun's own start, which imports torch to check
-    Horovod's build: 1.5-2 s a launch, about 2 minutes over the suite. The tests of the README's
+    Horovod's build: 1.5-2 s a launch, about 2 minutes over the suite. The tests of the README's two
     commands and of the launcher watch (``test_watch``) use horovodrun itself."""
     return [str(REPO / "launch" / "mpirun"), "--tag-output", "-np", str(np), "-H", f"localhost:{np}",
             "--mca", "pml", "ob1", "--mca", "btl", "^openib"]

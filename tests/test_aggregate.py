@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hvd_sparse.aggregate import AggregateError, Rules, aggregate, curve_table, read_trials, regimes, scaling_fit, study_table
+from hvd_sparse.aggregate import (AggregateError, Rules, aggregate, best_trial_series, curve_table, read_trials, regimes,
+                                  scaling_fit, study_table, with_regimes)
 from hvd_sparse.config import Config
 from hvd_sparse.log import TrialLog
 from hvd_sparse.mask import Mask
@@ -166,11 +167,111 @@ def test_curves_and_csvs_and_plots(runs, tmp_path):
         assert (out / name).stat().st_size > 0
     back = pd.read_csv(out / "studies.csv")
     assert len(back) == len(studies) == 2 * 6 + 2
-    figures = sorted(p.name for p in out.glob("*.png"))
-    assert figures == ["metaparams_synthetic_mlp-tiny_constant_goal0.1.png", "normalized_synthetic_mlp-tiny_constant_goal0.1.png",
-                       "steps_synthetic_mlp-tiny_constant_goal0.1.png"]
-    assert all((out / f).stat().st_size > 10_000 for f in figures)
-    assert len(list(out.glob("*.pdf"))) == 3
+    stems = ["metaparams_synthetic_mlp-tiny_constant_goal0.1", "normalized_synthetic_mlp-tiny_constant_goal0.1",
+             "steps_synthetic_mlp-tiny_constant_goal0.1"]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{stem}.png" for stem in stems]
+    assert sorted(p.name for p in out.glob("*.pdf")) == [f"{stem}.pdf" for stem in stems]
+
+
+# -- what the figures draw, read back from the matplotlib figures ------------------------------------
+
+
+@pytest.fixture
+def drawn():
+    """A folder of logs -> (the figures ``plots.figures`` draws of it by file stem, the table they draw:
+    the studies with their curves' regimes); the figures are closed after the test."""
+    import matplotlib.pyplot as plt
+
+    from hvd_sparse.plots import figures
+
+    def draw(root):
+        trials, studies, curves, _ = aggregate(root, root.parent / f"{root.name}-out", plots=False)
+        points = with_regimes(studies, curves)
+        return dict(figures(points, *best_trial_series(studies, trials, root))), points
+
+    yield draw
+    plt.close("all")
+
+
+def by_color(ax):
+    """The lines of a panel grouped by colour (one colour per curve), each as (marker, linestyle, x, y)."""
+    lines = {}
+    for line in ax.get_lines():
+        lines.setdefault(line.get_color(), []).append(
+            (line.get_marker(), line.get_linestyle(), list(line.get_xdata()), list(line.get_ydata())))
+    return lines
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_the_steps_figures_draw_each_curve_of_the_studies_table_its_fit_and_its_regimes(runs, drawn, normalized):
+    """One panel per optimizer, in each one colour per sparsity: the measured steps-to-result (dots), the
+    fitted curve (line), perfect scaling from its first point (dashed), o at the critical and X at the
+    diminishing-returns batch size of the curves table; the normalized figure divides by the first point."""
+    figs, studies = drawn(runs)
+    fig = figs[f"{'normalized' if normalized else 'steps'}_synthetic_mlp-tiny_constant_goal0.1"]
+    assert fig.get_suptitle() == "synthetic mlp-tiny (constant), goal error 0.1"
+    assert [ax.get_title() for ax in fig.get_axes()] == ["nesterov", "sgd"]
+    for ax in fig.get_axes():
+        assert ax.get_xlabel() == "batch size" and ax.get_xscale() == ax.get_yscale() == "log"
+        assert ax.get_ylabel() == ("steps / steps at smallest batch" if normalized else "steps to result")
+        table = studies[studies.optimizer == ax.get_title()]
+        curves = by_color(ax)
+        assert len(curves) == table.sparsity.nunique()
+        for i, (sparsity, rows) in enumerate(table.groupby("sparsity")):
+            rows = rows.sort_values("batch_size")
+            x, steps, fit = rows.batch_size.tolist(), rows.steps_to_result.to_numpy(), rows.fitted_steps.to_numpy()
+            scale = steps[0] if normalized else 1.0
+            expected = [(".", "None", x, list(steps / scale)), ("None", "-", x, list(fit / scale)),
+                        ("None", "--", x, list(fit[0] / scale * x[0] / np.array(x)))]
+            critical, diminishing = rows.critical_batch_size.iloc[0], rows.diminishing_batch_size.iloc[0]
+            for at, marker in ((critical, "o"), (diminishing, "X")):
+                if at in x:
+                    expected.append((marker, "None", [at], [steps[x.index(at)] / scale]))
+            assert curves[f"C{i}"] == [(m, ls, pytest.approx(xs), pytest.approx(ys)) for m, ls, xs, ys in expected], sparsity
+    nesterov = by_color(fig.get_axes()[0])
+    if not normalized:  # the known answers of the fixture, and its regimes: critical 64, diminishing 256 and 128
+        assert nesterov["C0"][0][3] == list(CURVE_0.values()) and nesterov["C1"][0][3] == list(CURVE_9.values())
+        assert nesterov["C0"][3:] == [("o", "None", [64], [200]), ("X", "None", [256], [142])]
+        assert nesterov["C1"][3:] == [("o", "None", [64], [480]), ("X", "None", [128], [400])]
+    assert [t.get_text() for t in fig.get_axes()[0].get_legend().get_texts()] == ["sparsity 0", "sparsity 0.9"]
+
+
+def test_the_metaparameter_figure_draws_the_best_trials_rates_and_momenta(runs, drawn):
+    figs, studies = drawn(runs)
+    fig = figs["metaparams_synthetic_mlp-tiny_constant_goal0.1"]
+    (lr_nesterov, lr_sgd), (momentum_nesterov, momentum_sgd) = np.array(fig.get_axes()).reshape(2, 2)
+    assert [ax.get_title() for ax in (lr_nesterov, lr_sgd)] == ["nesterov", "sgd"]
+    assert lr_nesterov.get_ylabel() == "best learning rate" and momentum_nesterov.get_ylabel() == "1 - best momentum"
+    assert not momentum_sgd.axison and all(np.isnan(line.get_ydata()).all() for line in momentum_sgd.get_lines())  # no momentum
+    for optimizer, panel, column, value in (("nesterov", lr_nesterov, "best_lr", lambda v: v),
+                                            ("sgd", lr_sgd, "best_lr", lambda v: v),
+                                            ("nesterov", momentum_nesterov, "best_momentum", lambda v: 1 - v)):
+        rows = studies[studies.optimizer == optimizer]
+        lines = panel.get_lines()
+        assert len(lines) == rows.sparsity.nunique()
+        for line, (sparsity, group) in zip(lines, rows.groupby("sparsity")):
+            group = group.sort_values("batch_size")
+            assert list(line.get_xdata()) == group.batch_size.tolist()
+            assert list(line.get_ydata()) == pytest.approx(value(group[column].to_numpy()).tolist()), (optimizer, column)
+    # the fixture's best trial is trial 1 everywhere for Nesterov: lr 0.05 B / 16, momentum 0.95
+    assert list(lr_nesterov.get_lines()[0].get_ydata()) == pytest.approx([0.05 * b / 16 for b in CURVE_0])
+    assert list(momentum_nesterov.get_lines()[0].get_ydata()) == pytest.approx([0.05] * len(CURVE_0))
+
+
+def lipschitz_logs(root):
+    """Measurements every 100 steps valued step/100 (+10 at sparsity 0.9), of trials at three batch sizes."""
+    from hvd_sparse.lipschitz import GAMMAS
+
+    for sparsity, offset in ((0.0, 0.0), (0.9, 10.0)):
+        for batch, steps in ((16, 340), (32, 160), (64, 90)):
+            path = write_log(root, "nesterov", sparsity, batch, 0, "RUNNING", steps)
+            log = TrialLog(path)
+            for step in range(100, 1001, 100):
+                value = step / 100 + offset
+                log.append_table("lipschitz", step, {"value": value, "per_gamma": [value * g for g in GAMMAS[::-1]]},
+                                 {"gammas": GAMMAS})
+            log.finish("COMPLETE", steps)
+    return root
 
 
 def test_mixed_goal_errors_are_kept_apart(tmp_path):
@@ -210,17 +311,8 @@ def test_cli_with_nothing_to_aggregate_is_a_clear_error(tmp_path, make):
 
 def test_the_lipschitz_constant_near_each_result_by_hand(tmp_path):
     """Measurements every 100 steps valued step/100 (+10 at sparsity 0.9): the best trial's value nearest
-    its result step, the median over batch sizes per curve, and the figure over training."""
-    from hvd_sparse.lipschitz import GAMMAS
-
-    for sparsity, offset in ((0.0, 0.0), (0.9, 10.0)):
-        for batch, steps in ((16, 340), (32, 160), (64, 90)):
-            path = write_log(tmp_path, "nesterov", sparsity, batch, 0, "RUNNING", steps)
-            log = TrialLog(path)
-            for step in range(100, 1001, 100):
-                value = step / 100 + offset
-                log.append_table("lipschitz", step, {"value": value, "per_gamma": [value * g for g in GAMMAS[::-1]]}, {"gammas": GAMMAS})
-            log.finish("COMPLETE", steps)
+    its result step, the median over batch sizes per curve, and the figures' files."""
+    lipschitz_logs(tmp_path)
     trials, studies, _, _ = aggregate(tmp_path, tmp_path / "out")
     # the last measurement at or before 340 is 300's, before 160 100's; none before 90: the first, 100's
     assert trials[trials.sparsity == 0].sort_values("batch_size").lipschitz_at_result.tolist() == [3.0, 1.0, 1.0]
@@ -228,18 +320,79 @@ def test_the_lipschitz_constant_near_each_result_by_hand(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "lipschitz.csv").set_index("sparsity")
     assert table.loc[0.0, "lipschitz_at_result"] == 1.0 and table.loc[0.9, "lipschitz_at_result"] == 11.0
     assert table.loc[0.9, "lipschitz_max"] == 13.0 and table.loc[0.9, "steps_at_smallest"] == 340
-    assert (tmp_path / "out" / "lipschitz_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
-    assert (tmp_path / "out" / "lipschitz_by_sparsity_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
-    assert not (tmp_path / "out" / "noise_synthetic_mlp-tiny_constant_goal0.1.png").exists()  # not measured
+    figures = {p.name for p in (tmp_path / "out").iterdir() if p.suffix in (".png", ".pdf")}
+    assert {f"lipschitz{kind}_synthetic_mlp-tiny_constant_goal0.1{suffix}" for kind in ("", "_by_sparsity")
+            for suffix in (".png", ".pdf")} <= figures
+    assert not any(name.startswith("noise_") for name in figures)  # not measured
 
 
-def test_a_goal_reached_at_the_first_evaluation_is_plotted_without_it(tmp_path):
+def visible_labels(axis, limits):
+    """The tick labels of an axis that are drawn: inside its view limits, not empty."""
+    low, high = sorted(limits)
+    return [label.get_text() for loc, label in zip(axis.get_ticklocs(), axis.get_ticklabels())
+            if low <= loc <= high and label.get_text()]
+
+
+def test_the_lipschitz_figures_draw_every_measurement_and_their_medians(tmp_path, drawn):
+    figs, _ = drawn(lipschitz_logs(tmp_path / "runs"))
+    over_training = figs["lipschitz_synthetic_mlp-tiny_constant_goal0.1"].get_axes()[0]
+    assert over_training.get_xlabel() == "step" and over_training.get_title() == "nesterov"
+    lines = by_color(over_training)  # one line per batch size's best trial, one colour per sparsity
+    steps = list(range(100, 1001, 100))
+    assert lines == {"C0": [("None", "-", steps, [s / 100 for s in steps])] * 3,
+                     "C1": [("None", "-", steps, [s / 100 + 10 for s in steps])] * 3}
+    fig = figs["lipschitz_by_sparsity_synthetic_mlp-tiny_constant_goal0.1"]
+    (ax,) = fig.get_axes()
+    points, medians = ax.get_lines()
+    assert (points.get_marker(), points.get_linestyle(), medians.get_marker()) == (".", "None", "o")
+    values = sorted(zip(points.get_xdata(), points.get_ydata()))
+    assert values == sorted((s, step / 100 + offset) for s, offset in ((0.0, 0), (0.9, 10)) for step in steps
+                            for _ in range(3))  # every measurement of the three best trials per sparsity
+    assert list(medians.get_xdata()) == [0.0, 0.9] and list(medians.get_ydata()) == [5.5, 15.5]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("sparsity", "Lipschitz constant along the update")
+
+
+# the committed Fashion-MNIST measurements (docs/fashion-study/lipschitz/lipschitz.csv): within one octave
+COMMITTED_LIPSCHITZ = {0.0: 2.69618, 0.5: 2.59128, 0.7: 3.36802, 0.9: 5.27919}
+
+
+@pytest.mark.parametrize("dataset, values", [
+    ("fashion-mnist", COMMITTED_LIPSCHITZ),
+    ("synthetic", {0.0: 1.0, 0.5: 1.5, 0.8: 4.0, 0.9: 11.0, 0.95: 40.0}),  # five octaves
+])
+def test_the_lipschitz_by_sparsity_figure_fits_its_title_and_labels_every_sparsity(dataset, values):
+    """Drawn as the PNG is: the title, however long, inside the figure; one x tick label per sparsity
+    measured; at least three labelled ticks on the y axis, even where the values span less than an octave."""
+    import matplotlib.pyplot as plt
+
+    from hvd_sparse.plots import lipschitz_by_sparsity_figures
+
+    table = pd.DataFrame({"dataset": dataset, "model": "simple-cnn", "pruning": "snip", "optimizer": "nesterov",
+                          "schedule": "constant", "goal_error": 0.14, "batch_size": 128, "step": 150,
+                          "sparsity": list(values), "value": list(values.values())})
+    ((stem, fig),) = lipschitz_by_sparsity_figures(table)
+    try:
+        fig.tight_layout()
+        fig.canvas.draw()
+        title = fig._suptitle.get_window_extent()
+        assert fig.get_suptitle().replace("\n", " ") == f"gradient Lipschitz constant: {dataset} simple-cnn (constant), goal error 0.14"
+        assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1, (title, fig.bbox)
+        (ax,) = fig.get_axes()
+        assert visible_labels(ax.xaxis, ax.get_xlim()) == [f"{s:g}" for s in values]
+        assert len(visible_labels(ax.yaxis, ax.get_ylim())) >= 3, visible_labels(ax.yaxis, ax.get_ylim())
+    finally:
+        plt.close(fig)
+
+
+def test_a_goal_reached_at_the_first_evaluation_is_plotted_without_it(tmp_path, drawn):
     """Steps-to-result 0 (the goal met before training) has no place on log axes: the figure leaves it out."""
     for batch, steps in ((16, 0), (32, 40), (64, 20)):
-        write_log(tmp_path, "nesterov", 0.0, batch, 0, "COMPLETE", steps)
-    trials, studies, curves, _ = aggregate(tmp_path, tmp_path / "out")
+        write_log(tmp_path / "runs", "nesterov", 0.0, batch, 0, "COMPLETE", steps)
+    figs, studies = drawn(tmp_path / "runs")
     assert sorted(studies.steps_to_result) == [0, 20, 40]
-    assert (tmp_path / "out" / "steps_synthetic_mlp-tiny_constant_goal0.1.png").stat().st_size > 10_000
+    (ax,) = figs["steps_synthetic_mlp-tiny_constant_goal0.1"].get_axes()
+    points = by_color(ax)["C0"][0]
+    assert points == (".", "None", [32, 64], [40, 20])  # batch 16's 0 steps left out
 
 
 # -- regime rules on synthetic curves with known regimes -------------------------------------------

@@ -26,7 +26,7 @@ def test_the_committed_fashion_tables_compare_to_what_their_readme_summary_says(
     table = comparison([FASHION]).set_index(["optimizer", "sparsity"])
     assert table.loc[("nesterov", 0.0)].critical_batch_size == 64
     assert table.loc[("sgd", 0.9)].diminishing_batch_size == 512
-    # the README's finding 2: Nesterov at 0.9 needs 1.4 to 3.4 times the dense steps
+    # finding 2 (docs/fashion-study/index.md): Nesterov at 0.9 needs 1.4 to 3.4 times the dense steps
     row = table.loc[("nesterov", 0.9)]
     assert (round(row.ratio_min, 1), round(row.ratio_max, 1), row.ratio_batches) == (1.4, 3.4, 9)
 

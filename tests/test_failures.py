@@ -1,6 +1,6 @@
 """What happens when things go wrong, with real ranks (np=2) and hard timeouts.
 
-Each test here backs a line of README's "What happens when things go wrong" table; the others are
+Each test here backs an entry of the troubleshooting page (docs/troubleshooting.md); the others are
 named there too (test_train, test_checkpoint, test_study, test_log, test_aggregate, test_slurm).
 Every test records the job's time to exit (``record_property``): `make failure-times` prints them.
 """

@@ -39,6 +39,20 @@ def test_initialization_is_seeded_and_variance_scaled():
             assert pa.abs().max().item() <= 2 * math.sqrt(1.0 / fan_in) / 0.87962566103423978 + 1e-6
 
 
+def test_convolutions_are_variance_scaled_by_their_fan_in():
+    """The reference scales a convolution's weights by its fan-in, in_channels x kernel height x kernel width
+    (Simple-CNN's conv1: 1 x 5 x 5 = 25, conv2: 32 x 5 x 5 = 800), not by its input channels alone."""
+    model = build_model("simple-cnn", (1, 28, 28), 10, seed=1)
+    for conv, fan_in in ((model.conv1, 25), (model.conv2, 800)):
+        assert conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] == fan_in
+        weight = conv.weight.detach()
+        assert abs(weight.std().item() / math.sqrt(1.0 / fan_in) - 1) < 0.05  # variance scaling, scale 1
+        assert weight.abs().max().item() <= 2 * math.sqrt(1.0 / fan_in) / 0.87962566103423978 + 1e-6
+        assert abs(weight.mean().item()) < 4 * math.sqrt(1.0 / fan_in) / math.sqrt(weight.numel())  # 4 standard errors
+        assert torch.count_nonzero(conv.bias) == 0
+    assert not torch.equal(model.conv2.weight, build_model("simple-cnn", (1, 28, 28), 10, seed=2).conv2.weight)
+
+
 def test_prunable_names_follow_the_bias_option():
     model = build_model("simple-cnn", (1, 28, 28), 10, seed=0)
     assert prunable_names(model, True) == [n for n, _ in model.named_parameters()]

@@ -39,3 +39,45 @@ def test_optimizers(name, momentum, nesterov):
     set_learning_rate(opt, 0.25)
     assert opt.param_groups[0]["lr"] == 0.25
     assert sorted(OPTIMIZERS) == ["momentum", "nesterov", "sgd"]
+
+
+GRADIENTS = [[1.0, -2.0, 0.5], [0.25, 1.0, -1.0], [-0.5, 0.5, 2.0], [1.0, 0.0, -0.25]]  # one per step, fixed
+
+
+def by_hand(name: str, lr: float, mu: float) -> list[list[float]]:
+    """The parameters after each step, by torch.optim.SGD's documented rule (dampening 0): the buffer
+    v = mu * v + g (v = g at the first step); heavy ball p -= lr * v; Nesterov p -= lr * (g + mu * v);
+    plain SGD p -= lr * g."""
+    p, v, after = [0.0, 1.0, -1.0], [0.0, 0.0, 0.0], []
+    for g in GRADIENTS:
+        v = [mu * vi + gi for vi, gi in zip(v, g)]
+        update = {"sgd": g, "momentum": v, "nesterov": [gi + mu * vi for gi, vi in zip(g, v)]}[name]
+        p = [pi - lr * ui for pi, ui in zip(p, update)]
+        after.append(p)
+    return after
+
+
+def steps_taken(name: str, lr: float, mu: float) -> list[list[float]]:
+    param = torch.nn.Parameter(torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))
+    opt = build_optimizer([param], OptimConfig(optimizer=name, lr=lr, momentum=mu))
+    after = []
+    for g in GRADIENTS:
+        param.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        after.append(param.detach().tolist())
+    return after
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov"])
+def test_real_steps_follow_the_update_rule_by_hand(name):
+    taken, expected = steps_taken(name, 0.5, 0.9), by_hand(name, 0.5, 0.9)
+    assert taken == [pytest.approx(p, rel=1e-12, abs=1e-12) for p in expected]
+
+
+def test_the_three_optimizers_take_different_steps():
+    """Nesterov is not heavy ball at any step (its first is (1 + mu) times as long); heavy ball's first step
+    is plain SGD's (its buffer is the first gradient), every later one differs from both."""
+    sgd, momentum, nesterov = (steps_taken(name, 0.5, 0.9) for name in ("sgd", "momentum", "nesterov"))
+    assert all(n != pytest.approx(m, abs=1e-3) for n, m in zip(nesterov, momentum))
+    assert momentum[0] == sgd[0]
+    assert all(m != pytest.approx(s, abs=1e-3) for m, s in zip(momentum[1:], sgd[1:]))
