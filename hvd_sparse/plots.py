@@ -193,8 +193,9 @@ def series_figures(points: pd.DataFrame, series: pd.DataFrame, stem: str, ylabel
             for i, (sparsity, rows) in enumerate(group.groupby("sparsity", sort=True)):
                 label = f"sparsity {sparsity:g}"
                 lines = in_figure[(in_figure.optimizer == optimizer) & (in_figure.sparsity == sparsity)]
-                for _, line in lines.groupby("batch_size", sort=True):
-                    ax.plot(line.step, line.value, color=f"C{i}", alpha=0.7, linewidth=1, label=label)
+                for _, line in lines.groupby("batch_size", sort=True):  # a series of one value is a marker
+                    ax.plot(line.step, line.value, color=f"C{i}", alpha=0.7, linewidth=1, label=label,
+                            marker="o" if len(line) == 1 else None, markersize=4)
                     label = None
                 for value, style in zip(_bounds(rows), ("--", ":")) if bounds else ():
                     if math.isfinite(value):

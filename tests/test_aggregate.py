@@ -258,15 +258,16 @@ def test_the_metaparameter_figure_draws_the_best_trials_rates_and_momenta(runs, 
     assert list(momentum_nesterov.get_lines()[0].get_ydata()) == pytest.approx([0.05] * len(CURVE_0))
 
 
-def lipschitz_logs(root):
-    """Measurements every 100 steps valued step/100 (+10 at sparsity 0.9), of trials at three batch sizes."""
+def lipschitz_logs(root, every=100):
+    """Measurements every ``every`` steps to 1,000 valued step/100 (+10 at sparsity 0.9), of trials at
+    three batch sizes."""
     from hvd_sparse.lipschitz import GAMMAS
 
     for sparsity, offset in ((0.0, 0.0), (0.9, 10.0)):
         for batch, steps in ((16, 340), (32, 160), (64, 90)):
             path = write_log(root, "nesterov", sparsity, batch, 0, "RUNNING", steps)
             log = TrialLog(path)
-            for step in range(100, 1001, 100):
+            for step in range(every, 1001, every):
                 value = step / 100 + offset
                 log.append_table("lipschitz", step, {"value": value, "per_gamma": [value * g for g in GAMMAS[::-1]]},
                                  {"gammas": GAMMAS})
@@ -350,6 +351,13 @@ def test_the_lipschitz_figures_draw_every_measurement_and_their_medians(tmp_path
                             for _ in range(3))  # every measurement of the three best trials per sparsity
     assert list(medians.get_xdata()) == [0.0, 0.9] and list(medians.get_ydata()) == [5.5, 15.5]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("sparsity", "Lipschitz constant along the update")
+
+
+def test_a_trial_measured_once_is_drawn_as_a_marker_over_training(tmp_path, drawn):
+    """The Lipschitz studies measure each trial once: a line of one point draws nothing, so it is a marker."""
+    figs, _ = drawn(lipschitz_logs(tmp_path / "runs", every=1000))
+    over_training = figs["lipschitz_synthetic_mlp-tiny_constant_goal0.1"].get_axes()[0]
+    assert by_color(over_training) == {"C0": [("o", "-", [1000], [10.0])] * 3, "C1": [("o", "-", [1000], [20.0])] * 3}
 
 
 # the committed Fashion-MNIST measurements (docs/fashion-study/lipschitz/lipschitz.csv): within one octave
