@@ -65,6 +65,38 @@ def job_processes(out):
     return found
 
 
+def killed_and_gone(job, out, record_property, limit):
+    """SIGKILL ``job``'s launcher (horovodrun, exec'd into sh -c 'mpirun ...'); (what is left of the job
+    ``limit`` seconds later at most, killed then; the seconds until nothing was left)."""
+    job.kill()
+    started = time.time()
+    job.wait(timeout=30)  # reaped at once: a zombie launcher counts as gone too, but this is what a shell does
+    while job_processes(out) and time.time() - started < limit:
+        time.sleep(0.2)
+    left, elapsed = job_processes(out), time.time() - started
+    for p in left:
+        p.kill()
+    record_property("time_to_exit_s", round(elapsed, 1))
+    return left, elapsed
+
+
+def freeze_and_wait(job, out, module, world_rank, record_property, timeout):
+    """SIGSTOP the rank of ``job`` (``python -m module``) that is world rank ``world_rank``; (the job's exit
+    code, the seconds from the freeze to it); whatever is left of the job is killed."""
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if p.cmdline()[1:3] == ["-m", module]]
+    (victim,) = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == str(world_rank)]
+    victim.suspend()
+    started = time.time()
+    try:
+        code = job.wait(timeout=timeout)
+    finally:
+        for p in job_processes(out):
+            p.kill()
+    elapsed = time.time() - started
+    record_property("time_to_exit_s", round(elapsed, 1))
+    return code, elapsed
+
+
 def start_and_wait_for_a_checkpoint(out, output_file):
     job = subprocess.Popen(train_cmd(out), env=launch_env(), cwd=REPO, stdout=output_file,
                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_signals)
@@ -133,15 +165,7 @@ def test_a_launcher_killed_before_its_ranks_started_takes_them_with_it(tmp_path,
         while not [p for p in psutil.Process(job.pid).children() if p.name() == "mpirun"] and time.time() < deadline:
             assert job.poll() is None
             time.sleep(0.01)
-        job.kill()
-        started = time.time()
-        job.wait(timeout=30)
-        while job_processes(out) and time.time() - started < 60 + LIMIT:
-            time.sleep(0.2)
-        left, elapsed = job_processes(out), time.time() - started
-        for p in left:
-            p.kill()
-    record_property("time_to_exit_s", round(elapsed, 1))
+        left, elapsed = killed_and_gone(job, out, record_property, 60 + LIMIT)
     text = (tmp_path / "output.txt").read_text()
     assert not left, f"{len(left)} processes left after {elapsed:.1f} s\n{text[-3000:]}"
     assert "exited before this rank started" in text and "Traceback" not in text, text[-3000:]
@@ -235,20 +259,7 @@ def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(tmp_path, monkeypatch,
     out = tmp_path / "runs"
     with open(tmp_path / "output.txt", "w") as output:
         job = start_and_wait_for_a_checkpoint(out, output)
-        ranks = sorted((p for p in psutil.Process(job.pid).children(recursive=True)
-                        if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]), key=lambda p: p.pid)
-        assert len(ranks) == 2
-        (victim,) = [p for p in ranks if f"OMPI_COMM_WORLD_RANK={frozen}" in "\n".join(
-            f"{k}={v}" for k, v in p.environ().items())]
-        victim.suspend()
-        started = time.time()
-        try:
-            code = job.wait(timeout=60)
-        finally:
-            for p in job_processes(out):
-                p.kill()
-    elapsed = time.time() - started
-    record_property("time_to_exit_s", round(elapsed, 1))
+        code, elapsed = freeze_and_wait(job, out, "hvd_sparse.train", frozen, record_property, timeout=60)
     text = (tmp_path / "output.txt").read_text()
     assert code != 0 and elapsed < 10 + 15, text[-3000:]
     other = 1 - frozen
@@ -281,15 +292,7 @@ def test_no_packed_group_outlives_its_launcher(tmp_path, record_property):
         while len(list(out.rglob("*.ckpt.pt"))) < 2 and time.time() < deadline:
             assert job.poll() is None, (tmp_path / "output.txt").read_text()
             time.sleep(0.05)
-        psutil.Process(job.pid).kill()
-        started = time.time()
-        job.wait(timeout=30)
-        while job_processes(out) and time.time() - started < LIMIT + 20:
-            time.sleep(0.2)
-        left, elapsed = job_processes(out), time.time() - started
-        for p in left:
-            p.kill()
-    record_property("time_to_exit_s", round(elapsed, 1))
+        left, elapsed = killed_and_gone(job, out, record_property, LIMIT + 20)
     text = (tmp_path / "output.txt").read_text()
     assert not left and elapsed < LIMIT, f"{len(left)} processes left after {elapsed:.1f} s\n{text[-3000:]}"
     logs = sorted(out.rglob("trial-*.h5"))
@@ -322,17 +325,7 @@ def test_a_frozen_group_of_a_packed_study_ends_the_job(tmp_path, monkeypatch, re
         while len(list(out.rglob("*.ckpt.pt"))) < 2 and time.time() < deadline:
             assert job.poll() is None, (tmp_path / "output.txt").read_text()
             time.sleep(0.05)
-        ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]]
-        (victim,) = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
-        victim.suspend()
-        started = time.time()
-        try:
-            code = job.wait(timeout=120)
-        finally:
-            for p in job_processes(out):
-                p.kill()
-    elapsed = time.time() - started
-    record_property("time_to_exit_s", round(elapsed, 1))
+        code, elapsed = freeze_and_wait(job, out, "hvd_sparse.study", 1, record_property, timeout=120)
     text = (tmp_path / "output.txt").read_text()
     assert code != 0 and elapsed < 60, f"{elapsed:.1f} s\n{text[-3000:]}"
     lines = [line for line in text.splitlines() if "hvd_sparse.study: error:" in line]
