@@ -125,7 +125,7 @@ def guarded(body: Callable[[], int], prog: str) -> int:
         install_stop_handlers(prog)
         code = body()
     except Interrupted as e:
-        return report_interrupted(e)
+        code = report_interrupted(e)
     except ValueError as e:  # ConfigError, DataError, LogError, unknown registry names
         return fail(e, 2, prog)
     except (dist.DistributedError, StorageError) as e:

@@ -366,6 +366,23 @@ def finish() -> None:
             _e.finish()
     except Exception:  # noqa: BLE001 - a rank already gone: it said why itself
         pass
+    _watch_the_exit()
+
+
+EXIT = "the job's exit"
+
+
+def _watch_the_exit() -> None:
+    """From here to the end of the process the watchdogs time this rank as waiting: Horovod's atexit
+    hook ends in MPI_Finalize, which waits for every rank of the world, so a rank frozen or lost on its
+    way out (as the job stopped after a signal, found by the chaos campaign) hung the others there for
+    ever; now they end the job after the collective timeout."""
+    global _world_wait
+    now = time.monotonic()
+    with _waiting_lock:
+        _waiting.append((EXIT, now, collective_timeout()))
+    if _packed():
+        _world_wait = (EXIT, now)
 
 
 def leave(code: int) -> int:

@@ -83,6 +83,15 @@ def _reason(error: BaseException, folder: Path | None = None) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk or an exhausted quota: not the path's fault, a rerun works later
+
+
+def unwritable(e: OSError, message: str, otherwise: type[Exception] | None = None) -> Exception:
+    """The error for a path that could not be written: StorageError (exit 1, a runtime failure: rerun
+    once there is room) for a full disk or quota, else ``otherwise`` (default LogError; exit 2: fix the path)."""
+    return StorageError(message) if e.errno in NO_ROOM else (otherwise or LogError)(message)
+
+
 def _is_full(folder: Path) -> bool:
     """No room for another filesystem block (what a full disk or an exhausted quota leaves)."""
     try:
@@ -216,7 +225,7 @@ def check_writable(folder: Path, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise LogError(f"{what} {folder}: cannot write there: {_reason(e)}") from None
+        raise unwritable(e, f"{what} {folder}: cannot write there: {_reason(e)}") from None
 
 
 def _open(path: Path) -> tuple[h5py.File, bool]:

@@ -36,7 +36,7 @@ from hvd_sparse.cli import PLUGIN_HELP, ArgumentParser, configure_logging, guard
 from hvd_sparse.config import SCHEDULES, Config, ConfigError, exact, legacy_identity
 from hvd_sparse.engine import (Engine, Interrupted, Job, TrialResult, check_batch, check_fusable, final_model_path,
                                load_data_everywhere, select_device, stop_requested, validate)
-from hvd_sparse.log import LogData, LogError, check_writable, copy_log, read_log, regular_bytes, write_atomically
+from hvd_sparse.log import LogData, LogError, check_writable, copy_log, read_log, regular_bytes, unwritable, write_atomically
 from hvd_sparse.registry import load_plugins, plugin_digest
 from hvd_sparse.search import SearchSpace, reference_space
 
@@ -425,8 +425,8 @@ def create_once(path: Path, text: str) -> None:
     """Write ``path`` whole unless it exists: through a temporary file linked into place, so it appears
     complete and never replaces what another job (array jobs and shards start together) wrote first."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
     try:
+        tmp.write_text(text)
         os.link(tmp, path)
     except FileExistsError:
         pass
@@ -444,7 +444,7 @@ def prepare_dir(spec: StudySpec, directory: Path) -> None:
                       "hvd_sparse_version": hvd_sparse.__version__, "created": time.time()}
             create_once(saved_path, json.dumps(record, indent=2, sort_keys=True) + "\n")  # else: check its spec below
         except OSError as e:
-            raise ConfigError(f"{directory}: cannot create the study directory: {e.strerror or e}") from None
+            raise unwritable(e, f"{directory}: cannot create the study directory: {e.strerror or e}", ConfigError) from None
     try:
         saved = json.loads(regular_bytes(saved_path))["spec"]
         for operational in OPERATIONAL:
@@ -609,7 +609,7 @@ def check_study_data(directory: Path, fingerprint: str) -> None:
         try:
             create_once(path, json.dumps({"data_fingerprint": logged}))  # the first job's record; the others read it
         except OSError as e:
-            raise ConfigError(f"{path}: cannot write the data record: {e.strerror or e}") from None
+            raise unwritable(e, f"{path}: cannot write the data record: {e.strerror or e}", ConfigError) from None
     try:
         recorded = str(json.loads(regular_bytes(path))["data_fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as e:

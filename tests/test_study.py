@@ -29,6 +29,27 @@ def spec(**changes):
     return StudySpec.from_dict({**SPEC, **changes})
 
 
+def test_a_full_disk_at_the_study_folder_is_a_storage_failure_not_bad_input(mount_tmpfs):
+    """No room to create the study folder, its spec or its data record: StorageError (exit 1: rerun once
+    there is room), not ConfigError (exit 2: fix the input), which named a full disk as the user's mistake
+    (found by the chaos campaign); nothing half-written is left. A read-only folder stays an input error."""
+    from hvd_sparse.log import StorageError
+    from hvd_sparse.study import check_study_data
+    from conftest import fill_disk
+
+    disk = mount_tmpfs("size=256k")
+    fill_disk(disk)
+    with pytest.raises(StorageError, match="cannot create the study directory: No space left on device"):
+        prepare_dir(spec(), disk / "study")
+    os.makedirs(disk / "made", exist_ok=True)
+    with pytest.raises(StorageError, match="cannot write the data record: No space left on device"):
+        check_study_data(disk / "made", "0" * 64)
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+    readonly = mount_tmpfs("size=256k,ro")
+    with pytest.raises(ConfigError, match="cannot create the study directory"):
+        prepare_dir(spec(), readonly / "study")
+
+
 # -- the grid ------------------------------------------------------------------------------------
 
 
