@@ -122,11 +122,15 @@ def lost_link(me: psutil.Process, chain: list[psutil.Process]) -> psutil.Process
     return None
 
 
+MPI_LAUNCHERS = frozenset({"mpirun", "mpiexec", "orterun", "prterun"})
+
+
 def orphaned(top: psutil.Process) -> int | None:
     """The pid of the gone process group leader of ``top`` (the outermost launcher above a rank) if
-    ``top`` was orphaned: re-parented to init, in a group whose leader exited; else None."""
+    ``top`` is an mpirun that was orphaned: re-parented to init, in a group whose leader exited; else
+    None. Only mpirun: slurmstepd is re-parented to init and leaves its group by design."""
     try:
-        if top.ppid() != 1:
+        if top.ppid() != 1 or top.name() not in MPI_LAUNCHERS:
             return None
         group = os.getpgid(top.pid)
     except (psutil.Error, OSError):

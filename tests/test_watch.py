@@ -1,5 +1,6 @@
 """Ranks never outlive their launcher (hvd_sparse.watch): a launcher killed by any signal takes every
 rank with it within seconds, checkpointed where the ranks could stop cleanly, and the rerun resumes."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,30 @@ def job_processes(out):
         if str(out) in " ".join(p.info["cmdline"] or []) and p.pid != psutil.Process().pid:
             found.append(p)
     return found
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("name, counts", [("mpirun", True), ("slurmstepd", False)])
+def test_an_orphan_counts_as_a_launcher_gone_only_if_it_is_mpirun(tmp_path, name, counts):
+    """A process named ``name`` left behind by a shell that led its group and exited: re-parented to init,
+    its group's leader gone. That is horovodrun killed before its ranks started for mpirun; slurmstepd
+    is re-parented to init by design, and must not count."""
+    from hvd_sparse.watch import orphaned
+
+    program = tmp_path / name
+    program.symlink_to(shutil.which("sleep"))
+    subprocess.run(["setsid", "sh", "-c", f"{program} 30 >/dev/null 2>&1 &"], check=True)  # sh leads, exits
+    deadline = time.time() + 10
+    while not (found := [p for p in psutil.process_iter(["exe", "cmdline"]) if (p.info["cmdline"] or [""])[0] == str(program)]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    (child,) = found
+    try:
+        if child.ppid() != 1:
+            pytest.skip(f"orphans here go to a subreaper (pid {child.ppid()}), not to init")
+        assert (orphaned(child) is not None) == counts
+    finally:
+        child.kill()
 
 
 def killed_and_gone(job, out, record_property, limit):
