@@ -82,7 +82,7 @@ chaos: setup
 
 ## make test: set up, then the whole test suite (what CI runs)
 test: setup
-	python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## make test-fast: set up, then the tests that start no process (no horovodrun, no srun): the loop while working
 test-fast: setup

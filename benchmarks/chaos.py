@@ -80,7 +80,7 @@ class Campaign:
         self.spec.write_text(json.dumps({**spec, "data_dir": str(self.data)}))
         self.disk = mount_tmpfs(root / "disk")
         self.faults: dict[str, list[float]] = defaultdict(list)  # kind -> seconds from the fault to the job's end
-        self.runs = self.lost = self.differing = self.left = self.hangs = 0
+        self.runs = self.lost = self.differing = self.left = self.hangs = self.frozen_left = 0
         self.events: list[str] = []
 
     # -- running the study ----------------------------------------------------------------------
@@ -151,6 +151,18 @@ class Campaign:
             time.sleep(0.1)
         elapsed = time.time() - since
         left = self.processes(out)
+        frozen = [p for p in left if _stopped(p)]
+        if frozen:  # the fault itself: nothing of the job can end a stopped process once its launcher is gone
+            waiting = [p for p in left if p not in frozen and _waits_only_for(p, frozen)]
+            self.frozen_left += len(frozen)
+            self.events.append(f"FROZEN: {len(frozen)} stopped rank(s) of {out} and {len(waiting)} mpirun waiting for "
+                               "them outlived the job; ended by the harness")
+            for p in frozen + waiting:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            left = [p for p in left if p not in frozen and p not in waiting]
         if left:
             self.left += len(left)
             self.events.append(f"LEFT: {len(left)} process(es) of {out} outlived their job: "
@@ -319,6 +331,22 @@ class Campaign:
             self.events.append(f"DIFFERS: {out.name}: the cells' answers {cell_answers(mine)} against {cell_answers(ref)}")
 
 
+def _stopped(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def _waits_only_for(p: psutil.Process, frozen: list[psutil.Process]) -> bool:
+    """Whether ``p`` is a launcher whose only living children are the stopped ranks."""
+    try:
+        children = [c for c in p.children() if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return False
+    return bool(children) and all(c in frozen for c in children)
+
+
 def differs(a: Path, b: Path, capped: bool) -> str | None:
     """Why two logs of one trial are not the same result; None if they are."""
     la, lb = read_log(a), read_log(b)
@@ -418,7 +446,8 @@ def report(c: Campaign, rounds: int, seconds: float, args: argparse.Namespace) -
         worst = f"{max(times):.1f}" if kind in TERMINAL and times else "-"
         lines.append(f"{kind:<20}{len(times):>9}{worst:>24}")
     lines += [f"results lost: {c.lost}", f"results differing: {c.differing}", f"processes left behind: {c.left}",
-              f"runs that hung (over {RUN_LIMIT:g} s): {c.hangs}", "", *c.events]
+              f"runs that hung (over {RUN_LIMIT:g} s): {c.hangs}",
+              f"stopped ranks the harness ended after their job (the stop_rank fault itself): {c.frozen_left}", "", *c.events]
     return "\n".join(lines)
 
 
