@@ -157,21 +157,13 @@ class Campaign:
             self.frozen_left += len(frozen)
             self.events.append(f"FROZEN: {len(frozen)} stopped rank(s) of {out} and {len(waiting)} mpirun waiting for "
                                "them outlived the job; ended by the harness")
-            for p in frozen + waiting:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+            kill(frozen + waiting)
             left = [p for p in left if p not in frozen and p not in waiting]
         if left:
             self.left += len(left)
             self.events.append(f"LEFT: {len(left)} process(es) of {out} outlived their job: "
                                + "; ".join(" ".join(p.cmdline()[:4]) for p in left if p.is_running()))
-            for p in left:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+            kill(left)
         return code, elapsed
 
     # -- faults ---------------------------------------------------------------------------------
@@ -311,8 +303,7 @@ class Campaign:
                                        + next((l for l in text.splitlines() if "error:" in l), "")[:300])
                 elif code == 2:
                     raise SystemExit(f"a run was refused and nothing says why:\n{text[-3000:]}")
-            for p in self.processes(out):  # a SIGSTOPped rank the launcher did not take down
-                p.kill()
+            kill(self.processes(out))  # a SIGSTOPped rank the launcher did not take down
         self.restore_data()  # replaced while the last trials ended: the next round starts on the real data
         return injected
 
@@ -329,6 +320,14 @@ class Campaign:
         if capped and cell_answers(mine) != cell_answers(ref):
             self.differing += 1
             self.events.append(f"DIFFERS: {out.name}: the cells' answers {cell_answers(mine)} against {cell_answers(ref)}")
+
+
+def kill(processes: list[psutil.Process]) -> None:
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def _stopped(p: psutil.Process) -> bool:

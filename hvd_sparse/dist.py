@@ -320,11 +320,16 @@ def leave_failed(code: int) -> int:
     groups, training or waiting in the study's final gather, would never come (the job hung, found by
     the chaos campaign); a rank gone without it makes the launcher end the job."""
     if _packed():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_now(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """Leave the process at once, its logging and output flushed, without the interpreter's teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def exit_barrier(timeout: float = 10.0) -> None:
@@ -393,10 +398,7 @@ def leave(code: int) -> int:
     ``finish`` had closed the process group). Horovod's ranks exit normally: its atexit hook shuts MPI
     down, which the launcher expects."""
     if _e is not None and _e.name == "torch" and engines.has_rendezvous():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_now(code)
     return code
 
 
