@@ -190,6 +190,18 @@ def _connected_beacon(me: int, ranks: int, allgather: Callable[[Any, str], list[
     return beacon
 
 
+def _stopped_for(beacon: Beacon | None, elapsed: float, poll: float) -> float:
+    """How long this process was stopped itself (SIGSTOP, a suspended job) during a watchdog's sleep of
+    ``poll`` that took ``elapsed``; 0.0 when it was not. That time is neither a wait in a collective
+    nor news of another rank's silence, so the beacon pauses for it."""
+    stopped = elapsed - poll
+    if stopped <= 2.0:
+        return 0.0
+    if beacon is not None:
+        beacon.pause(stopped)
+    return stopped
+
+
 def _watch(timeout: float) -> None:
     poll = _poll(timeout)
     last = time.monotonic()
@@ -197,10 +209,9 @@ def _watch(timeout: float) -> None:
         time.sleep(poll)
         now = time.monotonic()
         with _waiting_lock:
-            if now - last > poll + 2.0:  # this process was stopped itself (and is being woken to be ended):
-                _waiting[:] = [(name, since + now - last, limit) for name, since, limit in _waiting]  # not a wait
-                if _beacon is not None:
-                    _beacon.pause(now - last - poll)
+            stopped = _stopped_for(_beacon, now - last, poll)
+            if stopped:  # (and is being woken to be ended)
+                _waiting[:] = [(name, since + stopped, limit) for name, since, limit in _waiting]
             current = _waiting[-1] if _waiting else None
             entered = _entered
         last = now
@@ -298,10 +309,9 @@ def _watch_the_world(beacon: Beacon, timeout: float) -> None:
         time.sleep(poll)
         now = time.monotonic()
         current = _world_wait
-        if now - last > poll + 2.0:  # this process was stopped itself: neither a wait nor news of silence
-            beacon.pause(now - last - poll)
-            if current is not None:
-                current = _world_wait = (current[0], current[1] + now - last - poll)
+        stopped = _stopped_for(beacon, now - last, poll)
+        if stopped and current is not None:
+            current = _world_wait = (current[0], current[1] + stopped)
         last = now
         beacon.beat(0, current is not None, now)
         if current is None or timeout <= 0 or now - current[1] <= timeout:

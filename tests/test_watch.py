@@ -1,5 +1,6 @@
 """Ranks never outlive their launcher (hvd_sparse.watch): a launcher killed by any signal takes every
 rank with it within seconds, checkpointed where the ranks could stop cleanly, and the rerun resumes."""
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -294,6 +295,47 @@ def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(tmp_path, monkeypatch,
     assert f"did not arrive: rank {frozen} (silent for " in lines[0] and "frozen or lost)" in lines[0], lines[0]
     assert "Traceback" not in text
     assert list(out.glob("*.ckpt.pt")), "the checkpoint a rerun resumes from"
+
+
+@pytest.mark.launches
+def test_a_job_stopped_whole_trains_on_when_woken(tmp_path, monkeypatch, record_property):
+    """SIGSTOP on every process of the job (a suspended SLURM job, Ctrl-Z) for longer than
+    HVD_SPARSE_COLLECTIVE_TIMEOUT: woken, each rank's watchdog sees that it was stopped itself, so neither
+    the collective it was in nor the other rank's silent heartbeats count as a wait; the job trains on
+    and stops cleanly when asked."""
+    monkeypatch.setenv("HVD_SPARSE_COLLECTIVE_TIMEOUT", "3")
+    out = tmp_path / "runs"
+    with open(tmp_path / "output.txt", "w") as output:
+        job = start_and_wait_for_a_checkpoint(out, output)
+        try:
+            launcher = psutil.Process(job.pid)
+            everyone = [launcher, *launcher.children(recursive=True)]
+            for p in reversed(everyone):  # the ranks first, the launcher last
+                p.suspend()
+            time.sleep(3 + 1 + 2 + 4)  # the timeout, the watchdog's poll and its 2 s margin, and more
+            (log_path,) = out.glob("*.h5")
+            stopped_at = read_log(log_path, with_mask=False).measurements["step"][-1]
+            for p in everyone:
+                with contextlib.suppress(psutil.NoSuchProcess):  # gone: a watchdog took the stop for a wait
+                    p.resume()
+            time.sleep(3 + 1 + 2 + 2)  # past the timeout again: a watchdog that counted the stop has fired
+            alive = job.poll() is None
+            if alive:
+                launcher.send_signal(signal.SIGTERM)
+            job.wait(timeout=30)
+            deadline = time.time() + LIMIT
+            while job_processes(out) and time.time() < deadline:
+                time.sleep(0.2)
+        finally:
+            left = job_processes(out)
+            for p in left:
+                p.kill()
+    text = (tmp_path / "output.txt").read_text()
+    assert alive and "error:" not in text and "Traceback" not in text, text[-3000:]
+    assert not left and "INTERRUPTED: stopped by" in text, text[-3000:]
+    log = read_log(log_path, with_mask=False)
+    assert log.status == "RUNNING" and log.attrs["interruptions"] == 1, text[-3000:]
+    assert log.measurements["step"][-1] > stopped_at, "it trained on after it was woken"
 
 
 @pytest.mark.launches
