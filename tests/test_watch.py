@@ -312,13 +312,13 @@ def test_a_job_stopped_whole_trains_on_when_woken(tmp_path, monkeypatch, record_
             everyone = [launcher, *launcher.children(recursive=True)]
             for p in reversed(everyone):  # the ranks first, the launcher last
                 p.suspend()
-            time.sleep(3 + 1 + 2 + 4)  # the timeout, the watchdog's poll and its 2 s margin, and more
+            time.sleep(3 + 1 + 2 + 1)  # longer than the timeout, the watchdog's poll and its 2 s margin
             (log_path,) = out.glob("*.h5")
             stopped_at = read_log(log_path, with_mask=False).measurements["step"][-1]
             for p in everyone:
                 with contextlib.suppress(psutil.NoSuchProcess):  # gone: a watchdog took the stop for a wait
                     p.resume()
-            time.sleep(3 + 1 + 2 + 2)  # past the timeout again: a watchdog that counted the stop has fired
+            time.sleep(3 + 2)  # past the timeout and a poll: a watchdog that counted the stop as a wait has fired
             alive = job.poll() is None
             if alive:
                 launcher.send_signal(signal.SIGTERM)
