@@ -31,8 +31,10 @@ def test_the_specs_validate_and_cover_the_papers_grid():
         assert spec.dataset == "mnist" and spec.data_dir is None  # the files set-up writes
         assert spec.model == "simple-cnn"
         assert sorted(spec.sparsities) == [0.0, 0.5, 0.7, 0.9]
-        assert spec.batch_sizes == tuple(2 ** k for k in range(3, 11))
-        assert len(grid(spec)) == len(spec.sparsities) * 8 * 3
+        # Momentum goes on to 2,048: three of its curves were still falling at 1,024
+        largest = 2048 if spec.optimizers == ("momentum",) else 1024
+        assert spec.batch_sizes == tuple(2 ** k for k in range(3, largest.bit_length()))
+        assert len(grid(spec)) == len(spec.sparsities) * len(spec.batch_sizes) * 3
 
 
 def test_the_lipschitz_study_is_trial_0_of_the_nesterov_grid_at_batch_128():
@@ -59,7 +61,7 @@ def test_the_three_optimizers_share_goal_budgets_and_evaluations_and_the_momentu
         assert cfg["train"] == nesterov["train"] and cfg["prune"] == nesterov["prune"]
     assert {key[1] for key in trials if key[0] == "momentum"} == {0.0, 0.5, 0.7, 0.9}
     for (optimizer, sparsity, batch, trial), cfg in trials.items():
-        if optimizer == "momentum":
+        if optimizer == "momentum" and batch <= 1024:
             twin = trials[("nesterov", sparsity, batch, trial)]
             assert cfg["optim"].pop("optimizer") == "momentum" and twin["optim"].pop("optimizer") == "nesterov"
             assert cfg == twin
