@@ -45,12 +45,15 @@ replicate: setup
 
 ## make replicate-fashion: set up (which installs Debian's Fashion-MNIST), run the Fashion-MNIST studies
 ## (trials two at a time, one core each; rerun to resume), then aggregate them into $(FASHION_FIGURES):
-## the grid (both optimizers), the Lipschitz study, and the stability check (its first 4 trials, and all 8)
+## the grid (both optimizers), SGD at the middle sparsities, the Lipschitz study, and the stability check
+## (its first 4 trials, and all 8)
 replicate-fashion: setup
 	for spec in $(FASHION_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS) || exit 1; done
+	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-sgd-middle.yaml --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --pack $(NP)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --pack $(NP)
 	python -m hvd_sparse.aggregate $$(for spec in $(FASHION_SPECS); do python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --print-dir; done) --out $(FASHION_FIGURES)
+	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/fashion-mnist-sgd-middle.yaml --out $(FASHION_OUT) --print-dir)" --out $(FASHION_FIGURES)/sgd-middle
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --print-dir)" --out $(FASHION_FIGURES)/lipschitz
 	stability="$$(python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --print-dir)" && \
 	python -m hvd_sparse.aggregate "$$stability" --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4 && \
