@@ -50,7 +50,7 @@ def step_ratios(studies: pd.DataFrame) -> pd.DataFrame:
     reached = studies.dropna(subset=["steps_to_result"])
     dense = reached[reached.sparsity == 0].set_index(KEY + ["batch_size"]).steps_to_result
     if not dense.index.is_unique:
-        raise CompareError("two dense studies of one workload and batch size in one folder")
+        raise CompareError("two dense studies of one workload and batch size")
     rows = []
     for key, group in reached[reached.sparsity > 0].groupby(KEY + ["sparsity"]):
         ratios = [row.steps_to_result / dense[(*key[:-1], row.batch_size)] for row in group.itertuples()
@@ -63,19 +63,21 @@ def step_ratios(studies: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison(folders: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per (workload, optimizer, sparsity) of every folder."""
-    parts = []
+    """One row per (workload, optimizer, sparsity) of every folder. A sparse curve's steps are divided
+    by the dense curve's of its workload and optimizer wherever that is: in its own folder, or in
+    another (the middle sparsities studied apart from the grid)."""
+    parts, studies = [], []
     for folder in folders:
         tables = read_folder(folder)
         curves = tables["curves"][KEY + ["sparsity", "smallest_batch", "steps_at_smallest",
                                          "critical_batch_size", "diminishing_batch_size"]]
         noise = tables["noise_scale"][KEY + ["sparsity", "noise_scale_at_goal", "predicted_over_measured"]]
-        part = curves.merge(noise, on=KEY + ["sparsity"], how="left")
-        part = part.merge(step_ratios(tables["studies"]), on=KEY + ["sparsity"], how="left")
-        parts.append(part)
+        parts.append(curves.merge(noise, on=KEY + ["sparsity"], how="left"))
+        studies.append(tables["studies"])
     table = pd.concat(parts, ignore_index=True)
     if table.duplicated(KEY + ["sparsity"]).any():
         raise CompareError("the same workload, optimizer, pruning method and sparsity appear in two folders")
+    table = table.merge(step_ratios(pd.concat(studies, ignore_index=True)), on=KEY + ["sparsity"], how="left")
     return table.sort_values(["optimizer", "pruning", "sparsity", "dataset"], ignore_index=True)
 
 

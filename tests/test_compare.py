@@ -31,6 +31,20 @@ def test_the_committed_fashion_tables_compare_to_what_their_readme_summary_says(
     assert (round(row.ratio_min, 1), round(row.ratio_max, 1), row.ratio_batches) == (1.4, 3.4, 9)
 
 
+def test_a_sparse_curve_in_another_folder_is_compared_with_the_dense_curve_of_its_workload(tmp_path):
+    """The grid's dense curves in one folder, its sparse curves in another (a study of the middle sparsities
+    beside the grid): the same ratios as with both in one folder."""
+    for name, keep in (("dense", lambda t: t[t.sparsity == 0]), ("sparse", lambda t: t[t.sparsity > 0])):
+        (tmp_path / name).mkdir()
+        for table in ("studies.csv", "curves.csv", "noise_scale.csv"):
+            keep(pd.read_csv(FASHION / table)).to_csv(tmp_path / name / table, index=False)
+    columns = ["optimizer", "sparsity", "ratio_median", "ratio_min", "ratio_max", "ratio_batches"]
+    apart = comparison([tmp_path / "dense", tmp_path / "sparse"])[columns]
+    together = comparison([FASHION])[columns]
+    assert apart.notna().sum().ratio_median == 4  # Nesterov at 0.5, 0.7, 0.9 and SGD at 0.9
+    pd.testing.assert_frame_equal(apart, together)
+
+
 def test_a_folder_without_the_tables_or_twice_the_same_workload_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
