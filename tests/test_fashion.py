@@ -1,6 +1,8 @@
 """The Fashion-MNIST replication's specs (studies/fashion-mnist-*.yaml): they validate, the side studies
 are what their comments say they are, and a two-cell slice of the grid runs on the real data and measures
 exactly what the committed tables say."""
+import copy
+
 import pandas as pd
 import pytest
 import torch
@@ -36,6 +38,17 @@ def test_the_grid_specs_validate_and_cover_the_paper_grid():
     for spec in (nesterov, sgd):
         assert spec.dataset == "fashion-mnist" and spec.data_dir is None  # read from where Debian puts it
     assert len(grid(nesterov)) == 4 * 9 * 4 and len(grid(sgd)) == 2 * 9 * 4
+
+
+def test_the_sgd_middle_study_is_the_sgd_grid_at_the_middle_sparsities():
+    """SGD at sparsity 0.5 and 0.7 is the SGD grid's every trial (rate, seed, budget, evaluations) with
+    another sparsity, so its curves stand beside the grid's."""
+    grid_trials, middle = by_cell(load("sgd")), by_cell(load("sgd-middle"))
+    assert sorted({s for _, s, _, _ in middle}) == [0.5, 0.7] and len(middle) == 2 * 9 * 4
+    for (optimizer, sparsity, batch, trial), cfg in middle.items():
+        twin = copy.deepcopy(grid_trials[(optimizer, 0.9, batch, trial)])  # the twin of two trials here
+        assert cfg["prune"].pop("sparsity") == sparsity and twin["prune"].pop("sparsity") == 0.9
+        assert cfg == twin
 
 
 def test_the_stability_study_starts_with_the_main_studys_trials():
