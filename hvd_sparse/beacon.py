@@ -175,9 +175,10 @@ class Beacon:
 
     def pause(self, seconds: float) -> None:
         """This process was stopped itself for ``seconds``: what it heard before is not news of silence."""
-        self.table = {r: (t + seconds, n, w) for r, (t, n, w) in self.table.items()}
-        if self.reply is not None:
-            self.reply = (self.reply[0] + seconds, *self.reply[1:])
+        with self.lock:
+            self.table = {r: (t + seconds, n, w) for r, (t, n, w) in self.table.items()}
+            if self.reply is not None:
+                self.reply = (self.reply[0] + seconds, *self.reply[1:])
 
     def close(self) -> None:
         self.sock.close()

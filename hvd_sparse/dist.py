@@ -190,12 +190,15 @@ def _connected_beacon(me: int, ranks: int, allgather: Callable[[Any, str], list[
     return beacon
 
 
-def _stopped_for(beacon: Beacon | None, elapsed: float, poll: float) -> float:
+STOPPED_MARGIN = 2.0  # seconds a watchdog's sleep may overrun before it counts as this process stopped
+
+
+def _own_stop(beacon: Beacon | None, elapsed: float, poll: float) -> float:
     """How long this process was stopped itself (SIGSTOP, a suspended job) during a watchdog's sleep of
     ``poll`` that took ``elapsed``; 0.0 when it was not. That time is neither a wait in a collective
-    nor news of another rank's silence, so the beacon pauses for it."""
+    nor news of another rank's silence: the beacon pauses for it, and the caller takes it off its waits."""
     stopped = elapsed - poll
-    if stopped <= 2.0:
+    if stopped <= STOPPED_MARGIN:
         return 0.0
     if beacon is not None:
         beacon.pause(stopped)
@@ -209,8 +212,8 @@ def _watch(timeout: float) -> None:
         time.sleep(poll)
         now = time.monotonic()
         with _waiting_lock:
-            stopped = _stopped_for(_beacon, now - last, poll)
-            if stopped:  # (and is being woken to be ended)
+            stopped = _own_stop(_beacon, now - last, poll)
+            if stopped:  # woken, it trains on, or is being ended: either way the stop was no wait
                 _waiting[:] = [(name, since + stopped, limit) for name, since, limit in _waiting]
             current = _waiting[-1] if _waiting else None
             entered = _entered
@@ -302,19 +305,21 @@ def _start_world_watch() -> None:
 
 
 def _watch_the_world(beacon: Beacon, timeout: float) -> None:
-    global _world_wait
     poll = _poll(timeout or 300.0)
     last = time.monotonic()
+    seen, stops = None, 0.0  # the wait last looked at, and how long this process was stopped during it
     while True:
         time.sleep(poll)
         now = time.monotonic()
-        current = _world_wait
-        stopped = _stopped_for(beacon, now - last, poll)
-        if stopped and current is not None:
-            current = _world_wait = (current[0], current[1] + stopped)
+        current = _world_wait  # only the main thread writes it: a new tuple for every wait
+        if current is not seen:
+            seen, stops = current, 0.0
+        stopped = _own_stop(beacon, now - last, poll)
+        if current is not None:
+            stops += stopped
         last = now
         beacon.beat(0, current is not None, now)
-        if current is None or timeout <= 0 or now - current[1] <= timeout:
+        if current is None or timeout <= 0 or now - current[1] - stops <= timeout:
             continue
         silent = beacon.silent_for(timeout, now)
         if silent:

@@ -91,3 +91,23 @@ def test_silent_for_names_only_the_ranks_quiet_longer_than_asked_on_every_rank()
     finally:
         for b in ranks:
             b.close()
+
+
+def test_a_watchdog_sleep_that_overran_by_more_than_the_margin_is_this_process_stopped():
+    """dist._own_stop, which both watchdogs use: a sleep of ``poll`` that took longer by more than the
+    margin is this process stopped itself (SIGSTOP, a suspended job); its beacon pauses for that time,
+    so what it heard before the stop is not news of silence. Within the margin it is a busy machine."""
+    from hvd_sparse.dist import STOPPED_MARGIN, _own_stop
+
+    ranks = beacons(2)
+    try:
+        exchange(ranks, 100.0, entered=[3, 3], waits=[True, True])
+        assert ranks[1].late(110.0) == "rank 0 (silent for 10 s: frozen or lost)"
+        assert _own_stop(ranks[1], 1.0 + STOPPED_MARGIN, 1.0) == 0.0  # late by the margin: not paused
+        assert ranks[1].late(110.0) == "rank 0 (silent for 10 s: frozen or lost)"
+        assert _own_stop(ranks[1], 1.0 + 9.0, 1.0) == 9.0  # stopped for 9 of those 10 s
+        assert ranks[1].late(110.0) is None and not ranks[1].someone_silent(110.0)  # heard 1 s before
+        assert _own_stop(None, 8.0, 1.0) == 7.0  # a job of one rank has no beacon
+    finally:
+        for b in ranks:
+            b.close()

@@ -310,6 +310,9 @@ def test_a_job_stopped_whole_trains_on_when_woken(tmp_path, monkeypatch, record_
         try:
             launcher = psutil.Process(job.pid)
             everyone = [launcher, *launcher.children(recursive=True)]
+            ranks = [p for p in everyone if p.cmdline()[1:3] == ["-m", "hvd_sparse.train"]]
+            ranks[-1].suspend()
+            time.sleep(0.5)  # the other rank is surely in a collective, waiting for it, when it stops too
             for p in reversed(everyone):  # the ranks first, the launcher last
                 p.suspend()
             time.sleep(3 + 1 + 2 + 1)  # longer than the timeout, the watchdog's poll and its 2 s margin
@@ -369,22 +372,27 @@ def test_no_packed_group_outlives_its_launcher(tmp_path, record_property):
         assert log.status == "RUNNING" and log.attrs["interruptions"] == 1, text[-3000:]  # each group checkpointed
 
 
-@pytest.mark.launches
-def test_a_frozen_group_of_a_packed_study_ends_the_job(tmp_path, monkeypatch, record_property):
-    """np=2 --pack 2, SIGSTOP on world rank 1 (a group of one, which has no collective to time out in)
-    while it trains: group 0 ends the other trials, waits for it in the study's final gather, and after
-    HVD_SPARSE_COLLECTIVE_TIMEOUT names it as silent and ends the job; the rerun completes the study.
-    It hung: nothing watched a group of one."""
+def three_trials_packed(tmp_path):
+    """(the command, the output folder) of a study of three short trials, np=2 --pack 2."""
     import json
 
-    monkeypatch.setenv("HVD_SPARSE_COLLECTIVE_TIMEOUT", "5")
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({
         "name": "packed", "dataset": "synthetic", "model": "mlp-tiny", "sparsities": [0.8], "optimizers": ["sgd"],
         "batch_sizes": [32], "trials": 3, "goal_error": 0.0, "max_steps": 400, "eval_every": 20,
         "search": {"lr": {"range": [0.01, 0.1], "scale": "log"}}}))
     out = tmp_path / "runs"
-    cmd = [*horovodrun_cmd(2), sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(out), "--pack", "2"]
+    return [*horovodrun_cmd(2), sys.executable, "-m", "hvd_sparse.study", str(spec), "--out", str(out), "--pack", "2"], out
+
+
+@pytest.mark.launches
+def test_a_frozen_group_of_a_packed_study_ends_the_job(tmp_path, monkeypatch, record_property):
+    """np=2 --pack 2, SIGSTOP on world rank 1 (a group of one, which has no collective to time out in)
+    while it trains: group 0 ends the other trials, waits for it in the study's final gather, and after
+    HVD_SPARSE_COLLECTIVE_TIMEOUT names it as silent and ends the job; the rerun completes the study.
+    It hung: nothing watched a group of one."""
+    monkeypatch.setenv("HVD_SPARSE_COLLECTIVE_TIMEOUT", "5")
+    cmd, out = three_trials_packed(tmp_path)
     with open(tmp_path / "output.txt", "w") as output:
         job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
                                start_new_session=True, preexec_fn=default_signals)
@@ -402,3 +410,49 @@ def test_a_frozen_group_of_a_packed_study_ends_the_job(tmp_path, monkeypatch, re
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     logs = sorted(out.rglob("trial-*.h5"))
     assert len(logs) == 3 and all(read_log(p, with_mask=False).status != "RUNNING" for p in logs), rerun.stdout[-3000:]
+
+
+@pytest.mark.launches
+def test_a_packed_study_stopped_whole_while_a_group_waits_for_the_others_completes(tmp_path, monkeypatch):
+    """np=2 --pack 2: world rank 1 is stopped while it trains, so group 0 ends its trials and waits for it
+    in the study's final gather; then every process of the job is stopped for longer than
+    HVD_SPARSE_COLLECTIVE_TIMEOUT, and woken, rank 1 last. Rank 0's world watchdog takes its own stop off
+    the wait and off the silence it heard, so the study completes instead of naming rank 1 as frozen."""
+    monkeypatch.setenv("HVD_SPARSE_COLLECTIVE_TIMEOUT", "5")
+    cmd, out = three_trials_packed(tmp_path)
+    with open(tmp_path / "output.txt", "w") as output:
+        job = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=default_signals)
+        try:
+            deadline = time.time() + 120
+            while len(list(out.rglob("*.ckpt.pt"))) < 2 and time.time() < deadline:
+                assert job.poll() is None, (tmp_path / "output.txt").read_text()
+                time.sleep(0.05)
+            launcher = psutil.Process(job.pid)
+            everyone = [launcher, *launcher.children(recursive=True)]
+            (rank1,) = [p for p in everyone if p.cmdline()[1:3] == ["-m", "hvd_sparse.study"]
+                        and p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
+            rank1.suspend()
+            ended = lambda: sum(read_log(p, with_mask=False).status != "RUNNING" for p in out.rglob("trial-*.h5"))
+            while ended() < 2 and time.time() < deadline:  # group 0's two trials: then it waits for rank 1
+                assert job.poll() is None, (tmp_path / "output.txt").read_text()
+                time.sleep(0.05)
+            time.sleep(2.5)  # rank 0 is in the final gather by now, and still within its 5 s there
+            for p in reversed(everyone):
+                p.suspend()
+            time.sleep(5 + 1 + 2 + 1)  # longer than the timeout, the watchdog's poll and its margin
+            for p in everyone:  # rank 1 last, 1.5 s after the others: rank 0 has looked at its silence by then
+                if p is not rank1:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.resume()
+            time.sleep(1.5)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank1.resume()
+            code = job.wait(timeout=120)
+        finally:
+            for p in job_processes(out):
+                p.kill()
+    text = (tmp_path / "output.txt").read_text()
+    assert code == 0 and "error:" not in text, text[-3000:]
+    logs = sorted(out.rglob("trial-*.h5"))
+    assert len(logs) == 3 and all(read_log(p, with_mask=False).status != "RUNNING" for p in logs), text[-3000:]
