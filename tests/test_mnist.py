@@ -1,6 +1,8 @@
 """The MNIST replication's specs (studies/mnist-*.yaml): they validate, they are the grid the results page
 (docs/mnist-study/index.md) says, and a two-cell slice of it runs on the real data and measures exactly
 what the committed tables say."""
+import copy
+
 import pandas as pd
 import pytest
 import torch
@@ -31,9 +33,9 @@ def test_the_specs_validate_and_cover_the_papers_grid():
         assert spec.dataset == "mnist" and spec.data_dir is None  # the files set-up writes
         assert spec.model == "simple-cnn"
         assert sorted(spec.sparsities) == [0.0, 0.5, 0.7, 0.9]
-        # Momentum goes on to 2,048: three of its curves were still falling at 1,024
-        largest = 2048 if spec.optimizers == ("momentum",) else 1024
-        assert spec.batch_sizes == tuple(2 ** k for k in range(3, largest.bit_length()))
+        # Momentum goes on to 2,048: all four of its curves still fell at 1,024
+        grid_ = (8, 16, 32, 64, 128, 256, 512, 1024)
+        assert spec.batch_sizes == (grid_ + (2048,) if spec.optimizers == ("momentum",) else grid_)
         assert len(grid(spec)) == len(spec.sparsities) * len(spec.batch_sizes) * 3
 
 
@@ -60,6 +62,11 @@ def test_the_three_optimizers_share_goal_budgets_and_evaluations_and_the_momentu
         nesterov = trials[("nesterov", t.sparsity, t.batch_size, t.trial_id)]
         assert cfg["train"] == nesterov["train"] and cfg["prune"] == nesterov["prune"]
     assert {key[1] for key in trials if key[0] == "momentum"} == {0.0, 0.5, 0.7, 0.9}
+    for (optimizer, sparsity, batch, trial), cfg in trials.items():
+        if optimizer == "momentum" and batch == 2048:  # batch 1,024's rate, budget and evaluations
+            twin = copy.deepcopy(trials[("momentum", sparsity, 1024, trial)])
+            assert cfg["train"].pop("batch_size") == 2048 and twin["train"].pop("batch_size") == 1024
+            assert cfg == twin
     for (optimizer, sparsity, batch, trial), cfg in trials.items():
         if optimizer == "momentum" and batch <= 1024:
             twin = trials[("nesterov", sparsity, batch, trial)]
