@@ -72,7 +72,8 @@ def grace_for(configured: float, pace: Pace) -> tuple[float, float]:
     return max(configured, min(needed, GRACE_BOUND)), needed
 
 
-LAUNCHERS = frozenset({"horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "srun", "slurmstepd", "torchrun"})
+MPI_LAUNCHERS = frozenset({"mpirun", "mpiexec", "orterun", "prterun"})
+LAUNCHERS = MPI_LAUNCHERS | {"horovodrun", "srun", "slurmstepd", "torchrun"}
 POLL_SECONDS = 0.5
 
 
@@ -121,8 +122,6 @@ def lost_link(me: psutil.Process, chain: list[psutil.Process]) -> psutil.Process
         child = launcher
     return None
 
-
-MPI_LAUNCHERS = frozenset({"mpirun", "mpiexec", "orterun", "prterun"})
 
 
 def orphaned(top: psutil.Process) -> int | None:

@@ -27,7 +27,7 @@ _running: list[pytest.Item | None] = [None]  # the test being set up or run
 
 # The longest test files first. `make test` hands whole files to two workers (pytest-xdist --dist
 # loadfile) in collection order (--no-loadscope-reorder: xdist would otherwise order them by their
-# number of tests, which put the single 4-minute chaos campaign last, alone on one worker). Longest
+# number of tests, which put the single chaos campaign, minutes long, last and alone on one worker). Longest
 # first is the classic greedy schedule: the short files fill in at the end. Measured with
 # `CI=true bash .ci/run`, which lists the 30 slowest tests.
 LONGEST_FIRST = ("test_chaos.py", "test_multinode.py", "test_slurm.py", "test_study.py", "test_failures.py",
