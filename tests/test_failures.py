@@ -27,6 +27,17 @@ TINY_STUDY = {"name": "s", "dataset": "synthetic", "model": "mlp-tiny", "sparsit
 LIMIT = 30  # seconds from launch to the exit of every rank, the launcher's own start-up included
 
 
+@pytest.fixture(scope="module")
+def ended_study(tmp_path_factory):
+    """TINY_STUDY with two trials, ended at np=2: (its spec, its --out folder). Tests damage a copy."""
+    root = tmp_path_factory.mktemp("ended-study")
+    spec = root / "spec.yaml"
+    spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(root / "runs")], timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    return spec, root / "runs"
+
+
 def assert_every_rank_failed(proc, started, message, record_property, prog="hvd_sparse.train"):
     """Non-zero exit, exactly one error line naming ``message`` on each rank, within LIMIT seconds."""
     elapsed = time.time() - started
@@ -134,13 +145,11 @@ def test_a_read_only_output_folder_fails_before_training(tmp_path, mount_tmpfs, 
 
 
 @pytest.mark.launches
-def test_an_existing_study_folder_made_read_only_fails_before_training(tmp_path, mount_tmpfs, record_property):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(json.dumps(TINY_STUDY))
+def test_an_existing_study_folder_made_read_only_fails_before_training(ended_study, mount_tmpfs, record_property):
+    spec, runs = ended_study
     disk = mount_tmpfs("size=1m")
-    first = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(disk)], timeout=120)
-    assert first.returncode == 0, describe(first)
-    (log,) = disk.rglob("trial-*.h5")
+    shutil.copytree(runs, disk, dirs_exist_ok=True)
+    log = sorted(disk.rglob("trial-*.h5"))[0]
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     before = log.read_bytes()
     started = time.time()
@@ -199,12 +208,10 @@ def test_a_full_disk_mid_training_stops_every_rank_and_the_run_resumes_once_ther
 
 
 @pytest.mark.launches
-def test_a_corrupt_log_in_a_study_stops_it_on_every_rank_and_is_left_alone(tmp_path, record_property):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
+def test_a_corrupt_log_in_a_study_stops_it_on_every_rank_and_is_left_alone(ended_study, tmp_path, record_property):
+    spec, runs = ended_study
+    shutil.copytree(runs, tmp_path / "runs")
     args = ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
-    first = mpirun(2, args, timeout=120)
-    assert first.returncode == 0, describe(first)
     logs = sorted((tmp_path / "runs").rglob("trial-*.h5"))
     logs[1].write_bytes(logs[1].read_bytes()[:2000])  # e.g. a copy cut short
     before = {p: p.read_bytes() for p in logs}
@@ -239,13 +246,12 @@ def test_an_input_error_seen_by_rank_0_alone_exits_2_on_every_rank(tmp_path):
 
 @pytest.mark.launches
 @pytest.mark.parametrize("damage", ["log byte", "another study's log"])
-def test_a_study_never_believes_a_damaged_or_foreign_log(tmp_path, record_property, damage):
+def test_a_study_never_believes_a_damaged_or_foreign_log(ended_study, tmp_path, record_property, damage):
     """One byte of a finished trial's log flipped, or the log replaced by one of another study: the
     rerun stops before running anything, one line on every rank naming the file, which is left alone."""
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(json.dumps({**TINY_STUDY, "trials": 2}))
+    spec, runs = ended_study
+    shutil.copytree(runs, tmp_path / "runs")
     args = ["-m", "hvd_sparse.study", str(spec), "--out", str(tmp_path / "runs")]
-    assert mpirun(2, args, timeout=120).returncode == 0
     logs = sorted((tmp_path / "runs").rglob("trial-*.h5"))
     if damage == "log byte":
         data = bytearray(logs[1].read_bytes())

@@ -97,14 +97,21 @@ def two_rank_job(slurm, tmp_path, *sbatch_args):
     return data, text
 
 
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory):
+    """TINY's study run whole at np=2 (mpirun, no SLURM): (its spec, its --out folder)."""
+    require_launches_marker()
+    folder = tmp_path_factory.mktemp("undisturbed")
+    spec = write_spec(folder)
+    proc = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(folder / "runs")], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return spec, folder / "runs"
+
+
 @pytest.mark.launches
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
-def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, tmp_path, sig):
-    spec = write_spec(tmp_path)
-    reference = tmp_path / "reference"
-    proc = mpirun(2, ["-m", "hvd_sparse.study", str(spec), "--out", str(reference)], timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
+def test_a_preempted_study_is_requeued_and_resumes_with_identical_measurements(slurm, undisturbed, tmp_path, sig):
+    spec, reference = undisturbed
     root, output = tmp_path / "runs", tmp_path / "study.out"
     job = slurm.sbatch("--ntasks-per-node=2", f"--output={output}", "slurm/study.sbatch", str(spec), "--out", str(root),
                        cwd=REPO, env=job_env(slurm))

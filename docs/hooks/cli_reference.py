@@ -1,6 +1,6 @@
 """MkDocs hook: the command-line reference, generated at build time from the commands' real parsers.
 
-A page writes ``<!-- cli: train -->`` (or study, aggregate, compare) where the options of
+A page writes ``<!-- cli: train -->`` (or study, aggregate, compare, verify) where the options of
 ``python -m hvd_sparse.<command>`` go; this hook replaces the marker with the command's usage line and
 a table per argument group (option, default, what it does), taken from the argparse parser the command
 itself builds. Nothing is copied by hand, so the page cannot drift from ``--help``. A marker naming an
@@ -18,7 +18,7 @@ import importlib
 import re
 from typing import Iterator
 
-COMMANDS = ("train", "study", "aggregate", "compare")
+COMMANDS = ("train", "study", "aggregate", "compare", "verify")
 MARKER = re.compile(r"<!--\s*cli:\s*([\w-]+)\s*-->")
 
 
