@@ -10,12 +10,14 @@ rerun of one spec checks that spec's rows), and each of their reference trials m
   ``world_sizes`` (how the work was split over jobs);
 - a trial CAPPED in either run (where a trial of a packed study or a shard sees its cell's bound
   depends on which trial ended first, so which losing trials stop early, and where, may differ) must
-  have the same identity columns, and the same evaluations as far as both ran: the run that went
-  further has the lower or equal best validation error, and one that reached the goal reached it after
-  the step where the other was capped;
+  have the same identity columns, and what both runs recorded must fit one sequence of evaluations
+  cut at two places: the shorter run was the CAPPED one, the longer one has the lower or equal best
+  validation error, and where it reached the goal it did so after the step where the other was
+  capped; stopped at the same step, both recorded the same;
 - every study's answer (steps-to-result, best trial, its metaparameters and measurements, the fitted
   steps) must be equal; only the counts of how its trials ended (complete, incomplete, infeasible,
-  capped) may differ, and only where one of its trials was CAPPED in one run and not in the other;
+  capped) and the lowest error of all its trials may differ, and only where a CAPPED trial ran
+  otherwise;
 - the curves, the regimes, the noise-scale and Lipschitz tables must be equal.
 
 Floats are compared as the aggregator writes them (six significant digits): the same kernels give the
@@ -26,6 +28,7 @@ and they are not this machine's, that is said: float sums then run in another or
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ OPERATIONAL = {"wall_time", "world_sizes"}  # how the work was split into jobs a
 OUTCOME = {"status", "steps_to_result", "capping_bound", "capped_by", "best_val_error", "evaluations", "steps_done",
            "noise_at_result", "lipschitz_at_result", "lipschitz_last"}  # of a trial capped in either run
 COUNTS = {"complete", "incomplete", "infeasible", "capped"}  # how a study's trials ended
+LOOSE = COUNTS | {"best_val_error"}  # with a capped trial that ran otherwise (the lowest error of all its trials)
 KEYS = {"curves": CURVE, "noise_scale": CURVE, "lipschitz": CURVE,
         "critical_by_optimizer": [c for c in CURVE if c != "optimizer"]}
 SHOWN = 10
@@ -56,7 +60,7 @@ class Report:
     trials_capped: int = 0  # compared as prefixes: CAPPED in either run
     studies: int = 0
     studies_counts: int = 0  # same answer, trials ended otherwise (capping)
-    moved: set = field(default_factory=set)  # the studies (STUDY values) with a trial CAPPED in one run only
+    moved: set = field(default_factory=set)  # the studies (STUDY values) with a CAPPED trial that ran otherwise
     tables: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
 
@@ -96,16 +100,27 @@ def rerun_studies(reference: pd.DataFrame, rerun: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_capped(path: str, a: pd.Series, b: pd.Series, report: Report) -> None:
-    """One trial, CAPPED in one run or both: the evaluations both ran must agree."""
+    """One trial, CAPPED in one run or both: what the tables hold must fit one sequence of evaluations,
+    cut at two places."""
     short, long = (a, b) if int(a.steps_done) <= int(b.steps_done) else (b, a)
-    if number(long.best_val_error) > number(short.best_val_error):
-        report.differ(f"trial {path}: best validation error {long.best_val_error} after {long.steps_done} steps, "
-                      f"{short.best_val_error} after {short.steps_done}: the evaluations both ran differ")
-    elif short.status == "CAPPED" and long.status == "COMPLETE" and int(long.steps_to_result) <= int(short.steps_done):
+    errors = number(short.best_val_error), number(long.best_val_error)
+    if short.steps_done == long.steps_done:
+        same = OUTCOME - {"capping_bound", "capped_by"}
+        if {a.status, b.status} == {"CAPPED", "INCOMPLETE"}:  # its last evaluation met the bound, or not yet
+            same -= {"status"}
+        changed = [c for c in sorted(same) if short[c] != long[c]]
+        if changed:
+            report.differ(f"trial {path}: stopped at step {short.steps_done} in both runs, {changed[0]} "
+                          f"{a[changed[0]]!r} in the reference, {b[changed[0]]!r} here")
+    elif short.status != "CAPPED":
+        report.differ(f"trial {path}: ended {short.status} at step {short.steps_done} in one run, went on to step "
+                      f"{long.steps_done} in the other")
+    elif math.isnan(errors[0]) != math.isnan(errors[1]) or errors[1] > errors[0]:
+        report.differ(f"trial {path}: best validation error {long.best_val_error or '-'} after {long.steps_done} "
+                      f"steps, {short.best_val_error or '-'} after {short.steps_done}: not the same evaluations")
+    elif long.status == "COMPLETE" and int(long.steps_to_result) <= int(short.steps_done):
         report.differ(f"trial {path}: reached the goal at step {long.steps_to_result} in one run and missed it "
                       f"up to step {short.steps_done} (CAPPED) in the other")
-    elif short.steps_done == long.steps_done and any(short[c] != long[c] for c in OUTCOME - {"capping_bound", "capped_by", "status"}):
-        report.differ(f"trial {path}: CAPPED at the same step in both runs with other measurements")
 
 
 def compare_trials(reference: pd.DataFrame, rerun: pd.DataFrame, report: Report) -> None:
@@ -122,7 +137,7 @@ def compare_trials(reference: pd.DataFrame, rerun: pd.DataFrame, report: Report)
             report.differ(f"trial {path}: still RUNNING in the rerun (resume it)")
         elif "CAPPED" in (a.status, b.status):
             report.trials_capped += 1
-            if a.status != b.status:
+            if any(a[c] != b[c] for c in OUTCOME):
                 report.moved.add(tuple(a[c] for c in STUDY))
             same = [c for c in columns if c not in OUTCOME]
             changed = [c for c in same if a[c] != b[c]]
@@ -169,7 +184,7 @@ def verify(reference: str | Path, rerun: str | Path) -> Report:
     compare_trials(ref_trials, new_trials, report)
     ref_studies, new_studies = read_table(reference, "studies", True), read_table(rerun, "studies", True)
     report.studies = len(new_studies)
-    report.studies_counts = compare_keyed("studies", ref_studies, new_studies, STUDY, report, COUNTS, report.moved)
+    report.studies_counts = compare_keyed("studies", ref_studies, new_studies, STUDY, report, LOOSE, report.moved)
     for name, key in KEYS.items():
         ref, new = read_table(reference, name, False), read_table(rerun, name, False)
         if new is None and ref is None:
@@ -221,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         report = verify(args.reference, args.rerun)
-    except (ValueError, KeyError, OSError) as e:  # VerifyError, a CSV without a column, an unreadable file
+    except (ValueError, KeyError, AttributeError, OSError) as e:  # VerifyError, a CSV without a column, unreadable
         error_line(e, PROG)
         return 2
     note = kernels_note(Path(args.reference))

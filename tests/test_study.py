@@ -367,7 +367,8 @@ def test_sigkill_mid_study_then_rerun_measures_exactly_the_uninterrupted_study(u
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("victim", [0])  # rank 0, which writes the logs; rank 1: test_multinode, test_slurm, chaos
+# rank 0, which writes the logs; rank 1 of a study: test_multinode's dying host, the chaos campaign
+@pytest.mark.parametrize("victim", [0])
 def test_one_rank_killed_mid_study_ends_the_job_and_the_rerun_measures_the_same(uninterrupted, tmp_path, victim,
                                                                                 record_property):
     root = tmp_path / "runs"
@@ -477,7 +478,8 @@ def test_bad_study_inputs_fail_on_every_rank_with_one_line(tmp_path, content, me
 
 
 @pytest.mark.launches
-@pytest.mark.parametrize("sig, ranks", [(signal.SIGUSR1, "all")])  # SIGTERM to rank 1 only: test_fused
+# SIGTERM to rank 1 only: test_fused's stop test (the engine's stop check is one loop, fused or not)
+@pytest.mark.parametrize("sig, ranks", [(signal.SIGUSR1, "all")])
 def test_a_stop_signal_checkpoints_exits_0_and_the_rerun_measures_the_same(uninterrupted, tmp_path, sig, ranks):
     root = tmp_path / "runs"
     proc = subprocess.Popen(study_cmd(2, write_spec(tmp_path), root), env=launch_env(), cwd=REPO,

@@ -20,7 +20,7 @@ def rerun(tmp_path):
     for name in TABLES:
         shutil.copy(REFERENCE / f"{name}.csv", folder)
     trials = read(folder, "trials")
-    write(folder, "trials", trials.assign(wall_time=trials.wall_time * 1.7, world_sizes="1"))
+    write(folder, "trials", trials.assign(wall_time=trials.wall_time * 1.7, world_sizes="2 1"))
     return folder
 
 
@@ -64,42 +64,67 @@ def test_a_trial_capped_in_one_run_and_complete_later_in_the_other_agrees(rerun)
     trials, studies = read(rerun, "trials"), read(rerun, "studies")
     row = capped_trial(trials)
     t = trials.loc[row]
-    trials.loc[row, ["status", "steps_to_result", "steps_done", "best_val_error", "capping_bound", "capped_by"]] = [
-        "COMPLETE", t.steps_done + 100, t.steps_done + 100, t.best_val_error - 0.005, -1, -1]
-    write(rerun, "trials", trials)
     cell = (studies.optimizer == t.optimizer) & (studies.sparsity == t.sparsity) & (studies.batch_size == t.batch_size)
-    studies.loc[cell, "complete"] += 1
-    studies.loc[cell, "capped"] -= 1
+    lowest = float(studies.loc[cell, "best_val_error"].iloc[0]) - 0.001  # now the lowest of its study's trials
+    trials.loc[row, ["status", "steps_to_result", "steps_done", "best_val_error", "capping_bound", "capped_by"]] = [
+        "COMPLETE", t.steps_done + 100, t.steps_done + 100, lowest, -1, -1]
+    write(rerun, "trials", trials)
+    studies.loc[cell, ["complete", "capped", "best_val_error"]] = [studies.loc[cell, "complete"].iloc[0] + 1,
+                                                                  studies.loc[cell, "capped"].iloc[0] - 1, lowest]
     write(rerun, "studies", studies)
     report = verify(REFERENCE, rerun)
     assert report.differences == [] and report.studies_counts == 1
 
 
+def test_a_trial_capped_where_the_other_run_ended_it_at_the_budget_agrees(rerun):
+    """Its last evaluation met the bound in one run (CAPPED), came before the bound existed in the other
+    (INCOMPLETE): the same evaluations."""
+    trials = read(rerun, "trials")
+    row = trials[(trials.status == "INCOMPLETE")].index[0]
+    trials.loc[row, ["status", "capping_bound", "capped_by"]] = ["CAPPED", trials.loc[row, "steps_done"], 0]
+    write(rerun, "trials", trials)
+    assert verify(REFERENCE, rerun).differences == []
+
+
 @pytest.mark.parametrize("change, message", [
     ("goal reached before the cap", "reached the goal at step"),
-    ("evaluations differ", "the evaluations both ran differ"),
+    ("evaluations differ", "not the same evaluations"),
+    ("went on past its own end", "ended COMPLETE at step"),
+    ("capped where it reached the goal", "stopped at step"),
+    ("another learning rate", "lr"),
 ])
-def test_a_capped_trial_whose_evaluations_cannot_be_a_prefix_is_a_difference(rerun, change, message):
+def test_a_capped_trial_whose_runs_cannot_be_one_sequence_of_evaluations_is_a_difference(rerun, change, message):
     trials = read(rerun, "trials")
     row = capped_trial(trials)
     t = trials.loc[row]
     if change == "goal reached before the cap":
         trials.loc[row, ["status", "steps_to_result", "steps_done"]] = ["COMPLETE", t.steps_done, t.steps_done + 100]
-    else:  # ran further, yet its best error so far is worse than where it was capped
+    elif change == "evaluations differ":  # ran further, yet its best error so far is worse than where it was capped
         trials.loc[row, ["steps_done", "best_val_error"]] = [t.steps_done + 100, t.best_val_error + 0.01]
+    elif change == "another learning rate":
+        trials.loc[row, "lr"] = t.lr * 2
+    else:  # a trial COMPLETE in the reference (not its study's best) ...
+        row = trials[(trials.status == "COMPLETE")].index[0]
+        t = trials.loc[row]
+        if change == "went on past its own end":  # ... CAPPED here after the step where it reached the goal
+            trials.loc[row, ["status", "steps_done"]] = ["CAPPED", t.steps_done + 100]
+        else:  # ... CAPPED here at that very step
+            trials.loc[row, "status"] = "CAPPED"
     write(rerun, "trials", trials)
     report = verify(REFERENCE, rerun)
     assert len(report.differences) == 1 and message in report.differences[0], report.differences
 
 
 @pytest.mark.parametrize("table, column, value", [("studies", "steps_to_result", 1), ("studies", "best_trial", 7),
-                                                  ("studies", "complete", 99), ("curves", "critical_batch_size", 4096),
-                                                  ("noise_scale", "noise_scale_at_goal", 1.0)])
+                                                  ("studies", "complete", 99), ("studies", "best_val_error", 0.001),
+                                                  ("curves", "critical_batch_size", 4096),
+                                                  ("noise_scale", "noise_scale_at_goal", 1.0),
+                                                  ("critical_by_optimizer", "sgd", 4096)])
 def test_a_changed_answer_curve_or_table_is_a_difference(rerun, table, column, value):
-    """The counts of how trials ended may move only with a trial CAPPED in one run alone: here every
-    trial is as committed, so a changed count is a difference too."""
+    """The counts of how trials ended, and the lowest error, may move only with a CAPPED trial that ran
+    otherwise: here every trial is as committed, so a changed count is a difference too."""
     frame = read(rerun, table)
-    frame.loc[frame.index[5], column] = value
+    frame.loc[frame.index[len(frame) // 2], column] = value
     write(rerun, table, frame)
     report = verify(REFERENCE, rerun)
     assert any(table in d and column in d for d in report.differences), report.differences
@@ -119,6 +144,14 @@ def test_a_rerun_of_one_study_is_compared_on_that_study_alone(rerun):
         write(rerun, name, frame)
     report = verify(REFERENCE, rerun)
     assert report.differences == [] and report.trials == 96 and report.studies == 32
+
+
+def test_a_reference_written_before_the_pruning_method_was_a_column_is_read_as_snip(rerun, tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for name in TABLES:
+        write(reference, name, read(REFERENCE, name).drop(columns=["pruning"]))
+    assert verify(reference, rerun).differences == []
 
 
 def test_trials_missing_or_extra_or_still_running_are_differences(rerun):
