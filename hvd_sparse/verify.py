@@ -212,9 +212,9 @@ def kernels_note(reference: Path) -> str | None:
 
 def format_report(report: Report) -> str:
     lines = [f"{report.trials} trials compared ({report.trials - report.trials_capped} exactly, "
-             f"{report.trials_capped} CAPPED in either run as far as both ran), {report.studies} studies "
-             f"({report.studies_counts} with the same answer and their trials ended otherwise by capping), "
-             f"tables: {', '.join(['trials', 'studies', *report.tables])}"]
+             f"{report.trials_capped} CAPPED in either run, consistent with the same evaluations), "
+             f"{report.studies} studies ({report.studies_counts} of them with the same answer and another count "
+             f"of how their trials ended), tables: {', '.join(['trials', 'studies', *report.tables])}"]
     if report.differences:
         lines.append(f"{len(report.differences)} difference(s):")
         lines += [f"  {line}" for line in report.differences[:SHOWN]]
