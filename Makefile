@@ -25,6 +25,9 @@ MNIST_SPECS ?= studies/mnist-sgd.yaml studies/mnist-nesterov.yaml studies/mnist-
 MNIST_OUT ?= runs/mnist
 MNIST_FIGURES ?= docs/mnist-study
 MNIST_ARGS ?=
+# the study directories of the specs (expanded by the shell where used)
+MNIST_DIRS = $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done)
+MNIST_LIPSCHITZ_DIR = "$$(python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --print-dir)"
 CHAOS_FAULTS ?= 100
 CHAOS_SEED ?= 0
 
@@ -72,12 +75,12 @@ replicate-pruning: setup
 replicate-mnist: setup
 	for spec in $(MNIST_SPECS); do horovodrun -np $(NP) python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --pack $(NP) $(MNIST_ARGS) || exit 1; done
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --pack $(NP)
-	python -m hvd_sparse.aggregate $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done) --out $(MNIST_OUT)/tables --no-plots > /dev/null
+	python -m hvd_sparse.aggregate $(MNIST_DIRS) --out $(MNIST_OUT)/tables --no-plots > /dev/null
 	-python -m hvd_sparse.verify $(MNIST_FIGURES) $(MNIST_OUT)/tables
-	python -m hvd_sparse.aggregate $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done) --out $(MNIST_FIGURES)
-	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --print-dir)" --out $(MNIST_OUT)-lipschitz/tables --no-plots > /dev/null
+	python -m hvd_sparse.aggregate $(MNIST_DIRS) --out $(MNIST_FIGURES)
+	python -m hvd_sparse.aggregate $(MNIST_LIPSCHITZ_DIR) --out $(MNIST_OUT)-lipschitz/tables --no-plots > /dev/null
 	-python -m hvd_sparse.verify $(MNIST_FIGURES)/lipschitz $(MNIST_OUT)-lipschitz/tables
-	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --print-dir)" --out $(MNIST_FIGURES)/lipschitz
+	python -m hvd_sparse.aggregate $(MNIST_LIPSCHITZ_DIR) --out $(MNIST_FIGURES)/lipschitz
 
 ## make failure-times: the tests behind the troubleshooting page (docs/troubleshooting.md), with each case's measured time to exit
 failure-times: setup
