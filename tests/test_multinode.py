@@ -298,6 +298,21 @@ def job_output(tmp_path) -> str:
     return "\n".join(p.read_text() for p in sorted(tmp_path.glob("job-*.out")))
 
 
+def test_a_pmix_fence_waits_for_every_node_under_the_launch_scripts(slurm, tmp_path):
+    """launch/env.sh has SLURM's PMIx plugin run every fence as a ring: a fence without data, which ends
+    Open MPI's MPI_Init and MPI_Finalize, waits for the ranks of the other node (SLURM's own choice, a
+    tree, let vh1's ranks through at once, and a rank that left MPI_Init early crashed one still in it)."""
+    program = REPO / "tests" / "rank_programs" / "fence_wait.py"
+    (info,) = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2",
+                     f"--wrap=launch/srun-resumable {PY} {program} 4")
+    text = job_output(tmp_path)
+    assert info["JobState"] == "COMPLETED", text
+    waits = {line.split()[1]: (line.split()[3], float(line.split()[5])) for line in text.splitlines()
+             if line.startswith("rank ")}
+    assert sorted(waits) == ["0", "1", "2", "3"], text
+    assert all(wait > 3.0 for host, wait in waits.values() if host == "vh1"), text
+
+
 def test_train_sbatch_on_two_nodes_is_the_same_optimization_as_one_rank(slurm, alone, tmp_path):
     """sbatch --nodes=2 --ntasks-per-node=2 slurm/train.sbatch: srun --mpi=pmix starts two ranks on each
     node (one core each), Open MPI's TCP between them on the node network (launch/env.sh)."""
