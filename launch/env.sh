@@ -22,13 +22,14 @@ if [[ -z ${OMPI_MCA_btl_tcp_if_include:-}${OMPI_MCA_btl_tcp_if_exclude:-} ]]; th
         export OMPI_MCA_btl_tcp_if_include=$_hvd_net OMPI_MCA_oob_tcp_if_include=$_hvd_net
     fi
 fi
-# srun --mpi=pmix: every PMIx fence by SLURM's ring algorithm (SLURM_PMIX_FENCE; set it to mixed or tree to
-# choose otherwise). By default SLURM's PMIx plugin runs a fence that carries no data by its tree algorithm,
-# and on SLURM 22.05 with slurm.conf's default TreeWidth that fence returned at once on the first node
-# instead of waiting for the others (tests/test_multinode.py measures it). Open MPI 4.1 ends MPI_Init with
-# such a fence and counts on it as a barrier: a rank that leaves MPI_Init early sends its first message to a
-# rank on another node that is still exchanging addresses, whose MPI cannot take it yet, and that rank
-# dies of a segmentation fault (found in CI, one job in a few dozen, on a study packed on two nodes).
+# The sruns started from here (launch/srun-resumable): every PMIx fence by SLURM's ring algorithm
+# (SLURM_PMIX_FENCE, read by the step's PMIx plugin when srun starts it; set it to mixed or tree to choose
+# otherwise). By default SLURM's PMIx plugin runs a fence that carries no data by its tree algorithm, and
+# on SLURM 22.05 with slurm.conf's default TreeWidth that fence returned at once on the first node instead
+# of waiting for the others (tests/test_multinode.py checks that the fence waits). Open MPI 4.1 ends
+# MPI_Init with such a fence and counts on it as a barrier: a rank that leaves MPI_Init early sends its
+# first message to a rank on another node that is still exchanging addresses, whose MPI cannot take it
+# yet, and that rank dies of a segmentation fault (found in CI, on a study packed on two nodes).
 export SLURM_PMIX_FENCE=${SLURM_PMIX_FENCE:-ring}
 # A node that vanishes (power, network) ends the job within about 30 s instead of hanging mpirun: TCP
 # keepalive between mpirun and its daemons on the other nodes, 10 s idle then 4 probes 5 s apart

@@ -92,6 +92,8 @@ class SlurmCluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "ReturnToService=2",
             "MpiDefault=none", "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
             "SchedulerParameters=sched_interval=2", "MinJobAge=600",
+            # a cancelled step's tasks get SIGKILL 5 s after SIGTERM (SLURM's default: 30)
+            "KillWait=5",
             # job ids name PMIx's /tmp/spmix_appdir_<uid>_<job>.<step>: keep two clusters' apart
             f"FirstJobId={random.randrange(1000, 60_000_000)}",
             *self._nodes(cpus),

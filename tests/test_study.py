@@ -577,8 +577,13 @@ def test_a_stop_signal_reaches_a_packed_group_that_waits_for_the_others(tmp_path
     free trial); a stop signal then ends both (the training group checkpoints, the waiting one stops
     waiting), exit 0, and the rerun measures what one rank measures in one go."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # a group waits about as long as one trial trains: 1500 steps (2-3 s) leave the polling below time to see it
-    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3, "max_steps": 1500})
+    # a group waits about as long as one trial trains, 2000 steps (2-4 s), time for the polling below to see
+    # it: no trial may diverge (learning rates up to 0.1), or its group takes the third trial early and the
+    # two groups end together (with rates up to 1, trial 1 ended INFEASIBLE after 2 s, and in CI the polling
+    # once saw no wait at all)
+    search = {**RUN_SPEC["search"], "lr": {"range": [0.01, 0.1], "scale": "log"}}
+    spec_path = write_spec(tmp_path, **{**PACK_SPEC, "batch_sizes": [16], "trials": 3, "max_steps": 2000,
+                                        "search": search})
     root = tmp_path / "runs"
     proc = subprocess.Popen(study_cmd(2, spec_path, root, "--pack", "2"), env=launch_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
